@@ -1,0 +1,51 @@
+"""The shared state of one running server: its layout, segment and typed views.
+
+The supervisor creates the segment; each worker attaches to it. Both compute the layout
+from the same configuration, and the segment header's hash proves they agree.
+"""
+
+from __future__ import annotations
+
+from llmkit import observability
+from llmkit.config import Config, resolve_workers
+from shm import Layout, LayoutBuilder, Segment
+
+MIN_WORKER_SLOTS = 64
+
+
+def worker_slots(config: Config) -> int:
+    """Slots for every worker plus a spare for rolling reloads, never fewer than 64.
+
+    The floor keeps the layout independent of the worker count, so a reload that
+    changes ``server.workers`` reuses the same segment (64 slots cost 4 KiB).
+    """
+    return max(resolve_workers(config) + 1, MIN_WORKER_SLOTS)
+
+
+def build_layout(config: Config) -> Layout:
+    """The segment layout for ``config``: identical in every process."""
+    builder = LayoutBuilder()
+    observability.declare(builder, worker_slots(config))
+    return builder.build()
+
+
+class SharedState:
+    """A mapped segment with the views the gateway and supervisor use."""
+
+    def __init__(self, segment: Segment, layout: Layout) -> None:
+        self.segment = segment
+        self.layout = layout
+        self.metrics = observability.Metrics(segment, layout)
+
+    @classmethod
+    def create(cls, name: str, config: Config) -> SharedState:
+        layout = build_layout(config)
+        return cls(Segment.create(name, layout), layout)
+
+    @classmethod
+    def attach(cls, name: str, config: Config) -> SharedState:
+        layout = build_layout(config)
+        return cls(Segment.attach(name, layout), layout)
+
+    def close(self) -> None:
+        self.segment.close()

@@ -1,0 +1,762 @@
+/*
+ * shm._atomics: lock-free atomic operations on 8-byte words of a shared buffer.
+ *
+ * Workers share control state (counters, rate limiters, latency estimates)
+ * through one POSIX shared-memory segment.  Every mutation here is a single
+ * __atomic_* builtin or a compare-and-swap loop on ONE aligned 8-byte word, so
+ * a worker killed at any instant (SIGKILL included) can never leave a cell
+ * locked or torn: the word holds either the old value or the new one.
+ *
+ * Cell layouts (byte offsets relative to the `offset` argument; every cell must
+ * start 8-byte aligned in memory and lie wholly inside the buffer):
+ *
+ *   int64 word      8 bytes   bytes 0-7   native-endian two's-complement int64
+ *   float64 word    8 bytes   bytes 0-7   native-endian IEEE-754 binary64
+ *   GCRA cell       8 bytes   bytes 0-7   int64 theoretical arrival time (TAT)
+ *                                         in ns, on the same clock as now_ns;
+ *                                         zero (fresh segment) = idle bucket
+ *   EWMA cell      16 bytes   bytes 0-7   word 0, as a 64-bit integer:
+ *                                           bits  0-31  mean, IEEE binary32
+ *                                           bits 32-63  variance, IEEE binary32
+ *                                           all 64 bits zero = empty cell
+ *                             bytes 8-15  word 1: int64 count of updates
+ *
+ * Why the EWMA packs two float32 into one word: mean and variance must change
+ * together, and a single-word CAS does that without a lock; float32's 24-bit
+ * mantissa is plenty for latencies and rates.  The count is bumped after the
+ * CAS succeeds, so a worker killed between the two loses one count, nothing
+ * more.  An update whose result is mean +0.0 and variance +0.0 would look
+ * empty, so it is stored with variance -0.0; readers get +0.0 back.
+ *
+ * Every entry point parses all its arguments first (which may run Python code
+ * through __index__ or __float__, and so could call release()), then checks
+ * release, bounds and alignment, and only then touches memory.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define WORD_SIZE 8
+#define MAX_PARAMS 5
+
+/* ------------------------------------------------------------------------ */
+/* Argument parsing                                                          */
+/* ------------------------------------------------------------------------ */
+
+typedef union {
+    int64_t i;
+    double f;
+} Arg;
+
+/* How one method takes its arguments and how much memory it touches. */
+typedef struct {
+    const char *name;
+    const char *kinds;        /* one char per parameter: 'i' int64, 'f' float */
+    const char *const *names; /* parameter names, so keywords work too */
+    Py_ssize_t count;
+    Py_ssize_t required;      /* leading parameters that have no default */
+    Py_ssize_t words;         /* 8-byte words touched at `offset` */
+} Signature;
+
+static Py_ssize_t
+find_param(const Signature *sig, PyObject *key)
+{
+    for (Py_ssize_t i = 0; i < sig->count; i++) {
+        if (PyUnicode_CompareWithASCIIString(key, sig->names[i]) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+static int
+collect_keywords(const Signature *sig, PyObject *const *args, Py_ssize_t nargs,
+                 PyObject *kwnames, PyObject **objs)
+{
+    Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        Py_ssize_t i = find_param(sig, key);
+        if (i < 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'",
+                         sig->name, key);
+            return -1;
+        }
+        if (objs[i] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'",
+                         sig->name, sig->names[i]);
+            return -1;
+        }
+        objs[i] = args[nargs + k];
+    }
+    return 0;
+}
+
+static int
+collect_args(const Signature *sig, PyObject *const *args, Py_ssize_t nargs,
+             PyObject *kwnames, PyObject **objs)
+{
+    if (nargs > sig->count) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)",
+                     sig->name, sig->count, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        objs[i] = args[i];
+    }
+    if (kwnames != NULL && collect_keywords(sig, args, nargs, kwnames, objs) < 0) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < sig->required; i++) {
+        if (objs[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'",
+                         sig->name, sig->names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+convert_arg(char kind, PyObject *obj, Arg *out)
+{
+    if (kind == 'i') {
+        /* Accepts int and __index__ types only: a float offset is a TypeError. */
+        out->i = PyLong_AsLongLong(obj);
+        return (out->i == -1 && PyErr_Occurred()) ? -1 : 0;
+    }
+    out->f = PyFloat_AsDouble(obj);
+    return (out->f == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* Fills out[i] for each argument given; absent optional ones keep the
+ * caller's default. */
+static int
+parse_args(const Signature *sig, PyObject *const *args, Py_ssize_t nargs,
+           PyObject *kwnames, Arg *out)
+{
+    PyObject *objs[MAX_PARAMS] = {NULL};
+    if (collect_args(sig, args, nargs, kwnames, objs) < 0) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < sig->count; i++) {
+        if (objs[i] != NULL && convert_arg(sig->kinds[i], objs[i], &out[i]) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The Atomics object                                                        */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view; /* held from construction until release()/dealloc */
+    int exported;   /* 0 once released: view is gone, memory must not be touched */
+} AtomicsObject;
+
+static int64_t *
+word_at(AtomicsObject *self, int64_t offset, Py_ssize_t words)
+{
+    if (!self->exported) {
+        PyErr_SetString(PyExc_ValueError, "operation on a released Atomics");
+        return NULL;
+    }
+    /* len - 8*words cannot overflow (len >= 0) and offset is compared before
+     * any addition, so a huge offset cannot wrap around into range. */
+    if (offset < 0 || offset > (int64_t)self->view.len - WORD_SIZE * (int64_t)words) {
+        PyErr_Format(PyExc_IndexError,
+                     "offset %lld out of range for a %zd-byte cell in a %zd-byte buffer",
+                     (long long)offset, WORD_SIZE * words, self->view.len);
+        return NULL;
+    }
+    char *address = (char *)self->view.buf + offset;
+    if ((uintptr_t)address % WORD_SIZE != 0) {
+        PyErr_Format(PyExc_ValueError, "offset %lld is not 8-byte aligned in memory",
+                     (long long)offset);
+        return NULL;
+    }
+    return (int64_t *)(void *)address;
+}
+
+/* Parses a method's arguments (offset first) and returns its checked cell. */
+static int64_t *
+parse_cell(AtomicsObject *self, const Signature *sig, PyObject *const *args,
+           Py_ssize_t nargs, PyObject *kwnames, Arg *out)
+{
+    if (parse_args(sig, args, nargs, kwnames, out) < 0) {
+        return NULL;
+    }
+    return word_at(self, out[0].i, sig->words);
+}
+
+static PyObject *
+Atomics_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"buffer", NULL};
+    PyObject *buffer;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:Atomics", kwlist, &buffer)) {
+        return NULL;
+    }
+    AtomicsObject *self = (AtomicsObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->exported = 1;
+    return (PyObject *)self;
+}
+
+static void
+drop_export(AtomicsObject *self)
+{
+    if (self->exported) {
+        /* Cleared first: releasing may finalize the exporter, which may call back in. */
+        self->exported = 0;
+        PyBuffer_Release(&self->view);
+    }
+}
+
+static void
+Atomics_dealloc(AtomicsObject *self)
+{
+    drop_export(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Py_ssize_t
+Atomics_length(AtomicsObject *self)
+{
+    if (!self->exported) {
+        PyErr_SetString(PyExc_ValueError, "operation on a released Atomics");
+        return -1;
+    }
+    return self->view.len;
+}
+
+static PyObject *
+Atomics_release(AtomicsObject *self, PyObject *Py_UNUSED(ignored))
+{
+    drop_export(self);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------ */
+/* int64 words                                                               */
+/* ------------------------------------------------------------------------ */
+
+static const char *const P_OFFSET[] = {"offset"};
+static const char *const P_VALUE[] = {"offset", "value"};
+static const char *const P_DELTA[] = {"offset", "delta"};
+static const char *const P_CAS[] = {"offset", "expected", "new"};
+
+static const Signature SIG_LOAD_I64 = {"load_i64", "i", P_OFFSET, 1, 1, 1};
+static const Signature SIG_STORE_I64 = {"store_i64", "ii", P_VALUE, 2, 2, 1};
+static const Signature SIG_ADD_I64 = {"add_i64", "ii", P_DELTA, 2, 2, 1};
+static const Signature SIG_CAS_I64 = {"cas_i64", "iii", P_CAS, 3, 3, 1};
+static const Signature SIG_MAX_I64 = {"max_i64", "ii", P_VALUE, 2, 2, 1};
+
+static PyObject *
+Atomics_load_i64(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                 PyObject *kwnames)
+{
+    Arg a[1];
+    int64_t *cell = parse_cell(self, &SIG_LOAD_I64, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    return PyLong_FromLongLong(__atomic_load_n(cell, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+Atomics_store_i64(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                  PyObject *kwnames)
+{
+    Arg a[2];
+    int64_t *cell = parse_cell(self, &SIG_STORE_I64, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    __atomic_store_n(cell, a[1].i, __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Atomics_add_i64(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                PyObject *kwnames)
+{
+    Arg a[2];
+    int64_t *cell = parse_cell(self, &SIG_ADD_I64, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    /* Wraps modulo 2**64 like the hardware does; counters never get there. */
+    return PyLong_FromLongLong(__atomic_fetch_add(cell, a[1].i, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+Atomics_cas_i64(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                PyObject *kwnames)
+{
+    Arg a[3];
+    int64_t *cell = parse_cell(self, &SIG_CAS_I64, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    int64_t expected = a[1].i;
+    return PyBool_FromLong(__atomic_compare_exchange_n(
+        cell, &expected, a[2].i, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+Atomics_max_i64(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                PyObject *kwnames)
+{
+    Arg a[2];
+    int64_t *cell = parse_cell(self, &SIG_MAX_I64, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    int64_t current = __atomic_load_n(cell, __ATOMIC_ACQUIRE);
+    /* A failed CAS reloads `current`; stop once someone stored >= value. */
+    while (current < a[1].i &&
+           !__atomic_compare_exchange_n(cell, &current, a[1].i, 1, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_ACQUIRE)) {
+    }
+    return PyLong_FromLongLong(current);
+}
+
+/* ------------------------------------------------------------------------ */
+/* float64 words (stored as their bit pattern)                               */
+/* ------------------------------------------------------------------------ */
+
+static const Signature SIG_LOAD_F64 = {"load_f64", "i", P_OFFSET, 1, 1, 1};
+static const Signature SIG_STORE_F64 = {"store_f64", "if", P_VALUE, 2, 2, 1};
+static const Signature SIG_ADD_F64 = {"add_f64", "if", P_DELTA, 2, 2, 1};
+static const Signature SIG_CAS_F64 = {"cas_f64", "iff", P_CAS, 3, 3, 1};
+
+static int64_t
+f64_bits(double value)
+{
+    int64_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+static double
+f64_value(int64_t bits)
+{
+    double value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static PyObject *
+Atomics_load_f64(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                 PyObject *kwnames)
+{
+    Arg a[1];
+    int64_t *cell = parse_cell(self, &SIG_LOAD_F64, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    return PyFloat_FromDouble(f64_value(__atomic_load_n(cell, __ATOMIC_SEQ_CST)));
+}
+
+static PyObject *
+Atomics_store_f64(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                  PyObject *kwnames)
+{
+    Arg a[2];
+    int64_t *cell = parse_cell(self, &SIG_STORE_F64, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    __atomic_store_n(cell, f64_bits(a[1].f), __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Atomics_add_f64(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                PyObject *kwnames)
+{
+    Arg a[2];
+    int64_t *cell = parse_cell(self, &SIG_ADD_F64, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    int64_t old = __atomic_load_n(cell, __ATOMIC_ACQUIRE);
+    while (!__atomic_compare_exchange_n(cell, &old, f64_bits(f64_value(old) + a[1].f), 1,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+    }
+    return PyFloat_FromDouble(f64_value(old));
+}
+
+static PyObject *
+Atomics_cas_f64(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                PyObject *kwnames)
+{
+    Arg a[3];
+    int64_t *cell = parse_cell(self, &SIG_CAS_F64, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    /* Bit patterns, not ==: -0.0 and 0.0 differ, and a NaN can be swapped out. */
+    int64_t expected = f64_bits(a[1].f);
+    return PyBool_FromLong(__atomic_compare_exchange_n(
+        cell, &expected, f64_bits(a[2].f), 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+}
+
+/* ------------------------------------------------------------------------ */
+/* GCRA rate limiter: one int64 TAT word                                     */
+/* ------------------------------------------------------------------------ */
+
+static const char *const P_GCRA[] = {"offset", "now_ns", "interval_ns", "capacity_ns", "cost"};
+static const char *const P_REFUND[] = {"offset", "amount_ns"};
+
+static const Signature SIG_GCRA_ACQUIRE = {"gcra_acquire", "iiiii", P_GCRA, 5, 4, 1};
+static const Signature SIG_GCRA_REFUND = {"gcra_refund", "ii", P_REFUND, 2, 2, 1};
+static const Signature SIG_GCRA_PEEK = {"gcra_peek", "iiii", P_GCRA, 4, 4, 1};
+
+static int
+check_gcra_limits(int64_t interval_ns, int64_t capacity_ns)
+{
+    if (interval_ns <= 0 || capacity_ns <= 0) {
+        PyErr_SetString(PyExc_ValueError, "interval_ns and capacity_ns must be > 0");
+        return -1;
+    }
+    return 0;
+}
+
+static int
+gcra_cost_ns(int64_t interval_ns, int64_t capacity_ns, int64_t cost, int64_t *cost_ns)
+{
+    if (check_gcra_limits(interval_ns, capacity_ns) < 0) {
+        return -1;
+    }
+    if (cost < 0) {
+        PyErr_SetString(PyExc_ValueError, "cost must be >= 0");
+        return -1;
+    }
+    if (__builtin_mul_overflow(interval_ns, cost, cost_ns)) {
+        PyErr_SetString(PyExc_OverflowError, "interval_ns * cost does not fit in int64");
+        return -1;
+    }
+    return 0;
+}
+
+/* One GCRA decision on a TAT value: the TAT to store if admitted, and the ns
+ * to wait (> 0 means refused).  Returns -1 on int64 overflow. */
+static int
+gcra_decide(int64_t tat, int64_t now_ns, int64_t cost_ns, int64_t capacity_ns,
+            int64_t *new_tat, int64_t *wait_ns)
+{
+    int64_t ahead; /* how far the charged TAT would run ahead of now */
+    if (__builtin_add_overflow(tat > now_ns ? tat : now_ns, cost_ns, new_tat) ||
+        __builtin_sub_overflow(*new_tat, now_ns, &ahead)) {
+        PyErr_SetString(PyExc_OverflowError, "GCRA arithmetic overflows int64");
+        return -1;
+    }
+    *wait_ns = ahead > capacity_ns ? ahead - capacity_ns : 0;
+    return 0;
+}
+
+static PyObject *
+Atomics_gcra_acquire(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                     PyObject *kwnames)
+{
+    Arg a[5] = {{0}, {0}, {0}, {0}, {.i = 1}};
+    int64_t cost_ns, new_tat, wait_ns;
+    int64_t *cell = parse_cell(self, &SIG_GCRA_ACQUIRE, args, nargs, kwnames, a);
+    if (cell == NULL || gcra_cost_ns(a[2].i, a[3].i, a[4].i, &cost_ns) < 0) {
+        return NULL;
+    }
+    int64_t tat = __atomic_load_n(cell, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if (gcra_decide(tat, a[1].i, cost_ns, a[3].i, &new_tat, &wait_ns) < 0) {
+            return NULL;
+        }
+        /* A refusal charges nothing, so concurrent refusals cannot starve admits. */
+        if (wait_ns > 0) {
+            return PyLong_FromLongLong(wait_ns);
+        }
+        if (new_tat == tat || __atomic_compare_exchange_n(cell, &tat, new_tat, 1,
+                                                          __ATOMIC_SEQ_CST,
+                                                          __ATOMIC_ACQUIRE)) {
+            return PyLong_FromLong(0);
+        }
+    }
+}
+
+static PyObject *
+Atomics_gcra_refund(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                    PyObject *kwnames)
+{
+    Arg a[2];
+    int64_t *cell = parse_cell(self, &SIG_GCRA_REFUND, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    if (a[1].i < 0) {
+        PyErr_SetString(PyExc_ValueError, "amount_ns must be >= 0");
+        return NULL;
+    }
+    __atomic_fetch_sub(cell, a[1].i, __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Atomics_gcra_peek(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                  PyObject *kwnames)
+{
+    Arg a[4];
+    int64_t *cell = parse_cell(self, &SIG_GCRA_PEEK, args, nargs, kwnames, a);
+    if (cell == NULL || check_gcra_limits(a[2].i, a[3].i) < 0) {
+        return NULL;
+    }
+    int64_t tat = __atomic_load_n(cell, __ATOMIC_ACQUIRE);
+    int64_t now_ns = a[1].i, capacity_ns = a[3].i, used;
+    if (tat <= now_ns) {
+        return PyLong_FromLongLong(capacity_ns);
+    }
+    /* tat - now only overflows when it is huge, i.e. the bucket is full. */
+    if (__builtin_sub_overflow(tat, now_ns, &used) || used >= capacity_ns) {
+        return PyLong_FromLong(0);
+    }
+    return PyLong_FromLongLong(capacity_ns - used);
+}
+
+/* ------------------------------------------------------------------------ */
+/* EWMA: word 0 = float32 mean | float32 variance << 32, word 1 = count      */
+/* ------------------------------------------------------------------------ */
+
+static const char *const P_EWMA[] = {"offset", "sample", "alpha"};
+
+static const Signature SIG_EWMA_UPDATE = {"ewma_update", "iff", P_EWMA, 3, 3, 2};
+static const Signature SIG_EWMA_READ = {"ewma_read", "i", P_OFFSET, 1, 1, 2};
+
+static uint32_t
+f32_bits(double value)
+{
+    /* Saturate so a huge variance stays finite instead of becoming inf. */
+    float narrow = (float)fmax(-FLT_MAX, fmin(FLT_MAX, value));
+    uint32_t bits;
+    memcpy(&bits, &narrow, sizeof bits);
+    return bits;
+}
+
+static double
+f32_value(uint32_t bits)
+{
+    float narrow;
+    memcpy(&narrow, &bits, sizeof narrow);
+    return narrow;
+}
+
+static uint64_t
+ewma_pack(double mean, double var)
+{
+    uint64_t word = (uint64_t)f32_bits(mean) | (uint64_t)f32_bits(var) << 32;
+    /* All-zero bits mean "empty"; -0.0 variance keeps a real zero state apart. */
+    return word != 0 ? word : (uint64_t)f32_bits(-0.0) << 32;
+}
+
+static uint64_t
+ewma_next(uint64_t word, double sample, double alpha)
+{
+    if (word == 0) {
+        return ewma_pack(sample, 0.0);
+    }
+    double mean = f32_value((uint32_t)word);
+    double var = f32_value((uint32_t)(word >> 32));
+    /* West's incremental EWMA variance. */
+    double diff = sample - mean;
+    double incr = alpha * diff;
+    return ewma_pack(mean + incr, (1.0 - alpha) * (var + diff * incr));
+}
+
+/* Builds the tuple by hand: Py_BuildValue's format parsing doubled the cost
+ * of ewma_read. */
+static PyObject *
+ewma_tuple(uint64_t word)
+{
+    PyObject *tuple = PyTuple_New(2);
+    if (tuple == NULL) {
+        return NULL;
+    }
+    PyObject *mean = PyFloat_FromDouble(f32_value((uint32_t)word));
+    /* + 0.0 turns the -0.0 "non-empty zero" marker back into 0.0. */
+    PyObject *var = PyFloat_FromDouble(f32_value((uint32_t)(word >> 32)) + 0.0);
+    if (mean == NULL || var == NULL) {
+        Py_XDECREF(mean);
+        Py_XDECREF(var);
+        Py_DECREF(tuple);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(tuple, 0, mean);
+    PyTuple_SET_ITEM(tuple, 1, var);
+    return tuple;
+}
+
+static int
+check_ewma_args(double sample, double alpha)
+{
+    if (!(alpha > 0.0 && alpha <= 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "alpha must be in (0, 1]");
+        return -1;
+    }
+    if (!(fabs(sample) <= FLT_MAX)) {
+        PyErr_SetString(PyExc_ValueError, "sample must be finite and within float32 range");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+Atomics_ewma_update(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                    PyObject *kwnames)
+{
+    Arg a[3];
+    int64_t *cell = parse_cell(self, &SIG_EWMA_UPDATE, args, nargs, kwnames, a);
+    if (cell == NULL || check_ewma_args(a[1].f, a[2].f) < 0) {
+        return NULL;
+    }
+    uint64_t *stats = (uint64_t *)cell;
+    uint64_t old = __atomic_load_n(stats, __ATOMIC_ACQUIRE), new;
+    do {
+        new = ewma_next(old, a[1].f, a[2].f);
+    } while (!__atomic_compare_exchange_n(stats, &old, new, 1, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_ACQUIRE));
+    __atomic_fetch_add(cell + 1, 1, __ATOMIC_SEQ_CST);
+    return ewma_tuple(new);
+}
+
+static PyObject *
+Atomics_ewma_read(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                  PyObject *kwnames)
+{
+    Arg a[1];
+    int64_t *cell = parse_cell(self, &SIG_EWMA_READ, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    return ewma_tuple(__atomic_load_n((uint64_t *)cell, __ATOMIC_SEQ_CST));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Type and module                                                           */
+/* ------------------------------------------------------------------------ */
+
+#define FASTCALL(name, signature, doc)                                             \
+    {#name, (PyCFunction)(void (*)(void))Atomics_##name, METH_FASTCALL | METH_KEYWORDS, \
+     #name signature "\n--\n\n" doc}
+
+static PyMethodDef Atomics_methods[] = {
+    {"release", (PyCFunction)Atomics_release, METH_NOARGS,
+     "release($self, /)\n--\n\n"
+     "Drop the buffer export (so an mmap can be closed); later calls raise ValueError."},
+    FASTCALL(load_i64, "($self, offset)", "Atomically load the int64 at offset."),
+    FASTCALL(store_i64, "($self, offset, value)", "Atomically store an int64 at offset."),
+    FASTCALL(add_i64, "($self, offset, delta)",
+             "Atomically add delta to the int64 at offset; return the previous value."),
+    FASTCALL(cas_i64, "($self, offset, expected, new)",
+             "Store new at offset if it holds expected; return whether it did."),
+    FASTCALL(max_i64, "($self, offset, value)",
+             "Atomically raise the int64 at offset to value; return the previous value."),
+    FASTCALL(load_f64, "($self, offset)", "Atomically load the float64 at offset."),
+    FASTCALL(store_f64, "($self, offset, value)", "Atomically store a float64 at offset."),
+    FASTCALL(add_f64, "($self, offset, delta)",
+             "Atomically add delta to the float64 at offset; return the previous value."),
+    FASTCALL(cas_f64, "($self, offset, expected, new)",
+             "Store new at offset if its bit pattern equals expected's; return whether it did."),
+    FASTCALL(gcra_acquire, "($self, offset, now_ns, interval_ns, capacity_ns, cost=1)",
+             "Charge cost * interval_ns to the GCRA cell; return 0 if admitted, else the ns\n"
+             "to wait (nothing is charged on refusal)."),
+    FASTCALL(gcra_refund, "($self, offset, amount_ns)",
+             "Give amount_ns back to the GCRA cell (after a later limiter refused)."),
+    FASTCALL(gcra_peek, "($self, offset, now_ns, interval_ns, capacity_ns)",
+             "Return the ns of capacity still free at now_ns, in [0, capacity_ns]."),
+    FASTCALL(ewma_update, "($self, offset, sample, alpha)",
+             "Fold sample into the 16-byte EWMA cell; return the new (mean, variance)."),
+    FASTCALL(ewma_read, "($self, offset)",
+             "Return (mean, variance) of the 16-byte EWMA cell; (0.0, 0.0) if empty."),
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods Atomics_as_mapping = {
+    .mp_length = (lenfunc)Atomics_length,
+};
+
+PyDoc_STRVAR(Atomics_doc,
+             "Atomics(buffer)\n--\n\n"
+             "Atomic operations on 8-byte words of one writable buffer (mmap, bytearray, ...).\n\n"
+             "Holds a writable export of the buffer until release() or deallocation, so an\n"
+             "mmap cannot be closed underneath it.  Every method checks that its cell lies\n"
+             "inside the buffer (IndexError) and is 8-byte aligned in memory (ValueError).");
+
+static PyTypeObject AtomicsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shm._atomics.Atomics",
+    .tp_basicsize = sizeof(AtomicsObject),
+    .tp_dealloc = (destructor)Atomics_dealloc,
+    .tp_as_mapping = &Atomics_as_mapping,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = Atomics_doc,
+    .tp_methods = Atomics_methods,
+    .tp_new = Atomics_new,
+};
+
+static int
+atomics_exec(PyObject *module)
+{
+    if (PyType_Ready(&AtomicsType) < 0) {
+        return -1;
+    }
+    return PyModule_AddObjectRef(module, "Atomics", (PyObject *)&AtomicsType);
+}
+
+static PyModuleDef_Slot atomics_slots[] = {
+    {Py_mod_exec, atomics_exec},
+    {0, NULL},
+};
+
+PyDoc_STRVAR(
+    module_doc,
+    "Lock-free atomic operations on 8-byte words of a shared buffer.\n\n"
+    "All cells start 8-byte aligned; offsets are in bytes from the buffer start.\n\n"
+    "  int64 word    8 bytes   native-endian two's-complement int64\n"
+    "  float64 word  8 bytes   native-endian IEEE-754 binary64 (CAS compares bits)\n"
+    "  GCRA cell     8 bytes   int64 theoretical arrival time (TAT) in ns on the\n"
+    "                          caller's clock; 0 = idle bucket\n"
+    "  EWMA cell    16 bytes   word 0 (bytes 0-7) as a 64-bit integer:\n"
+    "                            bits  0-31  mean, IEEE binary32\n"
+    "                            bits 32-63  variance, IEEE binary32\n"
+    "                            all 64 bits zero = empty cell\n"
+    "                          word 1 (bytes 8-15): int64 count of updates\n\n"
+    "Mean and variance share one word so a single CAS updates both: lock-free, and\n"
+    "a process killed mid-update (SIGKILL) never leaves a torn or locked cell.\n"
+    "A zero mean and variance is stored with variance -0.0 so it never reads as\n"
+    "empty; readers get 0.0.");
+
+static struct PyModuleDef atomics_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shm._atomics",
+    .m_doc = module_doc,
+    .m_size = 0,
+    .m_slots = atomics_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__atomics(void)
+{
+    return PyModuleDef_Init(&atomics_module);
+}

@@ -1,0 +1,265 @@
+"""End-to-end: a real ``llmkit-serve --workers 2`` process tree on the demo provider."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Server, StartServer
+
+pytestmark = pytest.mark.multiprocess
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def chat(server: Server, **body: object) -> httpx.Response:
+    payload = {"model": "demo/fast", "messages": HELLO, **body}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=payload, timeout=10)
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_health_models_and_demo_chat(server: Server) -> None:
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["pid"] in server.worker_pids()
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert models["object"] == "list" and "demo/default" in [m["id"] for m in models["data"]]
+
+    response = chat(server, max_tokens=5)
+    assert response.status_code == 200
+    assert response.headers["x-llmkit-provider"] == "demo"
+    assert response.headers["x-request-id"]
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert len(body["choices"][0]["message"]["content"].split()) == 5
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+
+
+def test_stream_is_openai_chunks_ending_in_done(server: Server) -> None:
+    response = chat(server, stream=True, max_tokens=4, stream_options={"include_usage": True})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == chat(server, max_tokens=4).json()["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_openai_sdk_sync_and_async(server: Server) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    completion = client.chat.completions.create(model="demo/fast", messages=HELLO)  # type: ignore[arg-type]
+    assert completion.choices[0].message.content
+    assert completion.usage is not None and completion.usage.completion_tokens == 16
+    stream = client.chat.completions.create(model="demo/fast", messages=HELLO, stream=True)  # type: ignore[arg-type]
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == completion.choices[0].message.content
+    assert [m.id for m in client.models.list()] == ["demo/default"]
+
+    async def run_async() -> str:
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        parts = []
+        async with aclient:
+            stream = await aclient.chat.completions.create(
+                model="demo/fast",
+                messages=HELLO,
+                stream=True,  # type: ignore[arg-type]
+            )
+            async for chunk in stream:
+                parts.extend(c.delta.content or "" for c in chunk.choices)
+        return "".join(parts)
+
+    import asyncio
+
+    assert asyncio.run(run_async()) == streamed
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "invalid_request"),
+        (b'{"model": "demo/fast"}', 400, "invalid_request"),
+        (b'{"model": "demo/fast", "messages": "hi"}', 400, "invalid_request"),
+        (b'{"model": "nope/x", "messages": [{"role": "user", "content": "x"}]}', 404,
+         "model_not_found"),
+        (b'{"model": "demo/fast", "messages": [{"role": "user", "content": "%s"}]}' % (b"x" * 4096),
+         413, "request_too_large"),
+    ],
+)  # fmt: skip
+def test_bad_input_gets_openai_error_and_worker_survives(
+    start_server: StartServer, body: bytes, status: int, code: str
+) -> None:
+    server: Server = start_server("[server]\nmax_body_bytes = 2048\n", workers=1)
+    pid = server.health_pid()
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=body,
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"} and error["code"] == code
+    assert server.health_pid() == pid  # same worker, still serving
+
+
+def test_upstream_status_maps_with_retry_after(server: Server) -> None:
+    response = chat(server, model="demo/status-429")
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+    assert chat(server, model="demo/status-503").status_code == 503
+
+
+def test_metrics_aggregate_every_worker_exactly(server: Server) -> None:
+    sent = 40
+    for _ in range(sent):
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    for _ in range(3):
+        chat(server, model="unknown/x")
+    families = {
+        f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+    }
+    samples = {
+        (s.labels["route"], s.labels["status"]): s.value
+        for s in families["llmkit_http_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert samples[("health", "200")] == sent
+    assert samples[("chat", "404")] == 3
+    assert families["llmkit_workers"].samples[0].value == 2
+    assert len(server.worker_pids()) == 2
+
+
+def test_sigkill_worker_is_replaced_and_state_survives(server: Server) -> None:
+    pids = server.wait_workers(2)
+    for _ in range(10):
+        chat(server)
+    victim, survivor = sorted(pids)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            try:  # a fresh connection each time: any live worker may take it
+                assert httpx.get(f"{server.url}/health", timeout=2).status_code == 200
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                failures.append(exc)
+            time.sleep(0.01)
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    try:
+        new = server.wait_workers(2, exclude={victim}, timeout=5) - {survivor}
+        replaced_in = time.monotonic() - killed_at
+    finally:
+        stop.set()
+        asker.join()
+    assert len(new) == 1 and replaced_in < 2.0, replaced_in
+    assert survivor in server.worker_pids()
+    assert not failures, failures[:3]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'llmkit_http_requests_total{route="chat",status="200"} 10.0' in metrics
+    assert "llmkit_worker_restarts_total 1.0" in metrics
+
+
+def test_sigterm_drains_stream_and_cleans_up(start_server: StartServer) -> None:
+    server: Server = start_server("[demo]\nchunk_interval_ms = 100\n")
+    assert stat.S_IMODE(os.stat(server.uds).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(f"/dev/shm{server.shm_name}").st_mode) == 0o600
+    payload = {"model": "demo/fast", "messages": HELLO, "stream": True, "max_tokens": 15}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=payload) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        server.signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+    assert rest[-1] == "data: [DONE]" and len(rest) == 15 + 2
+    assert server.proc.wait(30) == 0
+    assert not Path(server.uds).exists()
+    assert not Path(f"/dev/shm{server.shm_name}").exists()
+
+
+def test_stalled_worker_is_killed_and_replaced(start_server: StartServer) -> None:
+    server: Server = start_server("[server]\nheartbeat_timeout_s = 1.0\n")
+    pids = server.wait_workers(2)
+    victim = min(pids)
+    os.kill(victim, signal.SIGSTOP)
+    new = server.wait_workers(2, exclude={victim}, timeout=10)
+    assert victim not in new
+    assert "missed its heartbeat" in server.log()
+
+
+def test_sighup_rolls_workers_onto_new_config(start_server: StartServer) -> None:
+    server: Server = start_server("[demo]\nmax_tokens = 16\n")
+    old = server.wait_workers(2)
+    server.config_path.write_text("[demo]\nmax_tokens = 3\n")
+    server.signal(signal.SIGHUP)
+    new = server.wait_workers(2, exclude=old, timeout=15)
+    assert not new & old
+    for _ in range(10):
+        assert chat(server).json()["usage"]["completion_tokens"] == 3
+
+
+def test_reload_with_bad_config_keeps_serving(start_server: StartServer) -> None:
+    server: Server = start_server()
+    old = server.wait_workers(2)
+    server.config_path.write_text("[server]\nbogus = 1\n")
+    server.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "reload refused" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "server.bogus" in server.log()
+    assert server.worker_pids() == old
+    assert chat(server).status_code == 200
+
+
+def test_config_error_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.conftest import serve_command
+
+    config = tmp_path / "bad.toml"
+    config.write_text("[router]\nattempts = 0\n")
+    result = subprocess.run(
+        [*serve_command(), "--config", str(config), "--port", "0"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "router.attempts" in result.stderr and "bad.toml" in result.stderr
+
+
+def test_master_key_required_when_configured(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMKIT_TEST_MASTER", "sk-test-master-123")
+    config = '[server]\nmaster_key_env = "LLMKIT_TEST_MASTER"\n'
+    server = start_server(config, workers=1)
+    assert chat(server).status_code == 401
+    bad = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": "demo/x", "messages": HELLO},
+        headers={"Authorization": "Bearer wrong"},
+    )  # fmt: skip
+    assert bad.status_code == 401 and "sk-test" not in bad.text
+    good = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": "demo/x", "messages": HELLO},
+        headers={"Authorization": "Bearer sk-test-master-123"},
+    )  # fmt: skip
+    assert good.status_code == 200
+    assert "sk-test-master-123" not in server.log()

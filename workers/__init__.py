@@ -1,0 +1,1 @@
+"""Processes: the supervisor, the uvloop workers and their transports."""

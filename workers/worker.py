@@ -1,0 +1,122 @@
+"""One worker process: a uvloop event loop serving HTTP (and the Unix socket) over a Gateway.
+
+Forked by the supervisor with the listening sockets already bound. The worker attaches
+to the shared segment, writes a heartbeat into its slot every 250 ms, and on SIGTERM
+stops accepting, lets in-flight requests finish (up to ``server.drain_timeout_s``) and
+exits 0. Exit codes are a contract with the supervisor (see ``WORKER_BOOT_ERROR``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import uvloop
+from aiohttp import web
+
+from llmkit.config import Config
+from llmkit.gateway import Gateway
+from llmkit.state import SharedState
+from shm import WorkerSlot
+from workers.http import HttpSurface
+
+log = logging.getLogger("llmkit.worker")
+
+WORKER_OK = 0
+WORKER_BOOT_ERROR = 3
+HEARTBEAT_S = 0.25
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the supervisor hands a worker at fork."""
+
+    config: Config
+    slot: int
+    shm_name: str
+    tcp: socket.socket
+    uds: socket.socket | None
+
+
+def run(spec: WorkerSpec) -> int:
+    """Boot and serve until SIGTERM; the return value is the process exit code."""
+    for sig in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    # Ctrl-C and a hangup reach the whole process group; only the supervisor decides.
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+    try:
+        state = SharedState.attach(spec.shm_name, spec.config)
+        gateway = Gateway(spec.config)
+    except Exception as exc:
+        print(f"llmkit: worker {spec.slot} failed to boot: {exc}", file=sys.stderr, flush=True)
+        return WORKER_BOOT_ERROR
+    try:
+        return uvloop.run(Worker(spec, state, gateway).serve())
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+class Worker:
+    """The event-loop side of one worker process."""
+
+    def __init__(self, spec: WorkerSpec, state: SharedState, gateway: Gateway) -> None:
+        self._spec = spec
+        self._state = state
+        self._gateway = gateway
+        self._slot: WorkerSlot = state.metrics.workers[spec.slot]
+        self._stop = asyncio.Event()
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        beating = asyncio.create_task(self._heartbeat())
+        runner = await self._start()
+        self._slot.set_state(WorkerSlot.SERVING)
+        await self._stop.wait()
+        self._slot.set_state(WorkerSlot.DRAINING)
+        await runner.cleanup()
+        await self._gateway.close()
+        beating.cancel()
+        return WORKER_OK
+
+    async def _start(self) -> web.AppRunner:
+        server = self._spec.config.server
+        surface = HttpSurface(self._gateway, self._state.metrics, self._slot)
+        runner = web.AppRunner(
+            surface.app(),
+            access_log=None,
+            shutdown_timeout=server.drain_timeout_s,
+            max_line_size=server.max_header_bytes,
+            max_field_size=server.max_header_bytes,
+        )
+        await runner.setup()
+        sockets = [self._spec.tcp] + ([self._spec.uds] if self._spec.uds else [])
+        for sock in sockets:
+            await web.SockSite(runner, sock, backlog=2048).start()
+        return runner
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._slot.beat(time.monotonic_ns())
+            await asyncio.sleep(HEARTBEAT_S)
+
+
+def main(spec: WorkerSpec) -> None:
+    """Entry point in the forked child: never returns into the supervisor's code."""
+    code = 1
+    try:
+        code = run(spec)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
