@@ -82,8 +82,8 @@ def wrk(url: str, body: str, seconds: float, connections: int, threads: int = 1)
         lua.write(script)
     try:
         out = subprocess.run(
-            [wrk_bin, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
-             "-s", lua.name, url],
+            [wrk_bin, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+             "--latency", "-s", lua.name, url],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
     finally:

@@ -139,6 +139,8 @@ class ProviderConfig(LimitsConfig, forbid_unknown_fields=True, kw_only=True, fro
         Annotated[str, Meta(pattern=_HEADER_NAME)], Annotated[str, Meta(pattern=_HEADER_VALUE)]
     ] = {}
     timeout_s: _NonNegFloat = 0.0  # 0 = router.timeout_s
+    # Wire-specific settings that are not secrets: Azure's api_version, Bedrock's region.
+    options: dict[Annotated[str, Meta(pattern=_NAME)], str] = {}
 
     def __post_init__(self) -> None:
         for header in self.headers:

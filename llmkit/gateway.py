@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -21,39 +22,55 @@ from llmkit.errors import (
     RateLimitError,
     UpstreamError,
 )
-from llmkit.providers.base import Adapter, Target
+from llmkit.providers.base import Adapter, Call, Provider, Target
 from llmkit.providers.demo import DemoAdapter
+from llmkit.providers.registry import DEMO, build_adapters, build_providers, unusable
 from llmkit.types import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
     Model,
     ModelList,
     chat_request_decoder,
+    embedding_request_decoder,
+    json_decoder,
 )
+from llmkit.upstream import Upstream
 
-DEMO = "demo"
+T = TypeVar("T")
+CHAT_FIELDS = frozenset(ChatRequest.__struct_fields__)
+# Failures that another deployment may not share; client errors (4xx) would repeat.
+RETRYABLE = (UpstreamError, RateLimitError)
 
 
 class Gateway:
     """Everything a request needs, built once per worker."""
 
-    def __init__(self, config: Config, adapters: Mapping[str, Adapter] | None = None) -> None:
+    def __init__(self, config: Config, upstream: Upstream | None = None) -> None:
         self.config = config
-        self._adapters: dict[str, Adapter] = {DEMO: DemoAdapter(config.demo)}
-        self._adapters.update(adapters or {})
+        self.upstream = upstream or Upstream()
+        self.providers = build_providers(config)
+        self._adapters: dict[str, Adapter] = build_adapters(self.upstream)
+        self._adapters[DEMO] = DemoAdapter(config.demo, self.upstream)
         self._aliases = {m.name: m for m in config.models}
         self._keys = load_keys(config)
         self._created = int(time.time())
 
-    def decode_chat(self, body: bytes) -> ChatRequest:
+    # -- decoding and auth --------------------------------------------------------
+
+    def decode_chat(self, body: bytes) -> Call:
         """Parse a chat request body; 400 with msgspec's own words on any problem."""
-        try:
-            return chat_request_decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            raise InvalidRequestError(f"invalid request body: {exc}") from None
-        except msgspec.DecodeError as exc:
-            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+        request = _decode(chat_request_decoder.decode, body)
+        extras: dict[str, Any] = {}
+        raw = json_decoder.decode(body)
+        if len(raw) > len(CHAT_FIELDS) or any(k not in CHAT_FIELDS for k in raw):
+            extras = {k: v for k, v in raw.items() if k not in CHAT_FIELDS}
+        return Call(request, extras)
+
+    def decode_embeddings(self, body: bytes) -> EmbeddingRequest:
+        return _decode(embedding_request_decoder.decode, body)
 
     def authenticate(self, authorization: str | None) -> str | None:
         """The key's name for a ``Bearer`` header; None when auth is off; else 401."""
@@ -71,44 +88,50 @@ class Gateway:
             raise AuthenticationError("invalid API key")
         return name
 
+    # -- routing ------------------------------------------------------------------
+
     def resolve(self, model: str) -> list[Target]:
         """The deployments that can serve ``model``, in configured order."""
         alias = self._aliases.get(model)
         if alias is not None:
             return [
-                Target(d.provider, d.model, f"{model}#{i}", i)
+                Target(self.providers[d.provider], d.model, f"{model}#{i}", i)
                 for i, d in enumerate(alias.deployments)
             ]
-        provider, sep, upstream_model = model.partition("/")
-        if sep and upstream_model and provider in self._adapters:
-            return [Target(provider, upstream_model, model)]
-        raise NotFoundError(f"model '{model}' not found", param="model")
+        name, sep, upstream_model = model.partition("/")
+        provider = self.providers.get(name) if sep and upstream_model else None
+        if provider is None:
+            raise NotFoundError(f"model '{model}' not found", param="model")
+        problem = unusable(provider)
+        if problem:
+            raise NotFoundError(f"model '{model}' is not available: {problem}", param="model")
+        return [Target(provider, upstream_model, model)]
 
-    async def chat(self, request: ChatRequest) -> tuple[Target, ChatCompletion]:
+    # -- operations ---------------------------------------------------------------
+
+    async def chat(self, call: Call) -> tuple[Target, ChatCompletion]:
         """One whole completion, falling back across deployments on upstream failure."""
         last: LLMKitError | None = None
-        for target in self._attempts(request.model):
+        for target in self._attempts(call.request.model):
             try:
-                return target, await self._adapter(target).complete(request, target)
-            except (UpstreamError, RateLimitError) as exc:
+                return target, await self._adapter(target).complete(call, target)
+            except RETRYABLE as exc:
                 last = exc
         assert last is not None
         raise last
 
-    async def stream(
-        self, request: ChatRequest
-    ) -> tuple[Target, AsyncIterator[ChatCompletionChunk]]:
+    async def stream(self, call: Call) -> tuple[Target, AsyncIterator[ChatCompletionChunk]]:
         """Open a stream; falls back until one deployment produces its first chunk.
 
         Errors before the first chunk raise here, so the caller can still answer with
         a status code; later errors surface from the iterator.
         """
         last: LLMKitError | None = None
-        for target in self._attempts(request.model):
-            chunks = self._adapter(target).stream(request, target)
+        for target in self._attempts(call.request.model):
+            chunks = self._adapter(target).stream(call, target)
             try:
                 first = await anext(chunks)
-            except (UpstreamError, RateLimitError) as exc:
+            except RETRYABLE as exc:
                 last = exc
                 continue
             except StopAsyncIteration:
@@ -117,9 +140,23 @@ class Gateway:
         assert last is not None
         raise last
 
+    async def embed(self, request: EmbeddingRequest) -> tuple[Target, EmbeddingResponse]:
+        last: LLMKitError | None = None
+        for target in self._attempts(request.model):
+            try:
+                return target, await self._adapter(target).embed(request, target)
+            except RETRYABLE as exc:
+                last = exc
+        assert last is not None
+        raise last
+
     def models(self) -> ModelList:
-        """Aliases from the config, then the demo model."""
-        names = [*self._aliases, f"{DEMO}/default"]
+        """Aliases, then catalog models of providers that have keys, then the demo."""
+        names = [*self._aliases]
+        for provider in self.providers.values():
+            if provider.api_key and unusable(provider) is None:
+                names += [f"{provider.name}/{m}" for m in _catalog_models(provider)]
+        names.append(f"{DEMO}/default")
         return ModelList(
             data=[Model(id=n, created=self._created, owned_by="llmkit") for n in names]
         )
@@ -127,15 +164,29 @@ class Gateway:
     async def close(self) -> None:
         for adapter in self._adapters.values():
             await adapter.close()
+        await self.upstream.close()
 
     def _attempts(self, model: str) -> list[Target]:
         return self.resolve(model)[: self.config.router.attempts]
 
     def _adapter(self, target: Target) -> Adapter:
-        adapter = self._adapters.get(target.provider)
-        if adapter is None:
-            raise NotFoundError(f"provider '{target.provider}' is not available", param="model")
-        return adapter
+        return self._adapters[target.provider.wire]
+
+
+def _catalog_models(provider: Provider) -> tuple[str, ...]:
+    from llmkit.providers.catalog import BY_NAME
+
+    entry = BY_NAME.get(provider.name)
+    return entry.models if entry else ()
+
+
+def _decode(decode: Callable[[bytes], T], body: bytes) -> T:
+    try:
+        return decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(f"invalid request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
 
 
 def load_keys(config: Config) -> list[tuple[bytes, str]]:
@@ -156,8 +207,10 @@ def load_keys(config: Config) -> list[tuple[bytes, str]]:
 
 
 def check_secrets(config: Config) -> None:
-    """Fail early, in the supervisor, on keys that workers could not load."""
+    """Fail early, in the supervisor, on keys and providers workers could not load."""
     load_keys(config)
+    build_providers(config)
+    build_adapters(Upstream())
 
 
 def _bearer(authorization: str | None) -> str | None:

@@ -15,12 +15,13 @@ from llmkit.errors import (
     error_for_status,
 )
 from llmkit.gateway import Gateway
+from llmkit.providers.base import Call
 from llmkit.types import ChatRequest, Message
 
 
-def request(**fields: object) -> ChatRequest:
+def request(**fields: object) -> Call:
     body = {"model": "demo/fast", "messages": [{"role": "user", "content": "hi"}], **fields}
-    return msgspec.convert(body, ChatRequest)
+    return Call(msgspec.convert(body, ChatRequest))
 
 
 def with_demo(**demo: object) -> Config:
@@ -36,7 +37,7 @@ async def test_demo_is_deterministic_and_stream_matches_json() -> None:
     assert text == again.choices[0].message.content != other.choices[0].message.content
     target, chunks = await gateway.stream(request(seed=1, stream=True))
     parts = [c.choices[0].delta.content async for c in chunks if c.choices]
-    assert target.provider == "demo" and "".join(p for p in parts if p) == text
+    assert target.provider.name == "demo" and "".join(p for p in parts if p) == text
 
 
 async def test_alias_resolves_to_its_deployments_in_order(tmp_path: object) -> None:
@@ -95,8 +96,11 @@ def test_decode_errors_are_400_with_msgspec_words() -> None:
         gateway.decode_chat(b'{"model": "demo/x"}')
     with pytest.raises(InvalidRequestError, match="temperature"):
         gateway.decode_chat(b'{"model": "m", "messages": [{"role": "user"}], "temperature": 9}')
-    parsed = gateway.decode_chat(b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}')
-    assert parsed.messages == [Message(role="user", content="x")]
+    parsed = gateway.decode_chat(
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 2}}'
+    )
+    assert parsed.request.messages == [Message(role="user", content="x")]
+    assert parsed.extras == {"logit_bias": {"1": 2}}
 
 
 def test_auth_accepts_master_and_virtual_keys(monkeypatch: pytest.MonkeyPatch) -> None:

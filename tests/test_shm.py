@@ -165,7 +165,11 @@ def test_breaker_word_packs_and_transitions_once() -> None:
     assert not breaker.transition(closed, BreakerWord.OPEN, now_ms=1)  # someone moved first
     opened = breaker.load()
     assert opened == (BreakerWord.OPEN, 1, 2**39 + 5)
-    assert BreakerWord.unpack(BreakerWord.pack(2, 2**22 - 1, 2**40 - 1)) == (2, 2**22 - 1, 2**40 - 1)
+    assert BreakerWord.unpack(BreakerWord.pack(2, 2**22 - 1, 2**40 - 1)) == (
+        2,
+        2**22 - 1,
+        2**40 - 1,
+    )
 
 
 def test_gcra_bucket_and_ewma_views() -> None:

@@ -31,8 +31,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 DONE = b"data: [DONE]\n\n"
 CLIENT_GONE = 499
-CLIENT_GONE_KEY = "llmkit.client_gone"
-REQUEST_ID = "llmkit.request_id"
+CLIENT_GONE_KEY = web.ResponseKey("llmkit.client_gone", bool)
+REQUEST_ID = web.RequestKey("llmkit.request_id", str)
 
 
 class HttpSurface:
@@ -52,6 +52,8 @@ class HttpSurface:
         route = self._instrumented
         app.router.add_post("/v1/chat/completions", route("chat", self.chat))
         app.router.add_post("/chat/completions", route("chat", self.chat))
+        app.router.add_post("/v1/embeddings", route("embeddings", self.embeddings))
+        app.router.add_post("/embeddings", route("embeddings", self.embeddings))
         app.router.add_get("/v1/models", route("models", self.models))
         app.router.add_get("/models", route("models", self.models))
         app.router.add_get("/health", route("health", self.health))
@@ -62,12 +64,21 @@ class HttpSurface:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_body(request)
         self._gateway.authenticate(request.headers.get("Authorization"))
-        chat = self._gateway.decode_chat(body)
-        if chat.stream:
-            target, chunks = await self._gateway.stream(chat)
+        call = self._gateway.decode_chat(body)
+        call.headers["x-request-id"] = request[REQUEST_ID]
+        if call.request.stream:
+            target, chunks = await self._gateway.stream(call)
             return await self._send_stream(request, target, chunks)
-        target, completion = await self._gateway.chat(chat)
+        target, completion = await self._gateway.chat(call)
         response = web.Response(body=encoder.encode(completion), content_type="application/json")
+        _target_headers(response, target)
+        return response
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_body(request)
+        self._gateway.authenticate(request.headers.get("Authorization"))
+        target, result = await self._gateway.embed(self._gateway.decode_embeddings(body))
+        response = web.Response(body=encoder.encode(result), content_type="application/json")
         _target_headers(response, target)
         return response
 
@@ -170,7 +181,7 @@ def _too_large(limit: int) -> BodyTooLargeError:
 
 
 def _target_headers(response: web.StreamResponse, target: Target) -> None:
-    response.headers["x-llmkit-provider"] = target.provider
+    response.headers["x-llmkit-provider"] = target.provider.name
     response.headers["x-llmkit-deployment"] = target.deployment
 
 

@@ -1,40 +1,137 @@
-"""The adapter interface every wire format implements."""
+"""What every wire format implements, and what it is handed.
+
+A ``Provider`` is a catalog row merged with the config's overrides and the secret read
+from the environment. A ``Target`` is one attempt: a provider and the model name the
+upstream knows. A ``Call`` is the request as adapters see it. An ``Adapter`` turns a
+``Call`` into the provider's wire format and the answer back into OpenAI's shape,
+raising ``llmkit.errors`` errors (never aiohttp's) on every failure.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from llmkit.types import ChatCompletion, ChatCompletionChunk, ChatRequest
+from llmkit.errors import InvalidRequestError, LLMKitError, error_for_status
+from llmkit.types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    json_decoder,
+)
+from llmkit.upstream import Upstream, retry_after_from
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """A provider ready to call. ``api_key`` and ``credentials`` never print."""
+
+    name: str
+    wire: str
+    base_url: str
+    auth: str = "bearer"  # bearer | x-api-key | api-key | x-goog-api-key | sigv4 | none
+    api_key: str | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 60.0
+    options: Mapping[str, str] = field(default_factory=dict)
+    # Extra secrets some wires need (Bedrock: aws_access_key_id, aws_session_token ...).
+    credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+    key_env: str = ""  # the variable's NAME, for messages; never its value
+    key_required: bool = True
+
+    def auth_headers(self) -> dict[str, str]:
+        """Headers that carry the key, for the header-based auth styles."""
+        if not self.api_key or self.auth in ("none", "sigv4"):
+            return {}
+        if self.auth == "bearer":
+            return {"Authorization": f"Bearer {self.api_key}"}
+        return {self.auth: self.api_key}
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where one attempt goes: a deployment resolved against its provider."""
+    """One attempt: ``model`` is the name the upstream knows."""
 
-    provider: str
+    provider: Provider
     model: str
     deployment: str
     index: int = 0
 
     @property
     def label(self) -> str:
-        return f"{self.provider}/{self.model}"
+        return f"{self.provider.name}/{self.model}"
+
+
+@dataclass(slots=True)
+class Call:
+    """A chat request as adapters see it.
+
+    ``extras`` holds the body's top-level fields that ``ChatRequest`` does not know;
+    OpenAI-compatible adapters pass them through untouched, others ignore them.
+    ``headers`` are the ones to propagate upstream (``traceparent``, ``x-request-id``).
+    """
+
+    request: ChatRequest
+    extras: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Adapter(ABC):
-    """Translates an OpenAI-shaped request to one provider's wire format and back."""
+    """Translates OpenAI-shaped calls to one wire format and back."""
 
-    name: str
+    wire: ClassVar[str]
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
 
     @abstractmethod
-    async def complete(self, request: ChatRequest, target: Target) -> ChatCompletion:
-        """One whole completion; raises an ``llmkit.errors`` error on failure."""
+    async def complete(self, call: Call, target: Target) -> ChatCompletion:
+        """One whole completion."""
 
     @abstractmethod
-    def stream(self, request: ChatRequest, target: Target) -> AsyncIterator[ChatCompletionChunk]:
-        """Chunks in OpenAI's order: role delta, content deltas, finish, usage."""
+    def stream(self, call: Call, target: Target) -> AsyncIterator[ChatCompletionChunk]:
+        """Chunks in OpenAI's order: role delta, content or tool-call deltas, a chunk with
+        ``finish_reason``, then (if ``stream_options.include_usage``) a usage chunk with
+        empty ``choices``. Errors after the first chunk raise from the iterator."""
 
-    async def close(self) -> None:  # noqa: B027 - optional hook, most adapters keep no pool
-        """Release pooled connections."""
+    async def embed(self, request: EmbeddingRequest, target: Target) -> EmbeddingResponse:
+        """Embeddings; providers without them answer 400."""
+        raise InvalidRequestError(
+            f"provider '{target.provider.name}' does not serve embeddings", param="model"
+        )
+
+    async def close(self) -> None:  # noqa: B027 - optional hook; the pool belongs to Upstream
+        """Release anything the adapter holds beyond the shared upstream pool."""
+
+    def map_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> LLMKitError:
+        """An upstream non-2xx answer as the most specific error, keeping its message.
+
+        Understands the common shapes: ``{"error": {"message": ...}}`` (OpenAI,
+        Anthropic, Gemini), ``{"error": "..."}`` and ``{"message": ...}`` (Cohere,
+        Bedrock). Override for anything stranger.
+        """
+        message = error_message(body) or f"upstream answered HTTP {status}"
+        return error_for_status(status, message, retry_after=retry_after_from(headers))
+
+
+def error_message(body: bytes) -> str | None:
+    """The human message inside a JSON error body, if there is one."""
+    try:
+        data = json_decoder.decode(body)
+    except Exception:
+        return None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]  # Gemini answers some errors as a one-element array
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error", data)
+    if isinstance(error, str):
+        return error
+    if isinstance(error, dict):
+        message = error.get("message") or data.get("message")
+        return str(message) if message else None
+    return None

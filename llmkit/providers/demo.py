@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 from llmkit.config import DemoConfig
 from llmkit.errors import ServiceUnavailableError, error_for_status
-from llmkit.providers.base import Adapter, Target
+from llmkit.providers.base import Adapter, Call, Target
 from llmkit.types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -26,9 +26,16 @@ from llmkit.types import (
     Choice,
     ChunkChoice,
     Delta,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     ResponseMessage,
     Usage,
 )
+from llmkit.upstream import Upstream
+
+EMBEDDING_DIMENSIONS = 16
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while gateways route tokens through "
@@ -39,13 +46,15 @@ WORDS = (
 class DemoAdapter(Adapter):
     """Deterministic completions with realistic streaming cadence."""
 
-    name = "demo"
+    wire = "demo"
 
-    def __init__(self, config: DemoConfig) -> None:
+    def __init__(self, config: DemoConfig, upstream: Upstream) -> None:
+        super().__init__(upstream)
         self._config = config
         self._rng = random.Random(config.seed)
 
-    async def complete(self, request: ChatRequest, target: Target) -> ChatCompletion:
+    async def complete(self, call: Call, target: Target) -> ChatCompletion:
+        request = call.request
         words, finish = self._answer(request, target)
         await self._delay(self._config.latency_ms)
         return ChatCompletion(
@@ -63,9 +72,8 @@ class DemoAdapter(Adapter):
             usage=_usage(request, len(words) * (request.n or 1)),
         )
 
-    async def stream(
-        self, request: ChatRequest, target: Target
-    ) -> AsyncIterator[ChatCompletionChunk]:
+    async def stream(self, call: Call, target: Target) -> AsyncIterator[ChatCompletionChunk]:
+        request = call.request
         words, finish = self._answer(request, target)
         chunk_id, created, model = _completion_id(request, target), int(time.time()), target.label
 
@@ -87,6 +95,22 @@ class DemoAdapter(Adapter):
                 choices=[],
                 usage=_usage(request, len(words)),
             )
+
+    async def embed(self, request: EmbeddingRequest, target: Target) -> EmbeddingResponse:
+        """Unit vectors derived from each input's hash: equal texts, equal vectors."""
+        self._maybe_fail(target)
+        texts = request.texts() if not _has_token_ids(request) else [repr(request.input)]
+        dimensions = request.dimensions or EMBEDDING_DIMENSIONS
+        data = [
+            Embedding(index=i, embedding=_vector(text, dimensions)) for i, text in enumerate(texts)
+        ]
+        tokens = sum(_rough_tokens(t) for t in texts)
+        await self._delay(self._config.latency_ms)
+        return EmbeddingResponse(
+            data=data,
+            model=target.label,
+            usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
 
     def _answer(self, request: ChatRequest, target: Target) -> tuple[list[str], str]:
         self._maybe_fail(target)
@@ -130,6 +154,19 @@ def _usage(request: ChatRequest, completion_tokens: int) -> Usage:
         completion_tokens=completion_tokens,
         total_tokens=prompt + completion_tokens,
     )
+
+
+def _has_token_ids(request: EmbeddingRequest) -> bool:
+    return not isinstance(request.input, str) and any(
+        not isinstance(item, str) for item in request.input
+    )
+
+
+def _vector(text: str, dimensions: int) -> list[float]:
+    raw = hashlib.shake_256(text.encode()).digest(2 * dimensions)
+    values = [int.from_bytes(raw[i : i + 2], "little") / 32768 - 1 for i in range(0, len(raw), 2)]
+    norm = sum(v * v for v in values) ** 0.5 or 1.0
+    return [v / norm for v in values]
 
 
 def _rough_tokens(content: object) -> int:
