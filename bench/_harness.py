@@ -67,7 +67,14 @@ class LLMKitServer:
         self._dir.cleanup()
 
 
-def wrk(url: str, body: str, seconds: float, connections: int, threads: int = 1) -> WrkResult:
+def wrk(
+    url: str,
+    body: str,
+    seconds: float,
+    connections: int,
+    threads: int = 1,
+    headers: dict[str, str] | None = None,
+) -> WrkResult:
     """Run wrk with a POST of ``body``; requests/s and latency percentiles."""
     wrk_bin = shutil.which("wrk")
     if wrk_bin is None:
@@ -78,6 +85,8 @@ def wrk(url: str, body: str, seconds: float, connections: int, threads: int = 1)
         f"wrk.body = '{escaped}'\n"
         "wrk.headers['Content-Type'] = 'application/json'\n"
     )
+    for name, value in (headers or {}).items():
+        script += f"wrk.headers['{name}'] = '{value}'\n"
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(script)
     try:

@@ -9,12 +9,21 @@ raising ``llmkit.errors`` errors (never aiohttp's) on every failure.
 
 from __future__ import annotations
 
+import base64
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from llmkit.errors import InvalidRequestError, LLMKitError, error_for_status
+import msgspec
+
+from llmkit.errors import (
+    BadUpstreamResponseError,
+    InvalidRequestError,
+    LLMKitError,
+    error_for_status,
+)
 from llmkit.types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -24,6 +33,12 @@ from llmkit.types import (
     json_decoder,
 )
 from llmkit.upstream import Upstream, retry_after_from
+
+T = TypeVar("T")
+# W3C trace context travels to every provider, so upstream spans join the caller's trace.
+PROPAGATED_HEADERS = ("traceparent", "tracestate")
+JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +119,27 @@ class Adapter(ABC):
             f"provider '{target.provider.name}' does not serve embeddings", param="model"
         )
 
+    def request_headers(
+        self, target: Target, call: Call | None, base: Mapping[str, str]
+    ) -> dict[str, str]:
+        """``base``, then the provider's static headers, its auth, and trace context."""
+        provider = target.provider
+        headers = {**base, **provider.headers, **provider.auth_headers()}
+        if call is not None:
+            for name in PROPAGATED_HEADERS:
+                if name in call.headers:
+                    headers[name] = call.headers[name]
+        return headers
+
+    async def post(self, target: Target, url: str, body: bytes, headers: dict[str, str]) -> bytes:
+        """POST ``body`` and return the whole (bounded) answer; errors mapped."""
+        provider = target.provider
+        async with self.upstream.open(
+            "POST", url, headers=headers, body=body, timeout_s=provider.timeout_s,
+            stream=False, on_error=self.map_error, provider=provider.name,
+        ) as response:  # fmt: skip
+            return await self.upstream.read(response, provider.name)
+
     async def close(self) -> None:  # noqa: B027 - optional hook; the pool belongs to Upstream
         """Release anything the adapter holds beyond the shared upstream pool."""
 
@@ -116,6 +152,23 @@ class Adapter(ABC):
         """
         message = error_message(body) or f"upstream answered HTTP {status}"
         return error_for_status(status, message, retry_after=retry_after_from(headers))
+
+
+def decode_upstream(decoder: msgspec.json.Decoder[T], body: bytes, target: Target) -> T:
+    """``body`` decoded, or a 502 that names the provider and what was wrong."""
+    try:
+        return decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise BadUpstreamResponseError(
+            f"{target.provider.name} sent a response that is not valid: {exc}"
+        ) from None
+
+
+def encode_vector(values: list[float], encoding_format: str) -> list[float] | str:
+    """An embedding as OpenAI sends it: floats, or base64 of little-endian float32."""
+    if encoding_format != "base64":
+        return values
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
 
 
 def error_message(body: bytes) -> str | None:

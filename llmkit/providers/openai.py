@@ -8,12 +8,20 @@ validated. This is the hot path for most deployments, so it does as little as it
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
 from llmkit.errors import BadUpstreamResponseError, UpstreamError
-from llmkit.providers.base import Adapter, Call, Target, error_message
+from llmkit.providers.base import (
+    JSON_HEADERS,
+    SSE_HEADERS,
+    Adapter,
+    Call,
+    Target,
+    decode_upstream,
+    error_message,
+)
 from llmkit.types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -26,10 +34,6 @@ from llmkit.types import (
 )
 from llmkit.upstream import iter_sse
 
-T = TypeVar("T")
-JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
-SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-
 
 class OpenAIAdapter(Adapter):
     """Chat completions and embeddings over ``{base_url}/chat/completions`` etc."""
@@ -37,14 +41,15 @@ class OpenAIAdapter(Adapter):
     wire = "openai"
 
     async def complete(self, call: Call, target: Target) -> ChatCompletion:
-        body = await self._post(target, "chat/completions", self.chat_body(call, target, False))
-        return _decode(completion_decoder, body, target)
+        url, body = self.url(target, "chat/completions"), self.chat_body(call, target, False)
+        raw = await self.post(target, url, body, self.request_headers(target, call, JSON_HEADERS))
+        return decode_upstream(completion_decoder, raw, target)
 
     async def stream(self, call: Call, target: Target) -> AsyncIterator[ChatCompletionChunk]:
         provider = target.provider
         async with self.upstream.open(
             "POST", self.url(target, "chat/completions"),
-            headers=self.headers(target, call, SSE_HEADERS),
+            headers=self.request_headers(target, call, SSE_HEADERS),
             body=self.chat_body(call, target, True), timeout_s=provider.timeout_s,
             stream=True, on_error=self.map_error, provider=provider.name,
         ) as response:  # fmt: skip
@@ -54,27 +59,25 @@ class OpenAIAdapter(Adapter):
                     return
                 if event.data.startswith('{"error"'):
                     raise UpstreamError(error_message(event.data.encode()) or "upstream error")
-                chunk = _decode(chunk_decoder, event.data.encode(), target)
+                chunk = decode_upstream(chunk_decoder, event.data.encode(), target)
                 finished = finished or any(c.finish_reason for c in chunk.choices)
                 yield chunk
         if not finished:  # a clean end without [DONE] is fine once a choice has finished
             raise BadUpstreamResponseError(f"{provider.name} ended the stream before finishing")
 
     async def embed(self, request: EmbeddingRequest, target: Target) -> EmbeddingResponse:
-        payload = msgspec.structs.replace(request, model=target.model)
-        body = await self._post(target, "embeddings", encoder.encode(payload))
-        return _decode(embedding_response_decoder, body, target)
+        payload = encoder.encode(msgspec.structs.replace(request, model=target.model))
+        url, headers = (
+            self.url(target, "embeddings"),
+            self.request_headers(target, None, JSON_HEADERS),
+        )
+        raw = await self.post(target, url, payload, headers)
+        return decode_upstream(embedding_response_decoder, raw, target)
 
     # -- the parts Azure and others override --------------------------------------
 
     def url(self, target: Target, path: str) -> str:
         return f"{target.provider.base_url}/{path}"
-
-    def headers(self, target: Target, call: Call | None, base: dict[str, str]) -> dict[str, str]:
-        headers = {**base, **target.provider.headers, **target.provider.auth_headers()}
-        if call is not None and "traceparent" in call.headers:
-            headers["traceparent"] = call.headers["traceparent"]
-        return headers
 
     def chat_body(self, call: Call, target: Target, stream: bool) -> bytes:
         """The client's request, model renamed, unknown fields kept."""
@@ -85,21 +88,3 @@ class OpenAIAdapter(Adapter):
         if not stream:
             payload.pop("stream_options", None)
         return encoder.encode(payload)
-
-    async def _post(self, target: Target, path: str, body: bytes) -> bytes:
-        provider = target.provider
-        async with self.upstream.open(
-            "POST", self.url(target, path), headers=self.headers(target, None, JSON_HEADERS),
-            body=body, timeout_s=provider.timeout_s, stream=False,
-            on_error=self.map_error, provider=provider.name,
-        ) as response:  # fmt: skip
-            return await self.upstream.read(response, provider.name)
-
-
-def _decode(decoder: msgspec.json.Decoder[T], body: bytes, target: Target) -> T:
-    try:
-        return decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise BadUpstreamResponseError(
-            f"{target.provider.name} sent a response that is not valid: {exc}"
-        ) from None

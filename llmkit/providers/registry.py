@@ -16,6 +16,10 @@ DEMO = "demo"
 ADAPTERS: dict[str, str] = {
     "openai": "llmkit.providers.openai:OpenAIAdapter",
     "azure": "llmkit.providers.azure:AzureAdapter",
+    "anthropic": "llmkit.providers.anthropic:AnthropicAdapter",
+    "gemini": "llmkit.providers.gemini:GeminiAdapter",
+    "bedrock": "llmkit.providers.bedrock:BedrockAdapter",
+    "cohere": "llmkit.providers.cohere:CohereAdapter",
 }
 
 
@@ -102,4 +106,6 @@ def unusable(provider: Provider) -> str | None:
         return f"provider '{provider.name}' needs base_url in [[providers]]"
     if provider.key_required and not provider.api_key:
         return f"provider '{provider.name}' has no key: set {provider.key_env}"
+    if provider.auth == "sigv4" and "aws_access_key_id" not in provider.credentials:
+        return f"provider '{provider.name}' has no access key id: set AWS_ACCESS_KEY_ID"
     return None

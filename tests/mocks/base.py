@@ -25,7 +25,7 @@ import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -161,7 +161,7 @@ class MockUpstream:
         self._loop.close()
         self._sock.close()
 
-    def __enter__(self) -> MockUpstream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -36,6 +36,10 @@ class OpenAIMock(MockUpstream):
         azure = "/openai/deployments/{deployment}"
         app.router.add_post(azure + "/chat/completions", self.handler(self.chat))
         app.router.add_post(azure + "/embeddings", self.handler(self.embeddings))
+        # Any other base path (Groq's /openai/v1, DeepInfra's /v1/openai ...), for the
+        # catalog test: the OpenAI wire is the same under every prefix.
+        app.router.add_post("/{prefix:.*}/chat/completions", self.handler(self.chat))
+        app.router.add_post("/chat/completions", self.handler(self.chat))
 
     # -- auth ---------------------------------------------------------------------
 
