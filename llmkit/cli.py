@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -63,11 +64,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_sub = config_cmd.add_subparsers(dest="action", required=True)
     check = config_sub.add_parser("check", help="validate a config file; exit 2 if invalid")
     check.add_argument("file")
+    providers = commands.add_parser(
+        "providers", help="list the provider catalog: wire format, base URL, key variable"
+    )
+    providers.add_argument("--config", "-c", metavar="FILE", help="apply this config's overrides")
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except BrokenPipeError:  # `llmkit providers | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "config" and args.action == "check":
         return _config_check(args.file)
+    if args.command == "providers":
+        return _providers(args.config)
     parser.error("unknown command")
     return 2
+
+
+def _providers(path: str | None) -> int:
+    """One row per provider; whether its key is set, never the key."""
+    from llmkit.providers.registry import build_providers, unusable
+
+    try:
+        providers = build_providers(load_config(path))
+    except ConfigError as exc:
+        print(f"llmkit: {exc}", file=sys.stderr)
+        return 2
+    rows = [("PROVIDER", "WIRE", "AUTH", "KEY VARIABLE", "READY", "BASE URL")]
+    for p in sorted(providers.values(), key=lambda p: (p.wire != "demo", p.name)):
+        key = f"{p.key_env} ({'set' if p.api_key else 'unset'})" if p.key_env else "-"
+        ready = "no" if unusable(p) else "yes"
+        url = p.base_url or ("(built in)" if p.wire == "demo" else "(set base_url)")
+        rows.append((p.name, p.wire, p.auth, key, ready, url))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip())
+    print(f"\n{len(providers) - 1} providers in the catalog and config, plus the demo provider")
+    return 0
 
 
 def _config_check(path: str) -> int:

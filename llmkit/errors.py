@@ -6,6 +6,7 @@
     ├── InternalError                500
     ├── InvalidRequestError          400 invalid_request_error
     │   ├── BodyTooLargeError        413
+    │   ├── MethodNotAllowedError    405
     │   └── UnprocessableError       422
     ├── AuthenticationError          401 authentication_error
     ├── PermissionDeniedError        403 permission_error
@@ -106,6 +107,11 @@ class NotFoundError(LLMKitError):
     status = 404
     type = "not_found_error"
     code = "model_not_found"
+
+
+class MethodNotAllowedError(InvalidRequestError):
+    status = 405
+    code = "method_not_allowed"
 
 
 class RequestTimeoutError(LLMKitError):

@@ -22,6 +22,7 @@ from llmkit.errors import (
     RateLimitError,
     UpstreamError,
 )
+from llmkit.pricing import price_for
 from llmkit.providers.base import Adapter, Call, Provider, Target
 from llmkit.providers.demo import DemoAdapter
 from llmkit.providers.registry import DEMO, build_adapters, build_providers, unusable
@@ -55,6 +56,19 @@ class Gateway:
         self._adapters: dict[str, Adapter] = build_adapters(self.upstream)
         self._adapters[DEMO] = DemoAdapter(config.demo, self.upstream)
         self._aliases = {m.name: m for m in config.models}
+        self._alias_targets = {
+            m.name: [
+                Target(
+                    self.providers[d.provider],
+                    d.model,
+                    f"{m.name}#{i}",
+                    i,
+                    price_for(d.provider, d.model, d),
+                )  # fmt: skip
+                for i, d in enumerate(m.deployments)
+            ]
+            for m in config.models
+        }
         self._keys = load_keys(config)
         self._created = int(time.time())
 
@@ -92,12 +106,9 @@ class Gateway:
 
     def resolve(self, model: str) -> list[Target]:
         """The deployments that can serve ``model``, in configured order."""
-        alias = self._aliases.get(model)
-        if alias is not None:
-            return [
-                Target(self.providers[d.provider], d.model, f"{model}#{i}", i)
-                for i, d in enumerate(alias.deployments)
-            ]
+        targets = self._alias_targets.get(model)
+        if targets is not None:
+            return targets
         name, sep, upstream_model = model.partition("/")
         provider = self.providers.get(name) if sep and upstream_model else None
         if provider is None:
@@ -105,7 +116,7 @@ class Gateway:
         problem = unusable(provider)
         if problem:
             raise NotFoundError(f"model '{model}' is not available: {problem}", param="model")
-        return [Target(provider, upstream_model, model)]
+        return [Target(provider, upstream_model, model, 0, price_for(name, upstream_model, None))]
 
     # -- operations ---------------------------------------------------------------
 

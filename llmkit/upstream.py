@@ -44,6 +44,7 @@ class Upstream:
         self.max_response_bytes = max_response_bytes
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float, bool], aiohttp.ClientTimeout] = {}
 
     def session(self) -> aiohttp.ClientSession:
         """The worker's session; created on first use, inside the running loop."""
@@ -77,11 +78,7 @@ class Upstream:
         A non-2xx answer is read (bounded) and raised through ``on_error``. For a
         stream, ``timeout_s`` bounds each read; otherwise the whole exchange.
         """
-        timeout = aiohttp.ClientTimeout(
-            total=None if stream else timeout_s,
-            sock_connect=self.connect_timeout_s,
-            sock_read=timeout_s,
-        )
+        timeout = self._timeout(timeout_s, stream)
         with map_client_errors(provider, timeout_s):
             async with self.session().request(
                 method, url, data=body, headers=headers, timeout=timeout
@@ -91,21 +88,71 @@ class Upstream:
                     raise on_error(response.status, payload, response.headers)
                 yield response
 
+    async def fetch(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes,
+        timeout_s: float,
+        on_error: ErrorMapper,
+        provider: str,
+    ) -> bytes:
+        """POST and return the whole 2xx body: ``open`` + ``read`` without the generator.
+
+        The non-streaming hot path of every adapter, so it is one coroutine with one
+        ``try``; behaviour and errors are exactly those of ``open`` then ``read``.
+        """
+        try:
+            async with self.session().request(
+                "POST", url, data=body, headers=headers, timeout=self._timeout(timeout_s, False)
+            ) as response:
+                if response.status >= 300:
+                    payload = await response.content.read(MAX_ERROR_BYTES)
+                    raise on_error(response.status, payload, response.headers)
+                return await self._read(response, provider)
+        except LLMKitError:
+            raise
+        except Exception as exc:
+            mapped = _mapped(exc, provider, timeout_s)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
     async def read(self, response: aiohttp.ClientResponse, provider: str) -> bytes:
         """The whole body, refusing more than ``max_response_bytes``."""
-        limit = self.max_response_bytes
-        if response.content_length is not None and response.content_length > limit:
-            raise BadUpstreamResponseError(f"{provider} sent a response over {limit} bytes")
         with map_client_errors(provider, None):
-            body = await response.content.read(limit + 1)
-            while len(body) <= limit and not response.content.at_eof():
-                more = await response.content.read(limit + 1 - len(body))
-                if not more:
-                    break
-                body += more
+            return await self._read(response, provider)
+
+    async def _read(self, response: aiohttp.ClientResponse, provider: str) -> bytes:
+        limit = self.max_response_bytes
+        length = response.content_length
+        if length is not None:
+            if length > limit:
+                raise BadUpstreamResponseError(f"{provider} sent a response over {limit} bytes")
+            return await response.read()
+        body = await response.content.read(limit + 1)
+        while len(body) <= limit and not response.content.at_eof():
+            more = await response.content.read(limit + 1 - len(body))
+            if not more:
+                break
+            body += more
         if len(body) > limit:
             raise BadUpstreamResponseError(f"{provider} sent a response over {limit} bytes")
         return body
+
+    def _timeout(self, timeout_s: float, stream: bool) -> aiohttp.ClientTimeout:
+        """One ``ClientTimeout`` per distinct setting, not one per request."""
+        timeout = self._timeouts.get((timeout_s, stream))
+        if timeout is None:
+            # A whole exchange needs one timer (total); a stream needs one per read.
+            timeout = aiohttp.ClientTimeout(
+                total=None if stream else timeout_s,
+                sock_connect=self.connect_timeout_s,
+                sock_read=timeout_s if stream else None,
+            )
+            self._timeouts[timeout_s, stream] = timeout
+        return timeout
 
     async def close(self) -> None:
         if self._session is not None:
@@ -120,15 +167,25 @@ def map_client_errors(provider: str, timeout_s: float | None) -> Iterator[None]:
         yield
     except LLMKitError:
         raise
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+    except Exception as exc:
+        mapped = _mapped(exc, provider, timeout_s)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+
+
+def _mapped(exc: Exception, provider: str, timeout_s: float | None) -> Exception:
+    """The ``llmkit.errors`` error for an aiohttp failure; anything else unchanged."""
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         after = f" after {timeout_s:g} s" if timeout_s else ""
-        raise UpstreamTimeoutError(f"{provider} did not answer{after}") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise ServiceUnavailableError(f"cannot connect to {provider}: {exc.strerror}") from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
-        raise BadUpstreamResponseError(f"{provider} closed the connection early") from exc
-    except (aiohttp.ClientError, ConnectionError) as exc:
-        raise BadUpstreamResponseError(f"{provider}: {type(exc).__name__}") from exc
+        return UpstreamTimeoutError(f"{provider} did not answer{after}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ServiceUnavailableError(f"cannot connect to {provider}: {exc.strerror}")
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
+        return BadUpstreamResponseError(f"{provider} closed the connection early")
+    if isinstance(exc, (aiohttp.ClientError, ConnectionError)):
+        return BadUpstreamResponseError(f"{provider}: {type(exc).__name__}")
+    return exc
 
 
 def retry_after_from(headers: Mapping[str, str]) -> float | None:

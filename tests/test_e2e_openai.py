@@ -124,6 +124,16 @@ def test_json_schema_and_embeddings_and_models(client: openai.OpenAI) -> None:
     assert ids[:2] == ["gpt", "az"] and "demo/default" in ids
 
 
+def test_cost_header_from_usage_and_price(server: Server) -> None:
+    payload = {"model": "openai/gpt-4o-mini", "messages": HELLO}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=payload, timeout=10)
+    usage = response.json()["usage"]
+    expected = (usage["prompt_tokens"] * 0.15 + usage["completion_tokens"] * 0.60) / 1e6
+    assert float(response.headers["x-llmkit-cost-usd"]) == pytest.approx(expected, abs=1e-8)
+    unpriced = httpx.post(f"{server.url}/v1/chat/completions", json={**payload, "model": "az"})
+    assert "x-llmkit-cost-usd" not in unpriced.headers
+
+
 def test_async_client(server: Server) -> None:
     async def run() -> list[str]:
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as c:

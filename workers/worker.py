@@ -89,16 +89,15 @@ class Worker:
         beating.cancel()
         return WORKER_OK
 
-    async def _start(self) -> web.AppRunner:
+    async def _start(self) -> web.ServerRunner:
         server = self._spec.config.server
         surface = HttpSurface(self._gateway, self._state.metrics, self._slot)
-        runner = web.AppRunner(
-            surface.app(),
+        handler = surface.server(
             access_log=None,
-            shutdown_timeout=server.drain_timeout_s,
             max_line_size=server.max_header_bytes,
             max_field_size=server.max_header_bytes,
         )
+        runner = web.ServerRunner(handler, shutdown_timeout=server.drain_timeout_s)
         await runner.setup()
         sockets = [self._spec.tcp] + ([self._spec.uds] if self._spec.uds else [])
         for sock in sockets:

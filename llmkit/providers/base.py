@@ -24,6 +24,7 @@ from llmkit.errors import (
     LLMKitError,
     error_for_status,
 )
+from llmkit.pricing import Price
 from llmkit.types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -69,12 +70,13 @@ class Provider:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One attempt: ``model`` is the name the upstream knows."""
+    """One attempt: ``model`` is the name the upstream knows; ``price`` may be unknown."""
 
     provider: Provider
     model: str
     deployment: str
     index: int = 0
+    price: Price | None = None
 
     @property
     def label(self) -> str:
@@ -134,11 +136,10 @@ class Adapter(ABC):
     async def post(self, target: Target, url: str, body: bytes, headers: dict[str, str]) -> bytes:
         """POST ``body`` and return the whole (bounded) answer; errors mapped."""
         provider = target.provider
-        async with self.upstream.open(
-            "POST", url, headers=headers, body=body, timeout_s=provider.timeout_s,
-            stream=False, on_error=self.map_error, provider=provider.name,
-        ) as response:  # fmt: skip
-            return await self.upstream.read(response, provider.name)
+        return await self.upstream.fetch(
+            url, headers=headers, body=body, timeout_s=provider.timeout_s,
+            on_error=self.map_error, provider=provider.name,
+        )  # fmt: skip
 
     async def close(self) -> None:  # noqa: B027 - optional hook; the pool belongs to Upstream
         """Release anything the adapter holds beyond the shared upstream pool."""

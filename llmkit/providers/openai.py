@@ -81,7 +81,12 @@ class OpenAIAdapter(Adapter):
 
     def chat_body(self, call: Call, target: Target, stream: bool) -> bytes:
         """The client's request, model renamed, unknown fields kept."""
-        payload: dict[str, Any] = msgspec.to_builtins(call.request)
+        request = call.request
+        if not call.extras and (stream or request.stream_options is None):
+            # The common case: no unknown fields, so the Struct encodes as it is.
+            changed = msgspec.structs.replace(request, model=target.model, stream=stream)
+            return encoder.encode(changed)
+        payload: dict[str, Any] = msgspec.to_builtins(request)
         payload.update(call.extras)
         payload["model"] = target.model
         payload["stream"] = stream
