@@ -177,6 +177,9 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     timeout_s: _PosFloat = 60.0
     backoff_base_s: _NonNegFloat = 0.05
     backoff_max_s: _NonNegFloat = 2.0
+    # Tokens/min limits charge prompt + this many completion tokens when a request
+    # gives no max_tokens, then reconcile with the provider's reported usage.
+    estimate_completion_tokens: _PosInt = 256
 
     def __post_init__(self) -> None:
         if self.backoff_base_s > self.backoff_max_s:

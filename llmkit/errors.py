@@ -51,6 +51,8 @@ class LLMKitError(Exception):
             self.status = status
         self.param = param
         self.retry_after = retry_after
+        # Extra response headers the error must carry (x-ratelimit-* on a 429 ...).
+        self.headers: dict[str, str] = {}
 
     def body(self) -> dict[str, dict[str, str | None]]:
         """The OpenAI-style error object."""

@@ -13,7 +13,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from llmkit.attempts import Run, TrackedStream, estimate_tokens
 from llmkit.config import Config, ConfigError, secret_from_env
+from llmkit.control import ControlPlane
 from llmkit.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -32,8 +34,11 @@ from llmkit.types import (
     ChatRequest,
     EmbeddingRequest,
     EmbeddingResponse,
+    Message,
     Model,
     ModelList,
+    StreamOptions,
+    Usage,
     chat_request_decoder,
     embedding_request_decoder,
     json_decoder,
@@ -49,8 +54,14 @@ RETRYABLE = (UpstreamError, RateLimitError)
 class Gateway:
     """Everything a request needs, built once per worker."""
 
-    def __init__(self, config: Config, upstream: Upstream | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        upstream: Upstream | None = None,
+        control: ControlPlane | None = None,
+    ) -> None:
         self.config = config
+        self.control = control
         self.upstream = upstream or Upstream()
         self.providers = build_providers(config)
         self._adapters: dict[str, Adapter] = build_adapters(self.upstream)
@@ -121,45 +132,130 @@ class Gateway:
     # -- operations ---------------------------------------------------------------
 
     async def chat(self, call: Call) -> tuple[Target, ChatCompletion]:
-        """One whole completion, falling back across deployments on upstream failure."""
-        last: LLMKitError | None = None
-        for target in self._attempts(call.request.model):
-            try:
-                return target, await self._adapter(target).complete(call, target)
-            except RETRYABLE as exc:
-                last = exc
-        assert last is not None
-        raise last
+        """One whole completion, falling back across deployments on retryable failures."""
+        run = self._run(call, call.request.model, stream=False)
+        usage: Usage | None = None
+        try:
+            async for attempt in run.tries():
+                target = attempt.target
+                try:
+                    completion = await self._adapter(target).complete(call, target)
+                except LLMKitError as exc:
+                    run.failed(attempt, exc)
+                    continue
+                except BaseException:
+                    attempt.abandoned()
+                    raise
+                usage = completion.usage
+                attempt.succeeded(usage)
+                self._limit_headers(call, target)
+                return target, completion
+            raise run.error()
+        except LLMKitError as exc:
+            exc.headers.update(call.response_headers)
+            raise
+        finally:
+            run.close(usage)
 
     async def stream(self, call: Call) -> tuple[Target, AsyncIterator[ChatCompletionChunk]]:
         """Open a stream; falls back until one deployment produces its first chunk.
 
         Errors before the first chunk raise here, so the caller can still answer with
-        a status code; later errors surface from the iterator.
+        a status code; later errors surface from the iterator, and are never retried:
+        the client already has part of an answer.
         """
-        last: LLMKitError | None = None
-        for target in self._attempts(call.request.model):
-            chunks = self._adapter(target).stream(call, target)
-            try:
-                first = await anext(chunks)
-            except RETRYABLE as exc:
-                last = exc
-                continue
-            except StopAsyncIteration:
-                return target, _empty()
-            return target, _prepend(first, chunks)
-        assert last is not None
-        raise last
+        strip_usage = not call.request.wants_usage_chunk()
+        if strip_usage:  # usage reconciles tokens/min; the client did not ask to see it
+            call.request = msgspec.structs.replace(
+                call.request, stream_options=StreamOptions(include_usage=True)
+            )
+        run = self._run(call, call.request.model, stream=True)
+        try:
+            async for attempt in run.tries():
+                target = attempt.target
+                chunks = self._adapter(target).stream(call, target)
+                try:
+                    first = await anext(chunks)
+                except LLMKitError as exc:
+                    run.failed(attempt, exc)
+                    continue
+                except StopAsyncIteration:
+                    first = None
+                except BaseException:
+                    attempt.abandoned()
+                    raise
+                attempt.first_byte()
+                self._limit_headers(call, target)
+                return target, TrackedStream(run, attempt, first, chunks, strip_usage)
+            raise run.error()
+        except BaseException as exc:
+            if isinstance(exc, LLMKitError):
+                exc.headers.update(call.response_headers)
+            run.close(None)
+            raise
 
-    async def embed(self, request: EmbeddingRequest) -> tuple[Target, EmbeddingResponse]:
-        last: LLMKitError | None = None
-        for target in self._attempts(request.model):
-            try:
-                return target, await self._adapter(target).embed(request, target)
-            except RETRYABLE as exc:
-                last = exc
-        assert last is not None
-        raise last
+    async def embed(
+        self, request: EmbeddingRequest, key: str | None = None
+    ) -> tuple[Target, EmbeddingResponse]:
+        """Embeddings, with the same limits, breakers and fallbacks as chat."""
+        texts = [Message(role="user", content=str(request.input))]
+        call = Call(ChatRequest(model=request.model, messages=texts, max_tokens=1), key=key)
+        run = self._run(call, request.model, stream=False)
+        usage: Usage | None = None
+        try:
+            async for attempt in run.tries():
+                target = attempt.target
+                try:
+                    result = await self._adapter(target).embed(request, target)
+                except LLMKitError as exc:
+                    run.failed(attempt, exc)
+                    continue
+                except BaseException:
+                    attempt.abandoned()
+                    raise
+                usage = Usage(prompt_tokens=result.usage.prompt_tokens, completion_tokens=0,
+                              total_tokens=result.usage.total_tokens)  # fmt: skip
+                attempt.succeeded(usage)
+                return target, result
+            raise run.error()
+        finally:
+            run.close(usage)
+
+    def state(self, now_ns: int) -> dict[str, object]:
+        """The control plane's shared state, for ``/admin/state``."""
+        if self.control is None:
+            return {"breakers": [], "limits": [], "deployments": {}}
+        return {
+            "deployments": self.control.plan.deployments,
+            "breakers": self.control.breakers.snapshot(now_ns),
+            "limits": self.control.limiter.snapshot(now_ns),
+        }
+
+    def _run(self, call: Call, model: str, stream: bool) -> Run:
+        """Resolve, order and admit one request; raises 404, 400 or 429 before any try."""
+        targets = self.resolve(model)
+        router = self.config.router
+        tokens = estimate_tokens(call, router.estimate_completion_tokens)
+        control = self.control
+        if control is not None:
+            completion = call.request.token_limit() or router.estimate_completion_tokens
+            now = time.monotonic_ns()
+            prompt = tokens - completion
+            targets = control.order(targets, call.profile, prompt, completion, stream, now)
+        run = Run(control, call, targets, tokens, router.attempts,
+                  (router.backoff_base_s, router.backoff_max_s))  # fmt: skip
+        try:
+            run.admit(call.key)
+        except RateLimitError as refused:
+            if control is not None:
+                refused.headers.update(control.limit_headers(call.key, None, time.monotonic_ns()))
+            raise
+        return run
+
+    def _limit_headers(self, call: Call, target: Target) -> None:
+        if self.control is not None:
+            now = time.monotonic_ns()
+            call.response_headers.update(self.control.limit_headers(call.key, target, now))
 
     def models(self) -> ModelList:
         """Aliases, then catalog models of providers that have keys, then the demo."""
@@ -176,9 +272,6 @@ class Gateway:
         for adapter in self._adapters.values():
             await adapter.close()
         await self.upstream.close()
-
-    def _attempts(self, model: str) -> list[Target]:
-        return self.resolve(model)[: self.config.router.attempts]
 
     def _adapter(self, target: Target) -> Adapter:
         return self._adapters[target.provider.wire]
@@ -231,16 +324,3 @@ def _bearer(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
-
-
-async def _prepend(
-    first: ChatCompletionChunk, rest: AsyncIterator[ChatCompletionChunk]
-) -> AsyncIterator[ChatCompletionChunk]:
-    yield first
-    async for chunk in rest:
-        yield chunk
-
-
-async def _empty() -> AsyncIterator[ChatCompletionChunk]:
-    return
-    yield

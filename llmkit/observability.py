@@ -17,7 +17,7 @@ from shm import Counter, Histogram, LayoutBuilder, WorkerSlot
 from shm.layout import Layout
 from shm.segment import Segment
 
-ROUTES = ("chat", "embeddings", "models", "health", "metrics", "other")
+ROUTES = ("chat", "embeddings", "models", "health", "metrics", "admin", "other")
 STATUSES = (200, 400, 401, 403, 404, 405, 408, 413, 422, 429, 499, 500, 502, 503, 504)
 DURATION_BOUNDS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

@@ -6,7 +6,7 @@ from the same configuration, and the segment header's hash proves they agree.
 
 from __future__ import annotations
 
-from llmkit import observability
+from llmkit import control, observability
 from llmkit.config import Config, resolve_workers
 from shm import Layout, LayoutBuilder, Segment
 
@@ -25,7 +25,9 @@ def worker_slots(config: Config) -> int:
 def build_layout(config: Config) -> Layout:
     """The segment layout for ``config``: identical in every process."""
     builder = LayoutBuilder()
-    observability.declare(builder, worker_slots(config))
+    slots = worker_slots(config)
+    observability.declare(builder, slots)
+    control.declare(builder, config, slots)
     return builder.build()
 
 
@@ -46,6 +48,10 @@ class SharedState:
     def attach(cls, name: str, config: Config) -> SharedState:
         layout = build_layout(config)
         return cls(Segment.attach(name, layout), layout)
+
+    def control(self, config: Config, worker_slot: int) -> control.ControlPlane:
+        """The limiter, breakers and router over this segment, for one worker slot."""
+        return control.ControlPlane(self.segment.atomics, self.layout, config, worker_slot)
 
     def close(self) -> None:
         self.segment.close()

@@ -52,6 +52,12 @@ name = "az"
 [[models.deployments]]
 provider = "azure"
 model = "my-deployment"
+
+[[models]]
+name = "gpt-limited"
+[[models.deployments]]
+provider = "openai"
+model = "gpt-4o-mini"
 """
 
 
@@ -121,7 +127,7 @@ def test_json_schema_and_embeddings_and_models(client: openai.OpenAI) -> None:
     embeddings = client.embeddings.create(model="gpt", input=["a", "b"], dimensions=3)
     assert [len(e.embedding) for e in embeddings.data] == [3, 3]
     ids = [m.id for m in client.models.list()]
-    assert ids[:2] == ["gpt", "az"] and "demo/default" in ids
+    assert ids[:3] == ["gpt", "az", "gpt-limited"] and "demo/default" in ids
 
 
 def test_cost_header_from_usage_and_price(server: Server) -> None:
@@ -150,7 +156,7 @@ def test_typed_exceptions(client: openai.OpenAI, mock: OpenAIMock) -> None:
         client.chat.completions.create(model="nope/nothing", messages=HELLO)  # type: ignore[arg-type]
     mock.faults.append(Fault("status", status=429, retry_after=3))
     with pytest.raises(openai.RateLimitError) as limited:
-        client.chat.completions.create(model="gpt", messages=HELLO)  # type: ignore[arg-type]
+        client.chat.completions.create(model="gpt-limited", messages=HELLO)  # type: ignore[arg-type]
     assert limited.value.response.headers["retry-after"] == "3"
     mock.faults.append(Fault("status", status=401))
     with pytest.raises(openai.AuthenticationError) as denied:

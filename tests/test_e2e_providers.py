@@ -59,9 +59,15 @@ class Mocks:
         for wire, (url, env, model) in rows.items():
             parts.append(
                 f'[[providers]]\nname = "{wire}"\nbase_url = "{url}"\napi_key_env = "{env}"\n'
-                f'timeout_s = 5.0\n\n[[models]]\nname = "m-{wire}"\n'
-                f'[[models.deployments]]\nprovider = "{wire}"\nmodel = "{model}"\n'
+                "timeout_s = 5.0\n"
             )
+            # "limit-" aliases take the upstream 429s, whose cooldown must not
+            # reach the other tests' deployments.
+            for alias in (f"m-{wire}", f"limit-{wire}"):
+                parts.append(
+                    f'[[models]]\nname = "{alias}"\n'
+                    f'[[models.deployments]]\nprovider = "{wire}"\nmodel = "{model}"\n'
+                )
         return "\n".join(parts)
 
 
@@ -165,8 +171,24 @@ def test_embeddings_on_a_chat_only_wire_is_400(client: openai.OpenAI) -> None:
 def test_upstream_429_keeps_retry_after(client: openai.OpenAI, mocks: Mocks, wire: str) -> None:
     mocks.of(wire).faults.append(Fault("status", status=429, retry_after=4))
     with pytest.raises(openai.RateLimitError) as caught:
-        client.chat.completions.create(model=f"m-{wire}", messages=HELLO)  # type: ignore[arg-type]
+        client.chat.completions.create(model=f"limit-{wire}", messages=HELLO)  # type: ignore[arg-type]
     assert caught.value.response.headers["retry-after"] == "4"
+    # The deployment now cools down for those 4 s: the gateway answers for it.
+    served = len(mocks.of(wire).requests)
+    with pytest.raises(openai.RateLimitError) as again:
+        client.chat.completions.create(model=f"limit-{wire}", messages=HELLO)  # type: ignore[arg-type]
+    assert len(mocks.of(wire).requests) == served
+    assert int(again.value.response.headers["retry-after"]) in (3, 4)
+
+
+# Bedrock never answers 401: its credential failures are 403 + an x-amzn-errortype,
+# which tests/test_provider_bedrock.py maps to 401 case by case.
+@pytest.mark.parametrize("wire", [w for w in WIRES if w != "bedrock"])
+def test_upstream_auth_failure_is_401(client: openai.OpenAI, mocks: Mocks, wire: str) -> None:
+    mocks.of(wire).faults.append(Fault("status", status=401))
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.chat.completions.create(model=f"m-{wire}", messages=HELLO)  # type: ignore[arg-type]
+    assert "test-key" not in str(caught.value.body)
 
 
 @pytest.mark.parametrize("wire", WIRES)
@@ -183,6 +205,6 @@ def test_reset_mid_stream_is_an_error_not_a_hang(
 
 def test_models_list_names_every_alias(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert ids[: len(WIRES)] == [f"m-{w}" for w in WIRES]
+    assert [i for i in ids if i.startswith("m-")] == [f"m-{w}" for w in WIRES]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="m-nothing", messages=HELLO)  # type: ignore[arg-type]

@@ -31,10 +31,11 @@ from llmkit.errors import (
     LLMKitError,
     MethodNotAllowedError,
     NotFoundError,
+    PermissionDeniedError,
 )
 from llmkit.gateway import Gateway
 from llmkit.observability import Metrics, ShmCollector
-from llmkit.providers.base import Target
+from llmkit.providers.base import PROPAGATED_HEADERS, Target
 from llmkit.types import ChatCompletionChunk, encoder
 from shm import WorkerSlot
 
@@ -94,6 +95,7 @@ class HttpSurface:
             "/models": {"GET": models},
             "/health": {"GET": (observability.route_index("health"), self.health)},
             "/metrics": {"GET": (observability.route_index("metrics"), self.prometheus)},
+            "/admin/state": {"GET": (observability.route_index("admin"), self.admin_state)},
         }
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -126,14 +128,20 @@ class HttpSurface:
 
     async def chat(self, request: web.BaseRequest) -> web.StreamResponse:
         body = await self._read_body(request)
-        self._gateway.authenticate(request.headers.get("Authorization"))
+        key = self._gateway.authenticate(request.headers.get("Authorization"))
         call = self._gateway.decode_chat(body)
+        call.key = key
+        call.profile = request.headers.get("x-llmkit-route-profile")
         call.headers["x-request-id"] = request[REQUEST_ID]
+        for name in PROPAGATED_HEADERS:
+            if name in request.headers:
+                call.headers[name] = request.headers[name]
         if call.request.stream:
             target, chunks = await self._gateway.stream(call)
-            return await self._send_stream(request, target, chunks)
+            return await self._send_stream(request, target, chunks, call.response_headers)
         target, completion = await self._gateway.chat(call)
         response = web.Response(body=encoder.encode(completion), headers=JSON_TYPE)
+        response.headers.update(call.response_headers)
         _target_headers(response, target)
         if target.price is not None and completion.usage is not None:
             response.headers["x-llmkit-cost-usd"] = f"{target.price.cost(completion.usage):.8f}"
@@ -141,8 +149,8 @@ class HttpSurface:
 
     async def embeddings(self, request: web.BaseRequest) -> web.StreamResponse:
         body = await self._read_body(request)
-        self._gateway.authenticate(request.headers.get("Authorization"))
-        target, result = await self._gateway.embed(self._gateway.decode_embeddings(body))
+        key = self._gateway.authenticate(request.headers.get("Authorization"))
+        target, result = await self._gateway.embed(self._gateway.decode_embeddings(body), key)
         response = web.Response(body=encoder.encode(result), headers=JSON_TYPE)
         _target_headers(response, target)
         return response
@@ -161,6 +169,20 @@ class HttpSurface:
         response.headers["Content-Type"] = content_type
         return response
 
+    async def admin_state(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Breakers, limit buckets and workers as every process sees them (master key)."""
+        if self._gateway.authenticate(request.headers.get("Authorization")) != "master":
+            raise PermissionDeniedError(
+                "the admin API needs the master key (set server.master_key_env)"
+            )
+        state = self._gateway.state(time.monotonic_ns())
+        state["workers"] = [
+            {"slot": i, "pid": w.pid, "state": w.state, "in_flight": w.in_flight,
+             "served": w.served, "incarnation": w.incarnation}
+            for i, w in enumerate(self._metrics.workers) if w.pid
+        ]  # fmt: skip
+        return web.Response(body=encoder.encode(state), headers=JSON_TYPE)
+
     async def not_found(self, request: web.BaseRequest) -> web.StreamResponse:
         raise NotFoundError(f"no route {request.method} {request.path}", code="unknown_url")
 
@@ -177,9 +199,13 @@ class HttpSurface:
             raise _too_large(self._max_body) from None
 
     async def _send_stream(
-        self, request: web.BaseRequest, target: Target, chunks: AsyncIterator[ChatCompletionChunk]
+        self,
+        request: web.BaseRequest,
+        target: Target,
+        chunks: AsyncIterator[ChatCompletionChunk],
+        headers: dict[str, str],
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers=SSE_HEADERS)
+        response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
         response.headers["x-request-id"] = request[REQUEST_ID]
         _target_headers(response, target)
         try:
@@ -214,6 +240,7 @@ async def _answer(handler: Handler, request: web.BaseRequest) -> web.StreamRespo
 def error_response(exc: LLMKitError) -> web.Response:
     """The one place an ``LLMKitError`` becomes an HTTP response."""
     response = web.Response(status=exc.status, body=encoder.encode(exc.body()), headers=JSON_TYPE)
+    response.headers.update(exc.headers)
     retry_after = exc.retry_after_header()
     if retry_after is not None:
         response.headers["Retry-After"] = retry_after

@@ -79,6 +79,7 @@ class Supervisor:
             self._close_sockets()
             return EXIT_CONFIG
         self._slots = self._state.metrics.workers
+        self._control = self._state.control(self.config, 0)
         wake = self._install_signals()
         try:
             self._loop(wake)
@@ -160,6 +161,7 @@ class Supervisor:
             return
         log.info("reloading: rolling %d workers onto the new config", resolve_workers(config))
         self.config = config
+        self._control = self._state.control(config, 0)
         self._generation += 1
 
     # -- workers ----------------------------------------------------------------
@@ -190,6 +192,10 @@ class Supervisor:
 
     def _worker_exited(self, record: WorkerRecord, status: int) -> None:
         lost = self._slots[record.slot].clear()
+        # Whatever way it ended, its concurrency slots must not stay taken.
+        reclaimed = self._control.limiter.reclaim(record.slot)
+        if reclaimed:
+            log.info("reclaimed %d concurrency slots of worker pid %d", reclaimed, record.pid)
         code = os.waitstatus_to_exitcode(status)
         if record.retiring or self._stopping:
             return

@@ -55,7 +55,7 @@ def run(spec: WorkerSpec) -> int:
     signal.set_wakeup_fd(-1)
     try:
         state = SharedState.attach(spec.shm_name, spec.config)
-        gateway = Gateway(spec.config)
+        gateway = Gateway(spec.config, control=state.control(spec.config, spec.slot))
     except Exception as exc:
         print(f"llmkit: worker {spec.slot} failed to boot: {exc}", file=sys.stderr, flush=True)
         return WORKER_BOOT_ERROR

@@ -90,11 +90,16 @@ class Call:
     ``extras`` holds the body's top-level fields that ``ChatRequest`` does not know;
     OpenAI-compatible adapters pass them through untouched, others ignore them.
     ``headers`` are the ones to propagate upstream (``traceparent``, ``x-request-id``).
+    ``key``, ``profile`` and ``response_headers`` are the gateway's, not the adapters'.
     """
 
     request: ChatRequest
     extras: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    key: str | None = None  # the virtual key's name, for its limits
+    profile: str | None = None  # routing profile override (x-llmkit-route-profile)
+    # Headers the response must carry whatever happens (x-ratelimit-* ...).
+    response_headers: dict[str, str] = field(default_factory=dict)
 
 
 class Adapter(ABC):

@@ -43,6 +43,13 @@ def build_providers(config: Config) -> dict[str, Provider]:
     return providers
 
 
+def provider_names(config: Config) -> list[str]:
+    """Every provider's name in a fixed order (demo, catalog, config-only): the order of
+    their cells in shared memory, so it must not depend on the environment."""
+    extra = [p.name for p in config.providers if p.name not in BY_NAME and p.name != DEMO]
+    return [DEMO, *BY_NAME, *extra]
+
+
 def build_adapters(upstream: Upstream) -> dict[str, Adapter]:
     """One adapter per wire format, sharing the worker's upstream pool."""
     adapters: dict[str, Adapter] = {}

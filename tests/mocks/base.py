@@ -63,6 +63,9 @@ class MockUpstream:
 
     requests: list[Recorded] = field(default_factory=list)
     faults: deque[Fault] = field(default_factory=deque)
+    delay_s: float = 0.0  # added to every answer: a steadily slow upstream
+    in_flight: int = 0
+    max_in_flight: int = 0  # the most requests it was ever answering at once
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -93,11 +96,21 @@ class MockUpstream:
         """Wrap a route: record the request, then play the next fault or ``answer``."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                return await play(request)
+            finally:
+                self.in_flight -= 1
+
+        async def play(request: web.Request) -> web.StreamResponse:
             recorded = Recorded(
                 request.method, request.path, dict(request.query),
                 {k.lower(): v for k, v in request.headers.items()}, await request.read(),
             )  # fmt: skip
             self.requests.append(recorded)
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
             fault = self.next_fault()
             if fault is not None and fault.kind in ("status", "latency", "timeout"):
                 early = await self.play_early_fault(fault)

@@ -1,0 +1,270 @@
+"""One request's tries across its deployments, and the control plane's books for each.
+
+A ``Run`` is made per request. It admits the request at the levels every request
+passes once (global, virtual key), orders the deployments with the router, and hands
+out ``Attempt``s one at a time: each admitted at its provider and deployment levels
+and by its deployment's breaker, with backoff between tries. Whatever happens, every
+admission is reconciled with the tokens really used and released exactly once, and
+every breaker slot taken is recorded or released:
+
+- an attempt that gets an answer records success (latency, time to first token);
+- one that fails with a retryable error records failure, except an upstream 429,
+  which puts the deployment in cooldown for its Retry-After instead;
+- one that is refused by a limit or a breaker never reached the upstream and
+  costs nothing;
+- a request that no deployment would take gives back its global and key charge too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+
+from llmkit.control import ControlPlane
+from llmkit.errors import LLMKitError, RateLimitError, ServiceUnavailableError
+from llmkit.limiter import Admission
+from llmkit.providers.base import Call, Target
+from llmkit.router import backoff_s, retryable
+from llmkit.types import ChatCompletionChunk, Usage
+
+Clock = time.monotonic_ns
+
+
+class Attempt:
+    """One try at one deployment, admitted; ``finish`` it exactly once."""
+
+    def __init__(
+        self, run: Run, target: Target, cell: int | None, admission: Admission | None
+    ) -> None:
+        self.target = target
+        self._run = run
+        self._cell = cell
+        self._admission = admission
+        self._started = Clock()
+        self._first_byte: int | None = None
+        self._done = False
+
+    def first_byte(self) -> None:
+        """A stream's first chunk arrived: its time to first token is known."""
+        if self._first_byte is None:
+            self._first_byte = Clock()
+
+    def abandoned(self) -> None:
+        """The caller went away or a bug struck: give everything back, judge nothing."""
+        self._settle(Clock(), None, ok=None)
+
+    def succeeded(self, usage: Usage | None) -> None:
+        now = Clock()
+        ttft = (self._first_byte - self._started) / 1e9 if self._first_byte else None
+        self._settle(now, usage, ok=True, ttft_s=ttft)
+
+    def failed(self, error: LLMKitError) -> None:
+        now = Clock()
+        control, cell = self._run.control, self._cell
+        if control is not None and cell is not None and isinstance(error, RateLimitError):
+            # The provider is busy, not broken: skip it until it says to come back.
+            wait_s = error.retry_after if error.retry_after is not None else 1.0
+            control.breakers.cooldown(cell, now + int(wait_s * 1e9))
+            self._settle(now, None, ok=None)
+            return
+        self._settle(now, None, ok=False)
+
+    def _settle(
+        self, now: int, usage: Usage | None, ok: bool | None, ttft_s: float | None = None
+    ) -> None:
+        if self._done:
+            return
+        self._done = True
+        control = self._run.control
+        if control is None:
+            return
+        if self._cell is not None:
+            if ok is None:
+                control.breakers.release(self._cell)
+            else:
+                latency = (now - self._started) / 1e9
+                control.breakers.record(self._cell, ok, latency, now, ttft_s)
+        if self._admission is not None:
+            tokens = usage.total_tokens if usage is not None else self._admission.tokens
+            control.limiter.reconcile(self._admission, tokens, now)
+            control.limiter.release(self._admission)
+
+
+class Run:
+    """The tries of one request, in router order, within ``router.attempts``."""
+
+    def __init__(
+        self,
+        control: ControlPlane | None,
+        call: Call,
+        targets: list[Target],
+        tokens: int,
+        attempts: int,
+        backoff: tuple[float, float],
+    ) -> None:
+        self.control = control
+        self._call = call
+        self._targets = targets
+        self._tokens = tokens
+        self._attempts = attempts
+        self._backoff = backoff
+        self._rng = random.Random()
+        self._errors: list[LLMKitError] = []  # what upstreams answered
+        self._refusals: list[RateLimitError] = []  # what this gateway's limits said
+        self._admission: Admission | None = None
+        self._tried = 0
+
+    def admit(self, key: str | None) -> None:
+        """The request's own levels (global, key); raises RateLimitError when refused."""
+        if self.control is not None:
+            self._admission = self.control.admit_request(key, self._tokens, Clock())
+
+    async def tries(self) -> AsyncIterator[Attempt]:
+        """Admitted attempts, best deployment first, with backoff between tries."""
+        for target in self._targets:
+            if self._tried >= self._attempts:
+                return
+            if self._tried:
+                await asyncio.sleep(backoff_s(self._tried, *self._backoff, self._rng))
+            attempt = self._open(target)
+            if attempt is not None:
+                self._tried += 1
+                yield attempt
+
+    def _open(self, target: Target) -> Attempt | None:
+        control = self.control
+        if control is None:
+            return Attempt(self, target, None, None)
+        now = Clock()
+        try:
+            admission = control.admit_attempt(target, self._tokens, now)
+        except RateLimitError as refused:
+            self._refusals.append(refused)
+            return None
+        cell = control.cell(target)
+        if cell is not None and not control.breakers.acquire(cell, now):
+            control.limiter.cancel(admission)
+            return None
+        return Attempt(self, target, cell, admission)
+
+    def failed(self, attempt: Attempt, error: LLMKitError) -> None:
+        """Book a failed try; raises ``error`` at once if another try would not help."""
+        attempt.failed(error)
+        self._errors.append(error)
+        if not retryable(error):
+            raise error
+
+    def error(self) -> LLMKitError:
+        """Why the request failed after every try: the last upstream error, else why none
+        could be tried (a limit's Retry-After, or every deployment's breaker open)."""
+        if self._errors:
+            error = self._errors[-1]
+        elif self._refusals:
+            error = min(self._refusals, key=lambda e: e.retry_after or 0.0)
+            if self.control is not None:
+                target = self._targets[0] if self._targets else None
+                error.headers.update(self.control.limit_headers(self._call.key, target, Clock()))
+        else:
+            model = self._call.request.model
+            error = ServiceUnavailableError(
+                f"every deployment of '{model}' is unavailable (circuit open or cooling down)",
+                retry_after=1.0,
+            )
+        return error
+
+    def close(self, usage: Usage | None) -> None:
+        """Settle the request's own admission (once): refund it all if nothing was tried."""
+        control, admission = self.control, self._admission
+        if control is None or admission is None:
+            return
+        self._admission = None
+        if not self._tried:
+            control.limiter.cancel(admission)
+            return
+        tokens = usage.total_tokens if usage is not None else 0
+        control.limiter.reconcile(admission, tokens, Clock())
+        control.limiter.release(admission)
+
+
+def estimate_tokens(call: Call, default_completion: int) -> int:
+    """What a request may cost in tokens before it runs: its prompt at about four
+    characters a token, plus its ``max_tokens`` or the configured default."""
+    request = call.request
+    chars = 0
+    for message in request.messages:
+        content = message.content
+        chars += len(content) if isinstance(content, str) else len(message.text()) + 64
+    if request.tools:
+        chars += 256 * len(request.tools)
+    return chars // 4 + 1 + (request.token_limit() or default_completion)
+
+
+class TrackedStream:
+    """A stream as the client sees it; settles its attempt and its run exactly once.
+
+    A class rather than an async generator so that ``aclose()`` settles the books even
+    when the stream was never iterated (the client left before the first write). A
+    usage chunk the gateway asked for on its own behalf is read, not passed on.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        attempt: Attempt,
+        first: ChatCompletionChunk | None,
+        rest: AsyncIterator[ChatCompletionChunk],
+        strip_usage: bool,
+    ) -> None:
+        self._run = run
+        self._attempt = attempt
+        self._next: ChatCompletionChunk | None = first
+        self._rest = rest
+        self._strip_usage = strip_usage
+        self._usage: Usage | None = None
+        self._closed = first is None
+
+    def __aiter__(self) -> TrackedStream:
+        return self
+
+    async def __anext__(self) -> ChatCompletionChunk:
+        while True:
+            chunk = self._next if self._next is not None else await self._pull()
+            self._next = None
+            if chunk.usage is not None:
+                self._usage = chunk.usage
+            if self._strip_usage and not chunk.choices and chunk.usage is not None:
+                continue
+            return chunk
+
+    async def _pull(self) -> ChatCompletionChunk:
+        if self._closed:
+            self._settle(ok=True)
+            raise StopAsyncIteration
+        try:
+            return await anext(self._rest)
+        except StopAsyncIteration:
+            self._closed = True
+            self._settle(ok=True)
+            raise
+        except LLMKitError as exc:
+            self._closed = True
+            self._attempt.failed(exc)
+            self._run.close(None)
+            raise
+
+    async def aclose(self) -> None:
+        """Stop early (client gone, or done): release the upstream and settle."""
+        aclose = getattr(self._rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if not self._closed:
+            self._closed = True
+            self._attempt.abandoned()
+        self._run.close(self._usage)
+
+    def _settle(self, ok: bool) -> None:
+        if ok:
+            self._attempt.succeeded(self._usage)
+        self._run.close(self._usage)
