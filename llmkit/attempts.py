@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from llmkit.control import ControlPlane
 from llmkit.errors import LLMKitError, RateLimitError, ServiceUnavailableError
@@ -30,6 +30,7 @@ from llmkit.router import backoff_s, retryable
 from llmkit.types import ChatCompletionChunk, Usage
 
 Clock = time.monotonic_ns
+_RNG = random.Random()  # backoff jitter when there is no control plane
 
 
 class Attempt:
@@ -110,7 +111,7 @@ class Run:
         self._tokens = tokens
         self._attempts = attempts
         self._backoff = backoff
-        self._rng = random.Random()
+        self._rng = control.rng if control is not None else _RNG
         self._errors: list[LLMKitError] = []  # what upstreams answered
         self._refusals: list[RateLimitError] = []  # what this gateway's limits said
         self._admission: Admission | None = None
@@ -121,13 +122,15 @@ class Run:
         if self.control is not None:
             self._admission = self.control.admit_request(key, self._tokens, Clock())
 
-    async def tries(self) -> AsyncIterator[Attempt]:
-        """Admitted attempts, best deployment first, with backoff between tries."""
+    def tries(self) -> Iterator[Attempt]:
+        """Admitted attempts, best deployment first; ``failed`` waits out the backoff.
+
+        A plain generator (the hot path pays for no async one): it is lazy, so the next
+        deployment is admitted only after the caller's ``await run.failed(...)``.
+        """
         for target in self._targets:
             if self._tried >= self._attempts:
                 return
-            if self._tried:
-                await asyncio.sleep(backoff_s(self._tried, *self._backoff, self._rng))
             attempt = self._open(target)
             if attempt is not None:
                 self._tried += 1
@@ -149,12 +152,14 @@ class Run:
             return None
         return Attempt(self, target, cell, admission)
 
-    def failed(self, attempt: Attempt, error: LLMKitError) -> None:
-        """Book a failed try; raises ``error`` at once if another try would not help."""
+    async def failed(self, attempt: Attempt, error: LLMKitError) -> None:
+        """Book a failed try; raise ``error`` if another would not help, else back off."""
         attempt.failed(error)
         self._errors.append(error)
         if not retryable(error):
             raise error
+        if self._tried < self._attempts:
+            await asyncio.sleep(backoff_s(self._tried, *self._backoff, self._rng))
 
     def error(self) -> LLMKitError:
         """Why the request failed after every try: the last upstream error, else why none

@@ -25,16 +25,17 @@ Figures, chosen once here:
 - Latency: EWMA mean/variance of successful non-streaming latencies; TTFT: the same for
   streams (a stream's total duration depends on its length, so it only feeds TTFT).
   ``LATENCY_ALPHA`` = 0.1, about the last 20 samples.
-- Anomaly: after ``WARMUP_SAMPLES`` samples, a success whose ``(x - mean) / std`` exceeds
-  ``zscore`` is an anomaly, with std floored at ``MIN_STD_FRACTION`` of the mean and at
-  ``MIN_STD_S`` (a perfectly steady upstream would otherwise make 1 ms of jitter an
-  anomaly). ``ANOMALY_STREAK`` anomalies in a row open the breaker. An anomalous sample is
-  folded in clipped to the threshold (``mean + zscore * std``): the baseline still
-  learns that latency went up, but a 10x spike cannot drag the mean along with it.
-  Measured on a 100 ms +-10% baseline: a sustained 3x or 10x slowdown opens after 5
-  requests; 2x is absorbed as the new normal. After a probe closes the breaker on a
-  permanently 10x slower upstream, the clipped folds have widened the variance: it
-  reopened once more, then the baseline accepted the new latency.
+- Anomaly: after ``WARMUP_SAMPLES`` samples, a success whose ``(x - mean) / std``
+  exceeds ``zscore`` and whose ``x - mean`` exceeds ``anomaly_min_s`` is an anomaly,
+  with std floored at ``MIN_STD_FRACTION`` of the mean and at ``MIN_STD_S`` (a perfectly
+  steady upstream would otherwise make 1 ms of jitter an anomaly). ``ANOMALY_STREAK``
+  anomalies in a row open the breaker. An anomalous sample is folded in clipped to the
+  threshold (``mean + zscore * std``): the baseline still learns that latency went up,
+  but a 10x spike cannot drag the mean along with it. Measured on a 100 ms +-10%
+  baseline: a sustained 3x or 10x slowdown opens after 5 requests; 2x is absorbed as the
+  new normal. After a probe closes the breaker on a permanently 10x slower upstream, the
+  clipped folds have widened the variance: it reopened once more, then the baseline
+  accepted the new latency.
 
 Probes. ``record`` gets no ticket from ``acquire`` (the router's interface is a bool), so
 a probe is recognised by when its attempt started: while half-open, a record whose
@@ -229,6 +230,7 @@ class Breakers:
         self._probe_slack_ns = round(config.open_s * 1e9 / 2)
         self._probe_timeout_ms = round(probe_timeout_s * 1000)
         self._zscore2 = config.zscore * config.zscore
+        self._min_excess = max(config.anomaly_min_s, 0.0)
         # Sample counts only grow, so once a process has seen an EWMA warm it stays warm.
         self._warm = {BreakerStats.LATENCY: [False] * count, BreakerStats.TTFT: [False] * count}
 
@@ -401,7 +403,7 @@ class Breakers:
         floor = max(MIN_STD_FRACTION * mean, MIN_STD_S)
         var = max(var, floor * floor)
         excess = sample - mean
-        anomalous = excess > 0 and excess * excess > self._zscore2 * var
+        anomalous = excess > self._min_excess and excess * excess > self._zscore2 * var
         if anomalous:
             sample = mean + self._config.zscore * var**0.5
         self._a.ewma_update(off, sample, LATENCY_ALPHA)

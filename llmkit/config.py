@@ -197,6 +197,10 @@ class BreakerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     min_requests: _PosInt = 20
     consecutive_failures: _PosInt = 5
     zscore: _PosFloat = 2.5
+    # A latency anomaly must also be this much slower than the EWMA: smaller slowdowns
+    # are noise at LLM timescales, and under load mostly the gateway's own queueing,
+    # which must never open a healthy upstream's breaker.
+    anomaly_min_s: _NonNegFloat = 0.25
     open_s: _PosFloat = 5.0
     half_open_probes: _PosInt = 1
 

@@ -83,7 +83,9 @@ class ControlPlane:
         self.plan = Plan.of(config)
         self.limiter = Limiter(atomics, layout, self.plan.specs, worker_slot)
         self.breakers = Breakers(atomics, layout, config.breaker, len(self.plan.deployment_entity))
-        self.router = Router(config.router.profile, random.Random())
+        self.rng = random.Random()
+        self.router = Router(config.router.profile, self.rng)
+        self._rate_limited = [bool(s.rpm or s.tpm) for s in self.plan.specs]
         # One candidate list per alias, reused on every request (the router caches by it).
         self._candidates = {
             m.name: [
@@ -135,6 +137,10 @@ class ControlPlane:
         candidates = self._candidates.get(alias)
         if candidates is None:
             return list(targets)
+        if len(candidates) == 1:  # nothing to rank: only whether it may be tried
+            if self.breakers.available(candidates[0].index, now_ns):
+                return list(targets)
+            raise self._none_available(alias, candidates, now_ns)
         health = [self.breakers.health(c.index, now_ns) for c in candidates]
         positions = self.router.order(
             candidates, health, profile, prompt_tokens, completion_tokens, stream
@@ -164,6 +170,8 @@ class ControlPlane:
         chain = self.request_chain(key)
         if target is not None:
             chain += self.attempt_chain(target)
+        if not any(self._rate_limited[entity] for entity in chain):
+            return {}  # the common unlimited case costs no shared-memory read
         return self.limiter.headers(None, chain, now_ns)
 
     # -- admission ----------------------------------------------------------------

@@ -136,12 +136,12 @@ class Gateway:
         run = self._run(call, call.request.model, stream=False)
         usage: Usage | None = None
         try:
-            async for attempt in run.tries():
+            for attempt in run.tries():
                 target = attempt.target
                 try:
                     completion = await self._adapter(target).complete(call, target)
                 except LLMKitError as exc:
-                    run.failed(attempt, exc)
+                    await run.failed(attempt, exc)
                     continue
                 except BaseException:
                     attempt.abandoned()
@@ -171,13 +171,13 @@ class Gateway:
             )
         run = self._run(call, call.request.model, stream=True)
         try:
-            async for attempt in run.tries():
+            for attempt in run.tries():
                 target = attempt.target
                 chunks = self._adapter(target).stream(call, target)
                 try:
                     first = await anext(chunks)
                 except LLMKitError as exc:
-                    run.failed(attempt, exc)
+                    await run.failed(attempt, exc)
                     continue
                 except StopAsyncIteration:
                     first = None
@@ -203,12 +203,12 @@ class Gateway:
         run = self._run(call, request.model, stream=False)
         usage: Usage | None = None
         try:
-            async for attempt in run.tries():
+            for attempt in run.tries():
                 target = attempt.target
                 try:
                     result = await self._adapter(target).embed(request, target)
                 except LLMKitError as exc:
-                    run.failed(attempt, exc)
+                    await run.failed(attempt, exc)
                     continue
                 except BaseException:
                     attempt.abandoned()

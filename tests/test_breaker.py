@@ -44,6 +44,7 @@ def make(count: int = 2, buffer: Any = None, **config: Any) -> Breakers:
     declare(builder, count)
     layout = builder.build()
     atomics = Atomics(buffer if buffer is not None else bytearray(layout.size))
+    config.setdefault("anomaly_min_s", 0.0)  # these tests use millisecond latencies
     return Breakers(atomics, layout, BreakerConfig(**config), count)
 
 
@@ -174,6 +175,20 @@ def test_latency_spike_of_ten_times_the_ewma_opens_after_a_streak() -> None:
         assert state(b, now) == "closed"
         assert b.snapshot(now)[0]["anomaly_streak"] == i + 1
     attempt(b, True, now, latency=1.0)
+    assert state(b, now) == "open"
+
+
+def test_slowdowns_under_anomaly_min_s_never_open() -> None:
+    """A gateway saturated by its own load looks 20x slower at millisecond scale."""
+    b = make(**{**QUIET, "anomaly_min_s": 0.25})
+    now = warm_up(b, T0, mean=0.001)
+    for _ in range(3 * ANOMALY_STREAK):
+        attempt(b, True, now, latency=0.028)
+        now += MS
+    assert state(b, now) == "closed"
+    assert b.snapshot(now)[0]["anomaly_streak"] == 0
+    for _ in range(ANOMALY_STREAK):
+        attempt(b, True, now, latency=0.5)  # 0.5 s over a ~28 ms baseline is a real spike
     assert state(b, now) == "open"
 
 

@@ -206,3 +206,65 @@ def test_cost_profile_prefers_the_cheap_deployment_and_moves_when_it_fails(
     responses = asyncio.run(_burst(server.url, body, 20))
     assert {r.status_code for r in responses} == {200}
     assert {r.headers["x-llmkit-deployment"] for r in responses} == {"m#0"}
+
+
+def test_latency_spike_opens_the_breaker_by_zscore(
+    start_server: StartServer, slow_mock: OpenAIMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMKIT_T_MASTER", "sk-admin-test")
+    slow_mock.delay_s = 0.02
+    config = (
+        '[server]\nmaster_key_env = "LLMKIT_T_MASTER"\n'
+        "[breaker]\nanomaly_min_s = 0.05\nmin_requests = 1000\nconsecutive_failures = 1000\n\n"
+        f'[[providers]]\nname = "local"\nbase_url = "{slow_mock.url}/v1"\n\n'
+        '[[models]]\nname = "m"\n[[models.deployments]]\nprovider = "local"\nmodel = "gpt"\n'
+    )
+    server = start_server(config, workers=2)
+    body = {"model": "m", "messages": SHORT}
+    with httpx.Client(base_url=server.url, headers=MASTER, timeout=10) as client:
+        for _ in range(30):  # the EWMA learns ~20 ms
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        slow_mock.delay_s = 0.2  # ten times slower, and still answering
+        statuses = [client.post("/v1/chat/completions", json=body).status_code for _ in range(8)]
+        breaker = client.get("/admin/state").json()["breakers"][0]
+    assert breaker["opened"] == 1 and breaker["window_failures"] == 0
+    assert statuses[:5] == [200] * 5 and 503 in statuses[5:]
+
+
+def test_concurrency_slots_of_a_killed_worker_are_reclaimed(
+    start_server: StartServer, slow_mock: OpenAIMock
+) -> None:
+    import os
+    import signal
+    import threading
+
+    slow_mock.delay_s = 5.0
+    config = (
+        f'[[providers]]\nname = "local"\nbase_url = "{slow_mock.url}/v1"\n\n'
+        '[[models]]\nname = "m"\n[[models.deployments]]\nprovider = "local"\nmodel = "gpt"\n'
+        "max_concurrency = 2\n"
+    )
+    server = start_server(config, workers=2)
+    body = {"model": "m", "messages": SHORT}
+
+    def hang() -> None:
+        try:
+            httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=10)
+        except httpx.HTTPError:
+            pass  # its worker is about to be killed
+
+    threads = [threading.Thread(target=hang) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while slow_mock.in_flight < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert burst(server, body, 3) == {429: 3}  # both slots are taken
+    old = server.worker_pids()
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    server.wait_workers(2, exclude=old)
+    slow_mock.delay_s = 0.0
+    assert burst(server, body, 2) == {200: 2}  # the dead workers' slots came back
+    for t in threads:
+        t.join()

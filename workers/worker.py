@@ -32,6 +32,7 @@ log = logging.getLogger("llmkit.worker")
 WORKER_OK = 0
 WORKER_BOOT_ERROR = 3
 HEARTBEAT_S = 0.25
+ACCEPT_GRACE_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ class Worker:
         self._slot.set_state(WorkerSlot.SERVING)
         await self._stop.wait()
         self._slot.set_state(WorkerSlot.DRAINING)
+        for site in list(runner.sites):
+            await site.stop()
+        # A connection accepted just before the listener closed may not have sent its
+        # request yet; aiohttp would close it as idle. Give it a moment to be read.
+        await asyncio.sleep(ACCEPT_GRACE_S)
         await runner.cleanup()
         await self._gateway.close()
         beating.cancel()
