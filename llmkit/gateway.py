@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -133,23 +133,36 @@ class Gateway:
 
     async def chat(self, call: Call) -> tuple[Target, ChatCompletion]:
         """One whole completion, falling back across deployments on retryable failures."""
-        run = self._run(call, call.request.model, stream=False)
+
+        async def complete(target: Target) -> tuple[ChatCompletion, Usage | None]:
+            completion = await self._adapter(target).complete(call, target)
+            return completion, completion.usage
+
+        target, completion = await self._first_answer(call, call.request.model, complete)
+        self._limit_headers(call, target)
+        return target, completion
+
+    async def _first_answer(
+        self,
+        call: Call,
+        model: str,
+        ask: Callable[[Target], Awaitable[tuple[T, Usage | None]]],
+    ) -> tuple[Target, T]:
+        """Try the request's deployments in turn until one answers; settle every try."""
+        run = self._run(call, model, stream=False)
         usage: Usage | None = None
         try:
             for attempt in run.tries():
-                target = attempt.target
                 try:
-                    completion = await self._adapter(target).complete(call, target)
+                    answer, usage = await ask(attempt.target)
                 except LLMKitError as exc:
                     await run.failed(attempt, exc)
                     continue
                 except BaseException:
                     attempt.abandoned()
                     raise
-                usage = completion.usage
                 attempt.succeeded(usage)
-                self._limit_headers(call, target)
-                return target, completion
+                return attempt.target, answer
             raise run.error()
         except LLMKitError as exc:
             exc.headers.update(call.response_headers)
@@ -200,26 +213,15 @@ class Gateway:
         """Embeddings, with the same limits, breakers and fallbacks as chat."""
         texts = [Message(role="user", content=str(request.input))]
         call = Call(ChatRequest(model=request.model, messages=texts, max_tokens=1), key=key)
-        run = self._run(call, request.model, stream=False)
-        usage: Usage | None = None
-        try:
-            for attempt in run.tries():
-                target = attempt.target
-                try:
-                    result = await self._adapter(target).embed(request, target)
-                except LLMKitError as exc:
-                    await run.failed(attempt, exc)
-                    continue
-                except BaseException:
-                    attempt.abandoned()
-                    raise
-                usage = Usage(prompt_tokens=result.usage.prompt_tokens, completion_tokens=0,
-                              total_tokens=result.usage.total_tokens)  # fmt: skip
-                attempt.succeeded(usage)
-                return target, result
-            raise run.error()
-        finally:
-            run.close(usage)
+
+        async def embed(target: Target) -> tuple[EmbeddingResponse, Usage | None]:
+            result = await self._adapter(target).embed(request, target)
+            tokens = result.usage
+            usage = Usage(prompt_tokens=tokens.prompt_tokens, completion_tokens=0,
+                          total_tokens=tokens.total_tokens)  # fmt: skip
+            return result, usage
+
+        return await self._first_answer(call, request.model, embed)
 
     def state(self, now_ns: int) -> dict[str, object]:
         """The control plane's shared state, for ``/admin/state``."""
