@@ -29,11 +29,13 @@ from urllib.parse import quote, unquote, urlsplit
 ALGORITHM = "AWS4-HMAC-SHA256"
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 # Hop-by-hop headers and ones proxies rewrite: signing them would break on the way.
+# Trace context (W3C traceparent/tracestate, baggage) is rewritten by every tracing hop,
+# so the AWS SDKs stopped signing it (botocore 1.44); so do we.
 UNSIGNED_HEADERS = frozenset(
     {
-        "authorization", "connection", "expect", "keep-alive", "proxy-authenticate",
-        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
-        "user-agent", "x-amzn-trace-id",
+        "authorization", "baggage", "connection", "expect", "keep-alive",
+        "proxy-authenticate", "proxy-authorization", "te", "traceparent", "tracestate",
+        "trailer", "transfer-encoding", "upgrade", "user-agent", "x-amzn-trace-id",
     }
 )  # fmt: skip
 _DEFAULT_PORTS = {"http": 80, "https": 443}
