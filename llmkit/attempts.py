@@ -116,6 +116,7 @@ class Run:
         self._refusals: list[RateLimitError] = []  # what this gateway's limits said
         self._admission: Admission | None = None
         self._tried = 0
+        self._position = 0
 
     def admit(self, key: str | None) -> None:
         """The request's own levels (global, key); raises RateLimitError when refused."""
@@ -128,9 +129,10 @@ class Run:
         A plain generator (the hot path pays for no async one): it is lazy, so the next
         deployment is admitted only after the caller's ``await run.failed(...)``.
         """
-        for target in self._targets:
+        for position, target in enumerate(self._targets):
             if self._tried >= self._attempts:
                 return
+            self._position = position
             attempt = self._open(target)
             if attempt is not None:
                 self._tried += 1
@@ -158,7 +160,7 @@ class Run:
         self._errors.append(error)
         if not retryable(error):
             raise error
-        if self._tried < self._attempts:
+        if self._tried < self._attempts and self._position + 1 < len(self._targets):
             await asyncio.sleep(backoff_s(self._tried, *self._backoff, self._rng))
 
     def error(self) -> LLMKitError:
