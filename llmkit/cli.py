@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "providers", help="list the provider catalog: wire format, base URL, key variable"
     )
     providers.add_argument("--config", "-c", metavar="FILE", help="apply this config's overrides")
+    _add_client_commands(commands)
     args = parser.parse_args(argv)
     try:
         return _run(parser, args)
@@ -81,8 +82,48 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _config_check(args.file)
     if args.command == "providers":
         return _providers(args.config)
+    if args.command in ("chat", "models", "state"):
+        from llmkit import cli_client
+
+        return cli_client.run(args)
     parser.error("unknown command")
     return 2
+
+
+def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    chat = commands.add_parser(
+        "chat",
+        help="send one prompt to a running server and stream the answer to stdout",
+        description="Exit status: 0 answered, 1 the request failed, 2 usage or config error.",
+    )
+    chat.add_argument("prompt", help="the user message; '-' reads it from stdin")
+    chat.add_argument("--model", "-m", required=True, help="model name or alias, e.g. demo/x")
+    chat.add_argument("--system", "-s", help="a system message to send first")
+    chat.add_argument("--max-tokens", type=int, help="limit the completion's length")
+    chat.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
+    _add_connection_options(chat)
+    models = commands.add_parser("models", help="list the model names the server answers to")
+    _add_connection_options(models)
+    state = commands.add_parser(
+        "state",
+        help="breakers, limit buckets and latency per deployment from /admin/state",
+        description="Reads GET /admin/state over HTTP; it needs the master key.",
+    )
+    state.add_argument("--url", default=os.environ.get("LLMKIT_URL"),
+                       help="server base URL (default: $LLMKIT_URL)")  # fmt: skip
+    state.add_argument("--key", default=os.environ.get("LLMKIT_MASTER_KEY"),
+                       help="master key (default: $LLMKIT_MASTER_KEY)")  # fmt: skip
+    state.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH",
+                       help="the server's Unix socket (default: $LLMKIT_SOCKET)")  # fmt: skip
+    where.add_argument("--url", help="HTTP base URL instead of a socket (default: $LLMKIT_URL)")
+    parser.add_argument("--key", default=os.environ.get("LLMKIT_API_KEY"),
+                        help="API key (default: $LLMKIT_API_KEY)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
 
 
 def _providers(path: str | None) -> int:

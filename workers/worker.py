@@ -1,5 +1,8 @@
 """One worker process: a uvloop event loop serving HTTP (and the Unix socket) over a Gateway.
 
+HTTP is served on the TCP listener; the Unix socket speaks the frame protocol of
+``llmkit.frames`` (``workers.uds``) for ``llmkit.client``.
+
 Forked by the supervisor with the listening sockets already bound. The worker attaches
 to the shared segment, writes a heartbeat into its slot every 250 ms, and on SIGTERM
 stops accepting, lets in-flight requests finish (up to ``server.drain_timeout_s``) and
@@ -26,6 +29,7 @@ from llmkit.gateway import Gateway
 from llmkit.state import SharedState
 from shm import WorkerSlot
 from workers.http import HttpSurface
+from workers.uds import FrameServer
 
 log = logging.getLogger("llmkit.worker")
 
@@ -76,6 +80,7 @@ class Worker:
         self._gateway = gateway
         self._slot: WorkerSlot = state.metrics.workers[spec.slot]
         self._stop = asyncio.Event()
+        self._frames = FrameServer(gateway, state.metrics, self._slot)
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -87,10 +92,12 @@ class Worker:
         self._slot.set_state(WorkerSlot.DRAINING)
         for site in list(runner.sites):
             await site.stop()
+        self._frames.close()
         # A connection accepted just before the listener closed may not have sent its
         # request yet; aiohttp would close it as idle. Give it a moment to be read.
         await asyncio.sleep(ACCEPT_GRACE_S)
-        await runner.cleanup()
+        drain_s = self._spec.config.server.drain_timeout_s
+        await asyncio.gather(runner.cleanup(), self._frames.drain(drain_s))
         await self._gateway.close()
         beating.cancel()
         return WORKER_OK
@@ -105,9 +112,9 @@ class Worker:
         )
         runner = web.ServerRunner(handler, shutdown_timeout=server.drain_timeout_s)
         await runner.setup()
-        sockets = [self._spec.tcp] + ([self._spec.uds] if self._spec.uds else [])
-        for sock in sockets:
-            await web.SockSite(runner, sock, backlog=2048).start()
+        await web.SockSite(runner, self._spec.tcp, backlog=2048).start()
+        if self._spec.uds is not None:
+            await self._frames.start(self._spec.uds)
         return runner
 
     async def _heartbeat(self) -> None:
