@@ -34,7 +34,8 @@ _RNG = random.Random()  # backoff jitter when there is no control plane
 
 
 class Attempt:
-    """One try at one deployment, admitted; ``finish`` it exactly once."""
+    """One try at one deployment, admitted; settled once by ``succeeded``, ``failed`` or
+    ``abandoned`` (later calls do nothing)."""
 
     def __init__(
         self, run: Run, target: Target, cell: int | None, admission: Admission | None
@@ -53,7 +54,8 @@ class Attempt:
             self._first_byte = Clock()
 
     def abandoned(self) -> None:
-        """The caller went away or a bug struck: give everything back, judge nothing."""
+        """The caller went away or a bug struck: judge nothing; tokens stay at the
+        estimate, since what the upstream used is unknown."""
         self._settle(Clock(), None, ok=None)
 
     def succeeded(self, usage: Usage | None) -> None:
@@ -61,16 +63,19 @@ class Attempt:
         ttft = (self._first_byte - self._started) / 1e9 if self._first_byte else None
         self._settle(now, usage, ok=True, ttft_s=ttft)
 
-    def failed(self, error: LLMKitError) -> None:
+    def failed(self, error: LLMKitError, partial: bool = False) -> None:
+        """The upstream refused or failed. Before any answer it produced no tokens to pay
+        for; a stream cut part-way (``partial``) keeps its estimate."""
         now = Clock()
+        nothing = None if partial else Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         control, cell = self._run.control, self._cell
         if control is not None and cell is not None and isinstance(error, RateLimitError):
             # The provider is busy, not broken: skip it until it says to come back.
             wait_s = error.retry_after if error.retry_after is not None else 1.0
             control.breakers.cooldown(cell, now + int(wait_s * 1e9))
-            self._settle(now, None, ok=None)
+            self._settle(now, nothing, ok=None)
             return
-        self._settle(now, None, ok=False)
+        self._settle(now, nothing, ok=False)
 
     def _settle(
         self, now: int, usage: Usage | None, ok: bool | None, ttft_s: float | None = None
@@ -181,8 +186,12 @@ class Run:
             )
         return error
 
-    def close(self, usage: Usage | None) -> None:
-        """Settle the request's own admission (once): refund it all if nothing was tried."""
+    def close(self, usage: Usage | None, keep_estimate: bool = False) -> None:
+        """Settle the request's own admission (once): refund it all if nothing was tried.
+
+        Unknown ``usage`` means no tokens were used (every try failed), unless
+        ``keep_estimate``: a stream cut part-way, whose real usage nobody reported.
+        """
         control, admission = self.control, self._admission
         if control is None or admission is None:
             return
@@ -190,8 +199,10 @@ class Run:
         if not self._tried:
             control.limiter.cancel(admission)
             return
-        tokens = usage.total_tokens if usage is not None else 0
-        control.limiter.reconcile(admission, tokens, Clock())
+        if usage is not None:
+            control.limiter.reconcile(admission, usage.total_tokens, Clock())
+        elif not keep_estimate:
+            control.limiter.reconcile(admission, 0, Clock())
         control.limiter.release(admission)
 
 
@@ -257,8 +268,8 @@ class TrackedStream:
             raise
         except LLMKitError as exc:
             self._closed = True
-            self._attempt.failed(exc)
-            self._run.close(None)
+            self._attempt.failed(exc, partial=True)
+            self._run.close(self._usage, keep_estimate=True)
             raise
 
     async def aclose(self) -> None:
@@ -269,7 +280,7 @@ class TrackedStream:
         if not self._closed:
             self._closed = True
             self._attempt.abandoned()
-        self._run.close(self._usage)
+        self._run.close(self._usage, keep_estimate=True)
 
     def _settle(self, ok: bool) -> None:
         if ok:

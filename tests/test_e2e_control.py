@@ -268,3 +268,20 @@ def test_concurrency_slots_of_a_killed_worker_are_reclaimed(
     assert burst(server, body, 2) == {200: 2}  # the dead workers' slots came back
     for t in threads:
         t.join()
+
+
+def test_failed_requests_give_their_tokens_back(start_server: StartServer) -> None:
+    config = (
+        "[limits]\ntpm = 22\n\n"  # two requests of 11 tokens
+        '[[models]]\nname = "bad"\n[[models.deployments]]\nprovider = "demo"\n'
+        'model = "status-503"\n\n'
+        '[[models]]\nname = "good"\n[[models.deployments]]\nprovider = "demo"\nmodel = "x"\n'
+    )
+    server = start_server(config, workers=2)
+    url = f"{server.url}/v1/chat/completions"
+    failing = [httpx.post(url, json={"model": "bad", "messages": SHORT, "max_tokens": 10})
+               for _ in range(5)]  # fmt: skip
+    assert [r.status_code for r in failing] == [503] * 5  # none of them kept its charge
+    good = [httpx.post(url, json={"model": "good", "messages": SHORT, "max_tokens": 10})
+            for _ in range(3)]  # fmt: skip
+    assert [r.status_code for r in good] == [200, 200, 429]
