@@ -7,6 +7,7 @@
     ├── InvalidRequestError          400 invalid_request_error
     │   ├── BodyTooLargeError        413
     │   ├── MethodNotAllowedError    405
+    │   ├── HeaderTooLargeError      431
     │   └── UnprocessableError       422
     ├── AuthenticationError          401 authentication_error
     ├── PermissionDeniedError        403 permission_error
@@ -109,6 +110,11 @@ class NotFoundError(LLMKitError):
     status = 404
     type = "not_found_error"
     code = "model_not_found"
+
+
+class HeaderTooLargeError(InvalidRequestError):
+    status = 431
+    code = "request_header_too_large"
 
 
 class MethodNotAllowedError(InvalidRequestError):

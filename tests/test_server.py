@@ -263,3 +263,28 @@ def test_master_key_required_when_configured(
     )  # fmt: skip
     assert good.status_code == 200
     assert "sk-test-master-123" not in server.log()
+
+
+def test_oversized_header_gets_an_openai_style_431(server: Server) -> None:
+    pid = server.health_pid()
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": "demo/x", "messages": HELLO},
+        headers={"x-padding": "p" * 20_000},
+    )  # fmt: skip
+    assert response.status_code == 431
+    assert response.json()["error"]["code"] == "request_header_too_large"
+    assert "p" * 100 not in server.log()  # the header's content is never logged
+    assert server.health_pid() in server.worker_pids() and pid in server.worker_pids()
+
+
+def test_unparseable_request_gets_a_json_400(server: Server) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nBroken header line\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"400"  # aiohttp answers a broken request as HTTP/1.0
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"

@@ -21,13 +21,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from llmkit import observability
 from llmkit.errors import (
     BodyTooLargeError,
+    HeaderTooLargeError,
     InternalError,
+    InvalidRequestError,
     LLMKitError,
     MethodNotAllowedError,
     NotFoundError,
@@ -79,7 +83,7 @@ class HttpSurface:
                 message, payload, protocol, writer, task, loop, client_max_size=max_body
             )
 
-        return web.Server(self.handle, request_factory=make_request, **kwargs)  # type: ignore[arg-type]
+        return GatewayServer(self.handle, request_factory=make_request, **kwargs)  # type: ignore[arg-type]
 
     def _routes(self) -> dict[str, dict[str, tuple[int, Handler]]]:
         """path -> method -> (route index for metrics, handler)."""
@@ -235,6 +239,47 @@ async def _answer(handler: Handler, request: web.BaseRequest) -> web.StreamRespo
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(InternalError("internal error; see the server log"))
+
+
+class _ProtocolErrors(RequestHandler):
+    """aiohttp's connection handler, answering unparseable requests OpenAI-style.
+
+    aiohttp answers a request it cannot parse (a header over ``max_header_bytes``, a
+    broken request line) before any handler runs, in plain text; this gives the same
+    JSON error body every other failure gets.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        # Never the exception's text: aiohttp quotes the offending bytes in it, and an
+        # oversized header may well be an Authorization header.
+        log.info("refused a malformed request (%s)", type(exc).__name__ if exc else status)
+        response = error_response(_protocol_error(exc))
+        response.force_close()
+        return response
+
+
+def _protocol_error(exc: BaseException | None) -> LLMKitError:
+    if isinstance(exc, LineTooLong):
+        return HeaderTooLargeError(
+            "request line or header too large: the limit is server.max_header_bytes"
+        )
+    kind = type(exc).__name__ if exc is not None else "unparseable request"
+    return InvalidRequestError(f"malformed HTTP request ({kind})")
+
+
+class GatewayServer(web.Server):
+    """``web.Server`` whose connections answer protocol errors with JSON bodies."""
+
+    def __call__(self) -> RequestHandler:
+        return _ProtocolErrors(self, loop=self._loop, **self._kwargs)
 
 
 def error_response(exc: LLMKitError) -> web.Response:
