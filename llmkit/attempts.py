@@ -206,9 +206,9 @@ class Run:
         control.limiter.release(admission)
 
 
-def estimate_tokens(call: Call, default_completion: int) -> int:
-    """What a request may cost in tokens before it runs: its prompt at about four
-    characters a token, plus its ``max_tokens`` or the configured default."""
+def estimate_tokens(call: Call, default_completion: int) -> tuple[int, int]:
+    """(prompt, completion) tokens a request may cost before it runs: its prompt at
+    about four characters a token, and its ``max_tokens`` or the configured default."""
     request = call.request
     chars = 0
     for message in request.messages:
@@ -216,7 +216,7 @@ def estimate_tokens(call: Call, default_completion: int) -> int:
         chars += len(content) if isinstance(content, str) else len(message.text()) + 64
     if request.tools:
         chars += 256 * len(request.tools)
-    return chars // 4 + 1 + (request.token_limit() or default_completion)
+    return chars // 4 + 1, request.token_limit() or default_completion
 
 
 class TrackedStream:
@@ -258,13 +258,13 @@ class TrackedStream:
 
     async def _pull(self) -> ChatCompletionChunk:
         if self._closed:
-            self._settle(ok=True)
+            self._finish()
             raise StopAsyncIteration
         try:
             return await anext(self._rest)
         except StopAsyncIteration:
             self._closed = True
-            self._settle(ok=True)
+            self._finish()
             raise
         except LLMKitError as exc:
             self._closed = True
@@ -282,7 +282,7 @@ class TrackedStream:
             self._attempt.abandoned()
         self._run.close(self._usage, keep_estimate=True)
 
-    def _settle(self, ok: bool) -> None:
-        if ok:
-            self._attempt.succeeded(self._usage)
+    def _finish(self) -> None:
+        """The stream ended normally."""
+        self._attempt.succeeded(self._usage)
         self._run.close(self._usage)

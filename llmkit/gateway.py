@@ -22,10 +22,10 @@ from llmkit.errors import (
     LLMKitError,
     NotFoundError,
     RateLimitError,
-    UpstreamError,
 )
 from llmkit.pricing import price_for
 from llmkit.providers.base import Adapter, Call, Provider, Target
+from llmkit.providers.catalog import BY_NAME
 from llmkit.providers.demo import DemoAdapter
 from llmkit.providers.registry import DEMO, build_adapters, build_providers, unusable
 from llmkit.types import (
@@ -47,8 +47,6 @@ from llmkit.upstream import Upstream
 
 T = TypeVar("T")
 CHAT_FIELDS = frozenset(ChatRequest.__struct_fields__)
-# Failures that another deployment may not share; client errors (4xx) would repeat.
-RETRYABLE = (UpstreamError, RateLimitError)
 
 
 class Gateway:
@@ -66,7 +64,6 @@ class Gateway:
         self.providers = build_providers(config)
         self._adapters: dict[str, Adapter] = build_adapters(self.upstream)
         self._adapters[DEMO] = DemoAdapter(config.demo, self.upstream)
-        self._aliases = {m.name: m for m in config.models}
         self._alias_targets = {
             m.name: [
                 Target(
@@ -88,11 +85,8 @@ class Gateway:
     def decode_chat(self, body: bytes) -> Call:
         """Parse a chat request body; 400 with msgspec's own words on any problem."""
         request = _decode(chat_request_decoder.decode, body)
-        extras: dict[str, Any] = {}
-        raw = json_decoder.decode(body)
-        if len(raw) > len(CHAT_FIELDS) or any(k not in CHAT_FIELDS for k in raw):
-            extras = {k: v for k, v in raw.items() if k not in CHAT_FIELDS}
-        return Call(request, extras)
+        raw: dict[str, Any] = json_decoder.decode(body)
+        return Call(request, {k: v for k, v in raw.items() if k not in CHAT_FIELDS})
 
     def decode_embeddings(self, body: bytes) -> EmbeddingRequest:
         return _decode(embedding_request_decoder.decode, body)
@@ -237,14 +231,12 @@ class Gateway:
         """Resolve, order and admit one request; raises 404, 400 or 429 before any try."""
         targets = self.resolve(model)
         router = self.config.router
-        tokens = estimate_tokens(call, router.estimate_completion_tokens)
+        prompt, completion = estimate_tokens(call, router.estimate_completion_tokens)
         control = self.control
         if control is not None:
-            completion = call.request.token_limit() or router.estimate_completion_tokens
             now = time.monotonic_ns()
-            prompt = tokens - completion
             targets = control.order(targets, call.profile, prompt, completion, stream, now)
-        run = Run(control, call, targets, tokens, router.attempts,
+        run = Run(control, call, targets, prompt + completion, router.attempts,
                   (router.backoff_base_s, router.backoff_max_s))  # fmt: skip
         try:
             run.admit(call.key)
@@ -261,7 +253,7 @@ class Gateway:
 
     def models(self) -> ModelList:
         """Aliases, then catalog models of providers that have keys, then the demo."""
-        names = [*self._aliases]
+        names = [*self._alias_targets]
         for provider in self.providers.values():
             if provider.api_key and unusable(provider) is None:
                 names += [f"{provider.name}/{m}" for m in _catalog_models(provider)]
@@ -280,8 +272,6 @@ class Gateway:
 
 
 def _catalog_models(provider: Provider) -> tuple[str, ...]:
-    from llmkit.providers.catalog import BY_NAME
-
     entry = BY_NAME.get(provider.name)
     return entry.models if entry else ()
 
