@@ -30,7 +30,6 @@ from llmkit.providers.demo import DemoAdapter
 from llmkit.providers.registry import DEMO, build_adapters, build_providers, unusable
 from llmkit.types import (
     ChatCompletion,
-    ChatCompletionChunk,
     ChatRequest,
     EmbeddingRequest,
     EmbeddingResponse,
@@ -164,8 +163,11 @@ class Gateway:
         finally:
             run.close(usage)
 
-    async def stream(self, call: Call) -> tuple[Target, AsyncIterator[ChatCompletionChunk]]:
+    async def stream(self, call: Call) -> tuple[Target, AsyncIterator[bytes]]:
         """Open a stream; falls back until one deployment produces its first chunk.
+
+        The stream's items are whole OpenAI SSE events (``data: ...\\n\\n``, one or
+        more per item, no ``[DONE]``), ready to write.
 
         Errors before the first chunk raise here, so the caller can still answer with
         a status code; later errors surface from the iterator, and are never retried:
@@ -180,7 +182,7 @@ class Gateway:
         try:
             for attempt in run.tries():
                 target = attempt.target
-                chunks = self._adapter(target).stream(call, target)
+                chunks = self._adapter(target).frames(call, target)
                 try:
                     first = await anext(chunks)
                 except LLMKitError as exc:
