@@ -204,11 +204,19 @@ class Gateway:
             raise
 
     async def embed(
-        self, request: EmbeddingRequest, key: str | None = None
+        self,
+        request: EmbeddingRequest,
+        key: str | None = None,
+        response_headers: dict[str, str] | None = None,
     ) -> tuple[Target, EmbeddingResponse]:
-        """Embeddings, with the same limits, breakers and fallbacks as chat."""
+        """Embeddings, with the same limits, breakers and fallbacks as chat.
+
+        ``response_headers``, when given, receives the ``x-ratelimit-*`` headers.
+        """
         texts = [Message(role="user", content=str(request.input))]
         call = Call(ChatRequest(model=request.model, messages=texts, max_tokens=1), key=key)
+        if response_headers is not None:
+            call.response_headers = response_headers
 
         async def embed(target: Target) -> tuple[EmbeddingResponse, Usage | None]:
             result = await self._adapter(target).embed(request, target)
@@ -217,7 +225,9 @@ class Gateway:
                           total_tokens=tokens.total_tokens)  # fmt: skip
             return result, usage
 
-        return await self._first_answer(call, request.model, embed)
+        target, result = await self._first_answer(call, request.model, embed)
+        self._limit_headers(call, target)
+        return target, result
 
     def state(self, now_ns: int) -> dict[str, object]:
         """The control plane's shared state, for ``/admin/state``."""

@@ -154,8 +154,11 @@ class HttpSurface:
     async def embeddings(self, request: web.BaseRequest) -> web.StreamResponse:
         body = await self._read_body(request)
         key = self._gateway.authenticate(request.headers.get("Authorization"))
-        target, result = await self._gateway.embed(self._gateway.decode_embeddings(body), key)
-        response = web.Response(body=encoder.encode(result), headers=JSON_TYPE)
+        headers = dict(JSON_TYPE)
+        target, result = await self._gateway.embed(
+            self._gateway.decode_embeddings(body), key, headers
+        )
+        response = web.Response(body=encoder.encode(result), headers=headers)
         _target_headers(response, target)
         return response
 
