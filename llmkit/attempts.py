@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from llmkit.control import ControlPlane
 from llmkit.errors import LLMKitError, RateLimitError, ServiceUnavailableError
 from llmkit.limiter import Admission
-from llmkit.providers.base import Call, Frames, Target
+from llmkit.providers.base import SSE_DONE, Call, Frames, Target
 from llmkit.router import backoff_s, retryable
 from llmkit.types import Usage
 
@@ -252,10 +252,13 @@ class TrackedStream:
             self._next = None
             if frames.usage is not None:
                 self._usage = frames.usage
+            events = frames.events
             if frames.usage_event and not self._strip_usage:
-                return frames.events + frames.usage_event
-            if frames.events:
-                return frames.events
+                events += frames.usage_event
+            if frames.last:
+                events += SSE_DONE
+            if events:
+                return events
 
     async def _pull(self) -> Frames:
         if self._closed:

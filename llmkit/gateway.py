@@ -167,7 +167,8 @@ class Gateway:
         """Open a stream; falls back until one deployment produces its first chunk.
 
         The stream's items are whole OpenAI SSE events (``data: ...\\n\\n``, one or
-        more per item, no ``[DONE]``), ready to write.
+        more per item), ready to write. The last item may end with ``data: [DONE]``,
+        when the upstream's end came with it; if none does, the surface sends it.
 
         Errors before the first chunk raise here, so the caller can still answer with
         a status code; later errors surface from the iterator, and are never retried:

@@ -78,7 +78,9 @@ def _pass_through(
                 usage_event = b"data: " + data + b"\n\n"
                 continue
         events += (b"data: ", data, b"\n\n")
-    frames = Frames(b"".join(events), usage, usage_event) if events or usage_event else None
+    frames = None
+    if events or usage_event or done:
+        frames = Frames(b"".join(events), usage, usage_event, last=done)
     return frames, finished, done, error
 
 
