@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import httpx
 from _harness import LLMKitServer, WrkResult, machine, median_and_range, wrk
@@ -260,6 +261,13 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> s
         f"{results['LiteLLM']['ttfb_ms'] - results['nginx']['ttfb_ms']:+.2f} ms",  # type: ignore[operator]
     ]
     return "\n".join(lines)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """The suite's entry (``python -m bench e2e``): 1 and 2 workers; see ``_e2e_suite.py``."""
+    from _e2e_suite import run as run_e2e
+
+    return run_e2e(quick)
 
 
 if __name__ == "__main__":

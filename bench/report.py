@@ -72,7 +72,7 @@ def section(outcome: dict[str, Any], plots_written: set[str]) -> str:
     out += ["Commands: " + "; ".join(f"`{c}`" for c in commands),
             f"({outcome.get('seconds', 0):.0f} s in this run)", ""]  # fmt: skip
     if result.get("summary"):
-        out += [f"- {line}" for line in result["summary"]] + [""]
+        out += [f"- {line.removeprefix('- ')}" for line in result["summary"]] + [""]
     tables = result.get("tables")
     if tables:
         for t in tables:
