@@ -92,9 +92,8 @@ def fmt(value: float, unit: str) -> str:
 
 
 def ratio(ours: float, theirs: float, better: str) -> str:
-    if better == "higher":
-        return f"{ours / theirs:,.1f}×" if theirs else "—"
-    return f"{theirs / ours:,.1f}×" if ours else "—"
+    times = ours / theirs if better == "higher" else theirs / ours
+    return f"{times:,.0f}×" if times >= 100 else f"{times:.3g}×"
 
 
 def table(measurements: dict[str, float | None]) -> list[list[str]]:
