@@ -40,7 +40,7 @@ def render_all(report: dict[str, Any], out_dir: Path) -> set[str]:
 
 
 def draw(plt: Any, spec: dict[str, Any]) -> Any:
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2 if spec.get("kind") == "bars" else 3.6))
     series: dict[str, list[list[Any]]] = spec["series"]
     kind = spec.get("kind", "lines")
     if kind == "bars":
@@ -53,7 +53,9 @@ def draw(plt: Any, spec: dict[str, Any]) -> Any:
             xs = [k + i * width for k in range(len(categories))]
             ax.bar(xs, [values.get(c, 0) for c in categories], width, label=label)
         ax.set_xticks([k + width * (len(series) - 1) / 2 for k in range(len(categories))])
-        ax.set_xticklabels(categories, fontsize=7, rotation=15 if len(categories) > 4 else 0)
+        many = len(categories) > 4
+        ax.set_xticklabels(categories, fontsize=6 if many else 7, rotation=35 if many else 0,
+                           ha="right" if many else "center")  # fmt: skip
     else:
         for label, points in series.items():
             if not points:

@@ -189,6 +189,11 @@ def _dist(name: str) -> str:
         return "not installed"
 
 
+def _version(line: str, pattern: str) -> str:
+    match = re.search(pattern, line)
+    return match.group(1) if match else line
+
+
 def environment() -> dict[str, Any]:
     """Machine and versions, for the report's header."""
     cpu = platform.processor() or platform.machine()
@@ -222,9 +227,9 @@ def environment() -> dict[str, Any]:
             "uvloop": _dist("uvloop"),
             "msgspec": _dist("msgspec"),
             "litellm": litellm,
-            "nginx": _first_line(["nginx", "-v"]).replace("nginx version: ", ""),
-            "redis-server": _first_line(["redis-server", "--version"]),
-            "wrk": _first_line(["wrk", "-v"]),
+            "nginx": _first_line(["nginx", "-v"]).replace("nginx version: nginx/", ""),
+            "redis-server": _version(_first_line(["redis-server", "--version"]), r"v=(\S+)"),
+            "wrk": _version(_first_line(["wrk", "-v"]), r"wrk (\S+)"),
         },
     }
 
