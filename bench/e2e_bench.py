@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import httpx
 from _aiohttp_proxy import aiohttp_proxy
@@ -275,6 +276,13 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> s
             f", streams **{ours_stream / floor_stream:.0%}**"
         )
     return "\n".join(lines)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """The suite's entry (``python -m bench e2e``): 1 and 2 workers; see ``_e2e_suite.py``."""
+    from _e2e_suite import run as run_e2e
+
+    return run_e2e(quick)
 
 
 if __name__ == "__main__":
