@@ -52,12 +52,15 @@ def serve(sock: socket.socket, upstream: str, key: str) -> None:
                     return web.Response(body=await answer.read(), headers=headers)
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
-            async with session.post(
-                f"{upstream}/stream/v1/chat/completions", data=body, headers=headers
-            ) as answer:
-                async for piece in answer.content.iter_any():
-                    await response.write(piece)
-            await response.write_eof()
+            try:
+                async with session.post(
+                    f"{upstream}/stream/v1/chat/completions", data=body, headers=headers
+                ) as answer:
+                    async for piece in answer.content.iter_any():
+                        await response.write(piece)
+                await response.write_eof()
+            except ConnectionResetError:  # the load generator hung up at the end of its run
+                pass
             return response
 
         runner = web.ServerRunner(web.Server(handle), handle_signals=True)
@@ -93,8 +96,10 @@ def run(port: int, upstream: str, key: str, workers: int) -> None:
 
 
 @contextmanager
-def aiohttp_proxy(upstream: str, key: str, port: int, workers: int = 2) -> Iterator[str]:
-    """The floor proxy on ``port`` in front of ``upstream``; yields its URL."""
+def aiohttp_proxy(
+    upstream: str, key: str, port: int, workers: int = 2
+) -> Iterator[tuple[str, int]]:
+    """The floor proxy on ``port`` in front of ``upstream``; yields its URL and pid."""
     proc = subprocess.Popen(
         [sys.executable, __file__, str(port), upstream, key, str(workers)],
         start_new_session=True,
@@ -111,7 +116,7 @@ def aiohttp_proxy(upstream: str, key: str, port: int, workers: int = 2) -> Itera
                 raise RuntimeError("the aiohttp floor proxy did not start") from None
             time.sleep(0.1)
     try:
-        yield url
+        yield url, proc.pid
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

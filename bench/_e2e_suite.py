@@ -1,8 +1,9 @@
-"""The suite's end-to-end benchmark: ``e2e_bench``'s three gateways at 1 and 2 workers.
+"""The suite's end-to-end benchmark: ``e2e_bench``'s gateways at 1 and 2 workers.
 
 For each worker count: LLMKit (``llmkit-serve --workers N``), LiteLLM's proxy
-(``--num_workers N``) and nginx ``proxy_pass`` (N workers) in front of the same nginx
-mock; per gateway, JSON then streaming under wrk (same connections, same seconds),
+(``--num_workers N``), nginx ``proxy_pass`` (N workers) and a bare aiohttp proxy (N
+processes; ``_aiohttp_proxy.py``: LLMKit's parts with none of its logic) in front of
+the same nginx mock; per gateway, JSON then streaming under wrk (same connections, same seconds),
 time to first byte one request at a time, and the gateway's own CPU time during each
 wrk run (utime + stime of its whole process tree from ``/proc``), from which the CPU
 seconds per request follow: the real-world scenario (CPU-hours per year at 100k req/s)
@@ -23,8 +24,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from _aiohttp_proxy import aiohttp_proxy
 from _harness import LLMKitServer, _parse_wrk
-from _upstreams import STREAM_CHUNKS, mock_upstream, reverse_proxy
+from _upstreams import STREAM_CHUNKS, free_port, mock_upstream, reverse_proxy
 from e2e_bench import (
     AUTH,
     KEY_ENV,
@@ -149,10 +151,13 @@ def run(quick: bool) -> dict[str, Any]:
                 ours = stack.enter_context(LLMKitServer(workers, llmkit_config(mock.url)))
                 lite_url = stack.enter_context(litellm_proxy(LITELLM_BIN, mock.url, workers))
                 floor = stack.enter_context(reverse_proxy(mock.port, workers=workers))
+                bare = aiohttp_proxy(mock.url, MASTER_KEY, free_port(), workers)
                 gateways = {
                     "LLMKit": (ours.url, ours.proc.pid),
                     "LiteLLM": (lite_url, litellm_pid(int(lite_url.rsplit(":", 1)[1]))),
                     "nginx": (floor.url, floor.proc.pid),
+                    # aiohttp server + aiohttp client and nothing else: LLMKit's parts.
+                    "aiohttp floor": stack.enter_context(bare),
                 }
                 results[workers] = {}
                 for name, (url, pid) in gateways.items():
@@ -161,6 +166,10 @@ def run(quick: bool) -> dict[str, Any]:
                         url, pid, name, seconds, reps, connections, ttfb_samples
                     )
     return shape(results, seconds, reps, connections)
+
+
+def _key(gateway: str) -> str:
+    return gateway.lower().replace(" ", "_")
 
 
 def _med(runs: list[dict[str, Any]], key: str) -> float:
@@ -184,7 +193,7 @@ def shape(results: dict[int, dict[str, Any]], seconds: float, reps: int,
                          sum(x["errors"] for x in js + st)])  # fmt: skip
             for kind, runs in (("json", js), ("stream", st)):
                 tput.setdefault(f"{name} {kind}", []).append([workers, _med(runs, "rps")])
-                key = f"{name.lower()}.{workers}w.{kind}"
+                key = f"{_key(name)}.{workers}w.{kind}"
                 figures[key] = {
                     "rps": _med(runs, "rps"),
                     "p50_ms": _med(runs, "p50_ms"),
@@ -195,7 +204,7 @@ def shape(results: dict[int, dict[str, Any]], seconds: float, reps: int,
                              "unit": "req/s", "better": "higher"},
                             {"name": f"{key}.p99_ms", "value": _med(runs, "p99_ms"),
                              "unit": "ms", "better": "lower"}]  # fmt: skip
-            figures[f"{name.lower()}.{workers}w.ttfb_ms"] = r["ttfb_ms"]
+            figures[f"{_key(name)}.{workers}w.ttfb_ms"] = r["ttfb_ms"]
             if workers == max(results):
                 cdfs[name] = js[len(js) // 2]["cdf_ms"]
     ratios = []
@@ -204,8 +213,10 @@ def shape(results: dict[int, dict[str, Any]], seconds: float, reps: int,
         for kind in ("json", "stream"):
             ours, lite, floor = (f[f"{g}.{workers}w.{kind}"]["rps"]
                                  for g in ("llmkit", "litellm", "nginx"))  # fmt: skip
+            bare = f[f"aiohttp_floor.{workers}w.{kind}"]["rps"]
             ratios.append(f"{workers} worker(s), {kind}: LLMKit / LiteLLM = {ours / lite:.1f}×, "
-                          f"LLMKit / nginx = {ours / floor:.0%} (req/s)")  # fmt: skip
+                          f"LLMKit / nginx = {ours / floor:.0%}, LLMKit / bare aiohttp proxy "
+                          f"= {ours / bare:.0%} (req/s)")  # fmt: skip
     top = max(results)
     return {
         "title": "LLMKit vs LiteLLM's proxy vs nginx proxy_pass, one nginx mock upstream",

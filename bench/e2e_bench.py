@@ -186,7 +186,7 @@ def main() -> None:
         }
         if args.floor:
             floor = aiohttp_proxy(mock.url, MASTER_KEY, free_port())
-            gateways["aiohttp floor"] = stack.enter_context(floor)
+            gateways["aiohttp floor"] = stack.enter_context(floor)[0]
         results = measure(gateways, args)
     print(report(results, args))
     if args.json:
