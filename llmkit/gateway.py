@@ -23,6 +23,8 @@ from llmkit.errors import (
     NotFoundError,
     RateLimitError,
 )
+from llmkit.multiplexer import Multiplexer
+from llmkit.mux_entry import frame_of
 from llmkit.pricing import price_for
 from llmkit.providers.base import Adapter, Call, Provider, Target
 from llmkit.providers.catalog import BY_NAME
@@ -57,9 +59,13 @@ class Gateway:
         config: Config,
         upstream: Upstream | None = None,
         control: ControlPlane | None = None,
+        multiplexer: Multiplexer | None = None,
     ) -> None:
         self.config = config
         self.control = control
+        if multiplexer is None and config.multiplexer.enabled:
+            multiplexer = Multiplexer(config.multiplexer)
+        self.multiplexer = multiplexer
         self.upstream = upstream or Upstream()
         self.providers = build_providers(config)
         self._adapters: dict[str, Adapter] = build_adapters(self.upstream)
@@ -126,24 +132,34 @@ class Gateway:
     # -- operations ---------------------------------------------------------------
 
     async def chat(self, call: Call) -> tuple[Target, ChatCompletion]:
-        """One whole completion, falling back across deployments on retryable failures."""
+        """One whole completion, falling back across deployments on retryable failures;
+        shared with identical calls in flight when the multiplexer allows."""
+        if self.multiplexer is not None and self.multiplexer.eligible(call):
+            return await self.multiplexer.chat(call, self)
+        return await self.complete(call, self.start_run(call, stream=False))
+
+    async def complete(self, call: Call, run: Run) -> tuple[Target, ChatCompletion]:
+        """``chat`` on an admitted ``run``, unshared."""
 
         async def complete(target: Target) -> tuple[ChatCompletion, Usage | None]:
             completion = await self._adapter(target).complete(call, target)
             return completion, completion.usage
 
-        target, completion = await self._first_answer(call, call.request.model, complete)
-        self._limit_headers(call, target)
+        target, completion = await self._first_answer(call, run, complete)
+        self.limit_headers(call, target)
         return target, completion
+
+    def start_run(self, call: Call, stream: bool) -> Run:
+        """Resolve, order and admit ``call`` (404, 400 or 429 before any try)."""
+        return self._run(call, call.request.model, stream)
 
     async def _first_answer(
         self,
         call: Call,
-        model: str,
+        run: Run,
         ask: Callable[[Target], Awaitable[tuple[T, Usage | None]]],
     ) -> tuple[Target, T]:
         """Try the request's deployments in turn until one answers; settle every try."""
-        run = self._run(call, model, stream=False)
         usage: Usage | None = None
         try:
             for attempt in run.tries():
@@ -164,19 +180,29 @@ class Gateway:
         finally:
             run.close(usage)
 
-    async def stream(self, call: Call) -> tuple[Target, AsyncIterator[ChatCompletionChunk]]:
-        """Open a stream; falls back until one deployment produces its first chunk.
+    async def stream(self, call: Call) -> tuple[Target, AsyncIterator[bytes]]:
+        """Open a stream of SSE frames; falls back until one deployment produces its
+        first chunk; shared with identical calls in flight when the multiplexer allows.
 
         Errors before the first chunk raise here, so the caller can still answer with
         a status code; later errors surface from the iterator, and are never retried:
         the client already has part of an answer.
         """
+        if self.multiplexer is not None and self.multiplexer.eligible(call):
+            return await self.multiplexer.stream(call, self)
         strip_usage = not call.request.wants_usage_chunk()
         if strip_usage:  # usage reconciles tokens/min; the client did not ask to see it
             call.request = msgspec.structs.replace(
                 call.request, stream_options=StreamOptions(include_usage=True)
             )
         run = self._run(call, call.request.model, stream=True)
+        target, chunks = await self.open_stream(call, run, strip_usage)
+        return target, _frames(chunks)
+
+    async def open_stream(
+        self, call: Call, run: Run, strip_usage: bool
+    ) -> tuple[Target, TrackedStream]:
+        """``stream`` on an admitted ``run``, unshared, as chunk objects."""
         try:
             for attempt in run.tries():
                 target = attempt.target
@@ -192,7 +218,7 @@ class Gateway:
                     attempt.abandoned()
                     raise
                 attempt.first_byte()
-                self._limit_headers(call, target)
+                self.limit_headers(call, target)
                 return target, TrackedStream(run, attempt, first, chunks, strip_usage)
             raise run.error()
         except BaseException as exc:
@@ -215,7 +241,7 @@ class Gateway:
                           total_tokens=tokens.total_tokens)  # fmt: skip
             return result, usage
 
-        return await self._first_answer(call, request.model, embed)
+        return await self._first_answer(call, self._run(call, request.model, False), embed)
 
     def state(self, now_ns: int) -> dict[str, object]:
         """The control plane's shared state, for ``/admin/state``."""
@@ -246,7 +272,8 @@ class Gateway:
             raise
         return run
 
-    def _limit_headers(self, call: Call, target: Target) -> None:
+    def limit_headers(self, call: Call, target: Target) -> None:
+        """``x-ratelimit-*`` for ``target`` into the call's response headers."""
         if self.control is not None:
             now = time.monotonic_ns()
             call.response_headers.update(self.control.limit_headers(call.key, target, now))
@@ -263,12 +290,22 @@ class Gateway:
         )
 
     async def close(self) -> None:
+        if self.multiplexer is not None:
+            self.multiplexer.close()
         for adapter in self._adapters.values():
             await adapter.close()
         await self.upstream.close()
 
     def _adapter(self, target: Target) -> Adapter:
         return self._adapters[target.provider.wire]
+
+
+async def _frames(chunks: TrackedStream) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            yield frame_of(chunk)
+    finally:
+        await chunks.aclose()
 
 
 def _catalog_models(provider: Provider) -> tuple[str, ...]:
