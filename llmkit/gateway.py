@@ -24,7 +24,6 @@ from llmkit.errors import (
     RateLimitError,
 )
 from llmkit.multiplexer import Multiplexer
-from llmkit.mux_entry import frame_of
 from llmkit.pricing import price_for
 from llmkit.providers.base import Adapter, Call, Provider, Target
 from llmkit.providers.catalog import BY_NAME
@@ -32,7 +31,6 @@ from llmkit.providers.demo import DemoAdapter
 from llmkit.providers.registry import DEMO, build_adapters, build_providers, unusable
 from llmkit.types import (
     ChatCompletion,
-    ChatCompletionChunk,
     ChatRequest,
     EmbeddingRequest,
     EmbeddingResponse,
@@ -181,8 +179,11 @@ class Gateway:
             run.close(usage)
 
     async def stream(self, call: Call) -> tuple[Target, AsyncIterator[bytes]]:
-        """Open a stream of SSE frames; falls back until one deployment produces its
-        first chunk; shared with identical calls in flight when the multiplexer allows.
+        """Open a stream; falls back until one deployment produces its first chunk, or
+        joins an identical stream in flight when the multiplexer allows.
+
+        The stream's items are whole OpenAI SSE events (``data: ...\\n\\n``, one or
+        more per item, no ``[DONE]``), ready to write.
 
         Errors before the first chunk raise here, so the caller can still answer with
         a status code; later errors surface from the iterator, and are never retried:
@@ -196,17 +197,16 @@ class Gateway:
                 call.request, stream_options=StreamOptions(include_usage=True)
             )
         run = self._run(call, call.request.model, stream=True)
-        target, chunks = await self.open_stream(call, run, strip_usage)
-        return target, _frames(chunks)
+        return await self.open_stream(call, run, strip_usage)
 
     async def open_stream(
         self, call: Call, run: Run, strip_usage: bool
     ) -> tuple[Target, TrackedStream]:
-        """``stream`` on an admitted ``run``, unshared, as chunk objects."""
+        """``stream`` on an admitted ``run``, unshared."""
         try:
             for attempt in run.tries():
                 target = attempt.target
-                chunks = self._adapter(target).stream(call, target)
+                chunks = self._adapter(target).frames(call, target)
                 try:
                     first = await anext(chunks)
                 except LLMKitError as exc:
@@ -298,14 +298,6 @@ class Gateway:
 
     def _adapter(self, target: Target) -> Adapter:
         return self._adapters[target.provider.wire]
-
-
-async def _frames(chunks: TrackedStream) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in chunks:
-            yield frame_of(chunk)
-    finally:
-        await chunks.aclose()
 
 
 def _catalog_models(provider: Provider) -> tuple[str, ...]:

@@ -70,7 +70,7 @@ from llmkit.config import MultiplexerConfig
 from llmkit.control import ControlPlane
 from llmkit.errors import InternalError, LLMKitError
 from llmkit.limiter import Admission
-from llmkit.mux_entry import Entry, Subscription, frame_of, is_usage_chunk
+from llmkit.mux_entry import Entry, Subscription
 from llmkit.mux_link import LinkServer, Opened, OwnerGone, Retry, connect, mirror_remote
 from llmkit.mux_table import FULL, TAKEN, MuxTable, Owner, pack_owner, tag_of
 from llmkit.providers.base import Call, Target
@@ -441,8 +441,15 @@ async def _pump_stream(entry: Entry, gateway: Leading, call: Call, run: Run) -> 
     target, chunks = await gateway.open_stream(call, run, strip_usage=False)
     try:
         entry.open(target, streamed=True)
-        async for chunk in chunks:
-            entry.append(frame_of(chunk), is_usage_chunk(chunk))
+        while True:
+            try:
+                frames = await chunks.next_frames()
+            except StopAsyncIteration:
+                break
+            if frames.events:
+                entry.append(frames.events)
+            if frames.usage_event:
+                entry.append(frames.usage_event, usage=True)
         entry.finish()
     finally:
         await chunks.aclose()

@@ -40,7 +40,7 @@ from llmkit.errors import (
 from llmkit.gateway import Gateway
 from llmkit.observability import Metrics, ShmCollector
 from llmkit.providers.base import PROPAGATED_HEADERS, Target
-from llmkit.types import ChatCompletionChunk, encoder
+from llmkit.types import encoder
 from shm import WorkerSlot
 
 log = logging.getLogger("llmkit.http")
@@ -206,7 +206,7 @@ class HttpSurface:
         self,
         request: web.BaseRequest,
         target: Target,
-        chunks: AsyncIterator[ChatCompletionChunk],
+        chunks: AsyncIterator[bytes],
         headers: dict[str, str],
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
@@ -214,8 +214,8 @@ class HttpSurface:
         _target_headers(response, target)
         try:
             await response.prepare(request)
-            async for chunk in chunks:
-                await response.write(b"data: " + encoder.encode(chunk) + b"\n\n")
+            async for events in chunks:
+                await response.write(events)
             await response.write(DONE)
         except LLMKitError as exc:
             # Headers are gone already: the error becomes the stream's last event.
@@ -301,7 +301,7 @@ def _target_headers(response: web.StreamResponse, target: Target) -> None:
     response.headers["x-llmkit-deployment"] = target.deployment
 
 
-async def _close(chunks: AsyncIterator[ChatCompletionChunk]) -> None:
+async def _close(chunks: AsyncIterator[bytes]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()
