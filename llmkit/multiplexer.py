@@ -57,9 +57,9 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -110,7 +110,8 @@ def dedup_key(call: Call, targets: list[Target]) -> bytes:
         call.request, model="", stream=False, stream_options=None, user=None
     )
     labels = sorted({t.label for t in targets})
-    return hashlib.blake2b(_key_encoder.encode([labels, request, call.extras]), digest_size=16).digest()
+    canonical = _key_encoder.encode([labels, request, call.extras])
+    return hashlib.blake2b(canonical, digest_size=16).digest()
 
 
 def eligible(call: Call, config: MultiplexerConfig) -> bool:
@@ -363,8 +364,8 @@ class Multiplexer:
         self._start(entry, mirror())
         return entry
 
-    def _start(self, entry: Entry, source: object) -> None:
-        task = asyncio.ensure_future(source)  # type: ignore[arg-type]
+    def _start(self, entry: Entry, source: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(source)
         self._tasks[entry] = task
         entry.on_idle = self._abandon
         task.add_done_callback(lambda _: self._forget(entry))

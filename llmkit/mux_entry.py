@@ -17,7 +17,7 @@ from collections.abc import Callable
 import msgspec
 
 from llmkit.errors import LLMKitError
-from llmkit.providers.base import Target
+from llmkit.providers.base import Target, sse_event
 from llmkit.types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -30,20 +30,10 @@ from llmkit.types import (
     ToolCall,
     ToolCallDelta,
     chunk_decoder,
-    encoder,
 )
 
 FRAME_PREFIX = b"data: "
 FRAME_SUFFIX = b"\n\n"
-
-
-def frame_of(chunk: ChatCompletionChunk) -> bytes:
-    """One SSE event for ``chunk``, as the HTTP surface sends it."""
-    return FRAME_PREFIX + encoder.encode(chunk) + FRAME_SUFFIX
-
-
-def is_usage_chunk(chunk: ChatCompletionChunk) -> bool:
-    return not chunk.choices and chunk.usage is not None
 
 
 class Entry:
@@ -231,8 +221,10 @@ class Subscription:
 def completion_frames(completion: ChatCompletion) -> list[bytes]:
     """A whole completion as the stream OpenAI would have sent: per choice a delta with
     everything and a finish chunk, then the usage chunk if there is usage."""
-    head = {"id": completion.id, "created": completion.created, "model": completion.model,
-            "system_fingerprint": completion.system_fingerprint}  # fmt: skip
+    head = ChatCompletionChunk(
+        id=completion.id, created=completion.created, model=completion.model, choices=[],
+        system_fingerprint=completion.system_fingerprint,
+    )  # fmt: skip
     frames = []
     for choice in completion.choices:
         message = choice.message
@@ -250,12 +242,12 @@ def completion_frames(completion: ChatCompletion) -> list[bytes]:
         finish = ChunkChoice(index=choice.index, delta=Delta(), finish_reason=choice.finish_reason)
         frames.append(_frame(head, [finish]))
     if completion.usage is not None:
-        frames.append(frame_of(ChatCompletionChunk(choices=[], usage=completion.usage, **head)))
+        frames.append(sse_event(msgspec.structs.replace(head, usage=completion.usage)))
     return frames
 
 
-def _frame(head: dict[str, object], choices: list[ChunkChoice]) -> bytes:
-    return frame_of(ChatCompletionChunk(choices=choices, **head))  # type: ignore[arg-type]
+def _frame(head: ChatCompletionChunk, choices: list[ChunkChoice]) -> bytes:
+    return sse_event(msgspec.structs.replace(head, choices=choices))
 
 
 class _Assembly:
@@ -270,7 +262,8 @@ class _Assembly:
 
 def assemble(frames: list[bytes]) -> ChatCompletion:
     """The ``ChatCompletion`` a stream of SSE frames adds up to."""
-    chunks = [chunk_decoder.decode(f[len(FRAME_PREFIX) : -len(FRAME_SUFFIX)]) for f in frames]
+    events = b"".join(frames).split(FRAME_SUFFIX)
+    chunks = [chunk_decoder.decode(e[len(FRAME_PREFIX) :]) for e in events if e]
     choices: dict[int, _Assembly] = {}
     usage = None
     for chunk in chunks:
@@ -318,8 +311,3 @@ def _choice(index: int, parts: _Assembly) -> Choice:
             for _, slot in sorted(parts.tools.items())
         ]
     return Choice(index=index, message=message, finish_reason=parts.finish)
-
-
-def clone_completion(completion: ChatCompletion) -> ChatCompletion:
-    """A shallow copy, for a follower whose answer must not alias the leader's object."""
-    return msgspec.structs.replace(completion)

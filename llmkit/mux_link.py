@@ -36,7 +36,8 @@ import os
 import stat
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import msgspec
 
@@ -149,9 +150,9 @@ class LinkServer:
             writer.close()
 
 
-async def _until_eof(reader: asyncio.StreamReader, sending: object) -> None:
+async def _until_eof(reader: asyncio.StreamReader, sending: Coroutine[Any, Any, None]) -> None:
     """Run ``sending`` until it ends or the follower hangs up, whichever comes first."""
-    send = asyncio.ensure_future(sending)  # type: ignore[arg-type]
+    send = asyncio.ensure_future(sending)
     hangup = asyncio.ensure_future(reader.read(1))
     try:
         await asyncio.wait((send, hangup), return_when=asyncio.FIRST_COMPLETED)
@@ -159,8 +160,9 @@ async def _until_eof(reader: asyncio.StreamReader, sending: object) -> None:
         for task in (send, hangup):
             task.cancel()
         await asyncio.gather(send, hangup, return_exceptions=True)
-    if send.done() and not send.cancelled() and send.exception() is not None:
-        raise send.exception()  # type: ignore[misc]
+    failure = send.exception() if send.done() and not send.cancelled() else None
+    if failure is not None:
+        raise failure
 
 
 async def _mirror(entry: Entry, writer: asyncio.StreamWriter) -> None:

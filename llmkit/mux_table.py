@@ -57,7 +57,7 @@ def tag_of(digest: bytes) -> int:
 
 
 class Owner(NamedTuple):
-    index: int  # slot index in the table
+    slot: int  # slot index in the table
     worker_slot: int
     pid: int
     owner: int  # the packed owner word, for a conditional eviction
@@ -117,7 +117,7 @@ class MuxTable:
 
     def evict(self, found: Owner, tag: int) -> None:
         """Clear a slot whose owner is gone (its socket refuses connections)."""
-        self.release(found.index, tag, found.owner)
+        self.release(found.slot, tag, found.owner)
 
     def reclaim(self, pid: int) -> int:
         """Supervisor: free every slot of a dead worker; returns how many."""
