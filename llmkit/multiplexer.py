@@ -263,6 +263,8 @@ class Multiplexer:
         digest = dedup_key(call, gateway.resolve(call.request.model))
         for _ in range(JOIN_TRIES):
             entry = self._entries.get(digest)
+            if entry is not None and entry.done:
+                entry = None  # finished a moment ago: not a cache
             found = self._find_owner(digest) if entry is None else None
             if entry is None and found is None:
                 entry = self._lead(digest, call, gateway, streamed)
@@ -368,6 +370,7 @@ class Multiplexer:
         task = asyncio.ensure_future(source)
         self._tasks[entry] = task
         entry.on_idle = self._abandon
+        entry.on_done = self._forget  # the table holds calls in flight, never results
         task.add_done_callback(lambda _: self._forget(entry))
 
     def _abandon(self, entry: Entry) -> None:

@@ -53,6 +53,7 @@ class Entry:
         "done",
         "error",
         "frames",
+        "on_done",
         "on_idle",
         "opened",
         "streamed",
@@ -73,6 +74,7 @@ class Entry:
         self.done = False
         self.subscribers = 0
         self.on_idle: Callable[[Entry], None] | None = None
+        self.on_done: Callable[[Entry], None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._assembled: ChatCompletion | None = None
         self._chunked = False
@@ -97,13 +99,14 @@ class Entry:
     def finish(self) -> None:
         self.done = True
         self._notify()
+        if self.on_done is not None:
+            self.on_done(self)
 
     def fail(self, error: LLMKitError) -> None:
         if self.done:
             return
         self.error = error
-        self.done = True
-        self._notify()
+        self.finish()
 
     def _notify(self) -> None:
         waiters, self._waiters = self._waiters, []
