@@ -89,7 +89,8 @@ class Entry:
         if usage:
             self.usage_at = len(self.frames)
         self.frames.append(frame)
-        self._notify()
+        if self._waiters:
+            self._notify()
 
     def complete(self, completion: ChatCompletion) -> None:
         """A whole (non-streamed) answer arrived: the entry is done."""
@@ -152,7 +153,8 @@ class Entry:
         return self._assembled
 
     def stream_frames(self) -> list[bytes]:
-        """The frames so far; a whole answer becomes frames once it is done."""
+        """The frames so far; a whole answer becomes frames once it is done (none
+        before)."""
         if not self.streamed and self.completion is not None and not self._chunked:
             self._chunked = True
             frames = completion_frames(self.completion)
@@ -192,7 +194,7 @@ class Subscription:
     async def __anext__(self) -> bytes:
         entry = self._entry
         while True:
-            frames = entry.stream_frames() if entry.done or entry.streamed else ()
+            frames = entry.frames if entry.streamed else entry.stream_frames()
             index = self._index
             if index < len(frames):
                 self._index = index + 1

@@ -151,9 +151,7 @@ def test_requests_that_differ_in_an_output_field_each_get_their_own_call(
     async def run() -> None:
         clients = await clients_on(server, 5)
         try:
-            await asyncio.gather(
-                *(stream_once(c, variants[i % 5]) for i, c in enumerate(clients))
-            )
+            await asyncio.gather(*(stream_once(c, variants[i % 5]) for i, c in enumerate(clients)))
         finally:
             await close_all(clients)
 
@@ -207,9 +205,7 @@ def test_when_every_client_disconnects_the_upstream_request_is_cancelled(
     async def run() -> None:
         clients = await clients_on(server, 2)
         try:
-            responses = [
-                await c.session.post("/v1/chat/completions", json=BODY) for c in clients
-            ]
+            responses = [await c.session.post("/v1/chat/completions", json=BODY) for c in clients]
             for r in responses:
                 await r.content.readany()
             for r in responses:
@@ -239,9 +235,7 @@ def test_killing_the_owner_mid_stream_ends_the_followers_with_an_error_event(
         try:
             leader = await clients[0].session.post("/v1/chat/completions", json=BODY)
             await leader.content.readany()
-            opened = [
-                await f.session.post("/v1/chat/completions", json=BODY) for f in followers
-            ]
+            opened = [await f.session.post("/v1/chat/completions", json=BODY) for f in followers]
             assert all(r.headers["x-llmkit-dedup"] == "follower" for r in opened)
             for r in opened:
                 await r.content.readany()
@@ -279,6 +273,7 @@ def test_followers_pay_requests_per_minute_but_not_tokens(
     async def run() -> list[int]:
         clients = await clients_on(server, 5)
         try:
+
             async def status(c: Client) -> int:
                 async with c.session.post("/v1/chat/completions", json=body) as r:
                     await r.read()
@@ -295,7 +290,7 @@ def test_followers_pay_requests_per_minute_but_not_tokens(
 
 def test_opting_out_and_disabling(start_server: StartServer, mock: PacedMock) -> None:
     mock.delay_s = 0.3
-    server = start_server(config_for(mock, "[multiplexer]\neligible = \"all\"\n"), workers=2)
+    server = start_server(config_for(mock, '[multiplexer]\neligible = "all"\n'), workers=2)
     no_seed = {k: v for k, v in BODY.items() if k != "seed"}
 
     async def run(headers: dict[str, str]) -> list[str]:
