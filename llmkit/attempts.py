@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from llmkit.control import ControlPlane
 from llmkit.errors import LLMKitError, RateLimitError, ServiceUnavailableError
 from llmkit.limiter import Admission
-from llmkit.providers.base import Call, Frames, Target
+from llmkit.providers.base import SSE_DONE, Call, Frames, Target
 from llmkit.router import backoff_s, retryable
 from llmkit.types import Usage
 
@@ -249,10 +249,13 @@ class TrackedStream:
     async def __anext__(self) -> bytes:
         while True:
             frames = await self.next_frames()
+            events = frames.events
             if frames.usage_event and not self._strip_usage:
-                return frames.events + frames.usage_event
-            if frames.events:
-                return frames.events
+                events += frames.usage_event
+            if frames.last:
+                events += SSE_DONE
+            if events:
+                return events
 
     async def next_frames(self) -> Frames:
         """The next upstream read with its usage event apart, for a reader that decides

@@ -183,7 +183,8 @@ class Gateway:
         joins an identical stream in flight when the multiplexer allows.
 
         The stream's items are whole OpenAI SSE events (``data: ...\\n\\n``, one or
-        more per item, no ``[DONE]``), ready to write.
+        more per item), ready to write. The last item may end with ``data: [DONE]``,
+        when the upstream's end came with it; if none does, the surface sends it.
 
         Errors before the first chunk raise here, so the caller can still answer with
         a status code; later errors surface from the iterator, and are never retried:
@@ -228,11 +229,19 @@ class Gateway:
             raise
 
     async def embed(
-        self, request: EmbeddingRequest, key: str | None = None
+        self,
+        request: EmbeddingRequest,
+        key: str | None = None,
+        response_headers: dict[str, str] | None = None,
     ) -> tuple[Target, EmbeddingResponse]:
-        """Embeddings, with the same limits, breakers and fallbacks as chat."""
+        """Embeddings, with the same limits, breakers and fallbacks as chat.
+
+        ``response_headers``, when given, receives the ``x-ratelimit-*`` headers.
+        """
         texts = [Message(role="user", content=str(request.input))]
         call = Call(ChatRequest(model=request.model, messages=texts, max_tokens=1), key=key)
+        if response_headers is not None:
+            call.response_headers = response_headers
 
         async def embed(target: Target) -> tuple[EmbeddingResponse, Usage | None]:
             result = await self._adapter(target).embed(request, target)
@@ -241,7 +250,10 @@ class Gateway:
                           total_tokens=tokens.total_tokens)  # fmt: skip
             return result, usage
 
-        return await self._first_answer(call, self._run(call, request.model, False), embed)
+        run = self._run(call, request.model, stream=False)
+        target, result = await self._first_answer(call, run, embed)
+        self.limit_headers(call, target)
+        return target, result
 
     def state(self, now_ns: int) -> dict[str, object]:
         """The control plane's shared state, for ``/admin/state``."""

@@ -214,4 +214,8 @@ encoder = msgspec.json.Encoder()
 
 def decode_events(events: bytes) -> list[ChatCompletionChunk]:
     """The chunks in whole SSE events (``data: <json>\\n\\n``...), as a gateway stream sends."""
-    return [chunk_decoder.decode(event[6:]) for event in events.split(b"\n\n") if event.strip()]
+    return [
+        chunk_decoder.decode(event[6:])
+        for event in events.split(b"\n\n")
+        if event.strip() and event != b"data: [DONE]"
+    ]

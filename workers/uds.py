@@ -31,11 +31,13 @@ from llmkit.frames import (
 )
 from llmkit.gateway import Gateway
 from llmkit.observability import Metrics
+from llmkit.providers.base import SSE_DONE
 from shm import WorkerSlot
 
 log = logging.getLogger("llmkit.uds")
 
 HELLO_TIMEOUT_S = 10.0
+DONE_EVENT = SSE_DONE.rstrip()  # the client's stream ends with the End frame instead
 CLIENT_GONE = 499
 ROUTES = {op: observability.route_index(op) for op in ("chat", "embeddings", "models", "health")}
 
@@ -203,7 +205,7 @@ class FrameConnection:
         try:
             async for events in chunks:
                 for event in events.split(b"\n\n"):
-                    if event:  # "data: <chunk json>": the frame carries the JSON
+                    if event and event != DONE_EVENT:  # "data: <json>": the frame carries the JSON
                         self._send(Chunk(id=rid, json=event[6:]))
                 await self._writer.drain()
         finally:

@@ -104,17 +104,23 @@ class Call:
     response_headers: dict[str, str] = field(default_factory=dict)
 
 
+SSE_DONE = b"data: [DONE]\n\n"
+
+
 class Frames(NamedTuple):
     """What one upstream read became: OpenAI SSE events, ready to write as they are.
 
     ``events`` is zero or more whole ``data: <chunk json>\n\n`` events. The usage-only
     chunk (empty ``choices``) is never in ``events``: it travels in ``usage_event`` so
     each consumer can show it or not, and its ``usage`` settles the request's tokens.
+    ``last`` says the upstream has ended the stream in this read, so the consumer can
+    send its end with these events, in one write.
     """
 
     events: bytes
     usage: Usage | None = None
     usage_event: bytes = b""
+    last: bool = False
 
 
 def sse_event(chunk: ChatCompletionChunk) -> bytes:

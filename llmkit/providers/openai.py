@@ -8,8 +8,10 @@ validated. This is the hot path for most deployments, so it does as little as it
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import aiohttp
 import msgspec
 
 from llmkit.errors import BadUpstreamResponseError, LLMKitError, UpstreamError
@@ -78,7 +80,9 @@ def _pass_through(
                 usage_event = b"data: " + data + b"\n\n"
                 continue
         events += (b"data: ", data, b"\n\n")
-    frames = Frames(b"".join(events), usage, usage_event) if events or usage_event else None
+    frames = None
+    if events or usage_event or done:
+        frames = Frames(b"".join(events), usage, usage_event, last=done)
     return frames, finished, done, error
 
 
@@ -94,12 +98,7 @@ class OpenAIAdapter(Adapter):
 
     async def stream(self, call: Call, target: Target) -> AsyncIterator[ChatCompletionChunk]:
         provider = target.provider
-        async with self.upstream.open(
-            "POST", self.url(target, "chat/completions"),
-            headers=self.request_headers(target, call, SSE_HEADERS),
-            body=self.chat_body(call, target, True), timeout_s=provider.timeout_s,
-            stream=True, on_error=self.map_error, provider=provider.name,
-        ) as response:  # fmt: skip
+        async with self._open_stream(call, target) as response:
             finished = False
             async for event in iter_sse(response, provider.name):
                 if event.data == "[DONE]":
@@ -119,12 +118,7 @@ class OpenAIAdapter(Adapter):
         fields LLMKit does not model reach the client as the upstream sent them.
         """
         provider = target.provider
-        async with self.upstream.open(
-            "POST", self.url(target, "chat/completions"),
-            headers=self.request_headers(target, call, SSE_HEADERS),
-            body=self.chat_body(call, target, True), timeout_s=provider.timeout_s,
-            stream=True, on_error=self.map_error, provider=provider.name,
-        ) as response:  # fmt: skip
+        async with self._open_stream(call, target) as response:
             finished = False
             async for batch in iter_sse_data(response, provider.name):
                 frames, batch_finished, done, error = _pass_through(batch, target)
@@ -137,6 +131,17 @@ class OpenAIAdapter(Adapter):
                     return
         if not finished:
             raise BadUpstreamResponseError(f"{provider.name} ended the stream before finishing")
+
+    def _open_stream(
+        self, call: Call, target: Target
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        provider = target.provider
+        return self.upstream.open(
+            "POST", self.url(target, "chat/completions"),
+            headers=self.request_headers(target, call, SSE_HEADERS),
+            body=self.chat_body(call, target, True), timeout_s=provider.timeout_s,
+            stream=True, on_error=self.map_error, provider=provider.name,
+        )  # fmt: skip
 
     async def embed(self, request: EmbeddingRequest, target: Target) -> EmbeddingResponse:
         payload = encoder.encode(msgspec.structs.replace(request, model=target.model))
