@@ -1,6 +1,6 @@
 """Streaming multiplexer benchmark (the seed suite's ``streaming_multiplexer_bench``).
 
-Usage: ``python bench/multiplexer_bench.py [--quick] [--json PATH]``
+Usage: ``python bench/streaming_multiplexer_bench.py [--quick] [--json PATH]``
 
 Measured, each comparison inside one run:
 
