@@ -6,6 +6,7 @@ Unix-socket surfaces both call one ``Gateway``; nothing here knows about aiohttp
 
 from __future__ import annotations
 
+import functools
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -81,6 +82,7 @@ class Gateway:
             ]
             for m in config.models
         }
+        self._direct = functools.lru_cache(maxsize=4096)(self._resolve_direct)
         self._keys = load_keys(config)
         self._created = int(time.time())
 
@@ -118,6 +120,10 @@ class Gateway:
         targets = self._alias_targets.get(model)
         if targets is not None:
             return targets
+        return self._direct(model)
+
+    def _resolve_direct(self, model: str) -> list[Target]:
+        """A ``provider/model`` name's one target (memoized, bounded, in ``_direct``)."""
         name, sep, upstream_model = model.partition("/")
         provider = self.providers.get(name) if sep and upstream_model else None
         if provider is None:

@@ -70,8 +70,8 @@ from llmkit.config import MultiplexerConfig
 from llmkit.control import ControlPlane
 from llmkit.errors import InternalError, LLMKitError
 from llmkit.limiter import Admission
-from llmkit.mux_entry import Entry, Subscription
-from llmkit.mux_link import LinkServer, Opened, OwnerGone, Retry, connect, mirror_remote
+from llmkit.mux_entry import Entry, LeadSubscription, Retry, Subscription, pull_into
+from llmkit.mux_link import LinkServer, Opened, OwnerGone, connect, mirror_remote
 from llmkit.mux_table import FULL, TAKEN, MuxTable, Owner, pack_owner, tag_of
 from llmkit.providers.base import Call, Target
 from llmkit.types import ChatCompletion, StreamOptions
@@ -242,12 +242,14 @@ class Multiplexer:
             call.request = msgspec.structs.replace(
                 call.request, stream_options=StreamOptions(include_usage=True)
             )
-        entry, target, on_leave = await self._join(call, gateway, streamed=True)
+        entry, target, on_leave, chunks = await self._join(call, gateway, streamed=True)
+        if chunks is not None:
+            return target, LeadSubscription(entry, wants_usage, chunks, self._hand_off)
         return target, Subscription(entry, wants_usage, on_leave)
 
     async def chat(self, call: Call, gateway: Leading) -> tuple[Target, ChatCompletion]:
         """Join or lead a whole completion."""
-        entry, target, on_leave = await self._join(call, gateway, streamed=False)
+        entry, target, on_leave, _ = await self._join(call, gateway, streamed=False)
         try:
             return target, await entry.wait_whole()
         finally:
@@ -257,9 +259,12 @@ class Multiplexer:
 
     # -- join or lead -------------------------------------------------------------
 
-    async def _join(
-        self, call: Call, gateway: Leading, streamed: bool
-    ) -> tuple[Entry, Target, Callable[[], None] | None]:
+    async def _join(self, call: Call, gateway: Leading, streamed: bool) -> Joined:
+        """Join an identical call in flight, or lead one.
+
+        A leader makes the upstream call in its own task (``_lead_inline``): an unshared
+        call then costs no extra task and no wake-ups. Followers read what it appends.
+        """
         digest = dedup_key(call, gateway.resolve(call.request.model))
         for _ in range(JOIN_TRIES):
             entry = self._entries.get(digest)
@@ -267,14 +272,15 @@ class Multiplexer:
                 entry = None  # finished a moment ago: not a cache
             found = self._find_owner(digest) if entry is None else None
             if entry is None and found is None:
-                entry = self._lead(digest, call, gateway, streamed)
-                if entry is None:
+                led = self._lead(digest, call, gateway, streamed)
+                if led is None:
                     await asyncio.sleep(0.001)  # another worker is publishing its claim
                     continue
-                target = await self._subscribe(entry)
+                entry, run = led
+                target, chunks = await _lead_inline(entry, gateway, call, run, streamed)
                 self.counters.inc(LEADERS)
                 call.response_headers[HEADER] = "leader"
-                return entry, target, None
+                return entry, target, None, chunks
             admission = self._admit_follower(call, gateway)  # 429 before joining anything
             if entry is None and found is not None:
                 entry = self._mirror(digest, found, call, gateway)
@@ -290,7 +296,7 @@ class Multiplexer:
             self.counters.inc(FOLLOWERS)
             call.response_headers[HEADER] = "follower"
             gateway.limit_headers(call, target)
-            return entry, target, self._follower_done(gateway, admission)
+            return entry, target, self._follower_done(gateway, admission), None
         return await self._alone(call, gateway, streamed)
 
     async def _subscribe(self, entry: Entry) -> Target:
@@ -301,18 +307,18 @@ class Multiplexer:
             entry.leave()
             raise
 
-    async def _alone(
-        self, call: Call, gateway: Leading, streamed: bool
-    ) -> tuple[Entry, Target, Callable[[], None] | None]:
+    async def _alone(self, call: Call, gateway: Leading, streamed: bool) -> Joined:
         """Sharing kept failing (owners dying as we joined): an entry nobody else sees."""
         entry = Entry(b"")
         run = gateway.start_run(call, streamed)
         self._start(entry, self._pump(entry, gateway, call, run, streamed))
-        return entry, await self._subscribe(entry), None
+        return entry, await self._subscribe(entry), None, None
 
-    def _lead(self, digest: bytes, call: Call, gateway: Leading, streamed: bool) -> Entry | None:
-        """Claim the key (locally and in shm) and start the upstream call; None if
-        another worker's claim for it is not published yet."""
+    def _lead(
+        self, digest: bytes, call: Call, gateway: Leading, streamed: bool
+    ) -> tuple[Entry, Run] | None:
+        """Claim the key (locally and in shm) and admit the call; None if another
+        worker's claim for it is not published yet."""
         peers, claim = self._peers, FULL
         if peers is not None:
             claim = peers.table.claim(tag_of(digest), peers.owner, peers.pid)
@@ -328,8 +334,9 @@ class Multiplexer:
         self._entries[digest] = entry
         if claim >= 0:
             self._claims[entry] = claim
-        self._start(entry, self._pump(entry, gateway, call, run, streamed))
-        return entry
+        entry.on_idle = self._abandon
+        entry.on_done = self._forget  # the table holds calls in flight, never results
+        return entry, run
 
     def _find_owner(self, digest: bytes) -> Owner | None:
         """Another worker's published claim for ``digest``, if there is one."""
@@ -372,6 +379,27 @@ class Multiplexer:
         entry.on_idle = self._abandon
         entry.on_done = self._forget  # the table holds calls in flight, never results
         task.add_done_callback(lambda _: self._forget(entry))
+
+    def _hand_off(self, entry: Entry, chunks: TrackedStream) -> None:
+        """The leader's caller stops reading the upstream (it left, or others joined):
+        a task of its own carries the call on for the subscribers that remain."""
+        self._start(entry, self._pump_rest(entry, chunks))
+
+    async def _pump_rest(self, entry: Entry, chunks: TrackedStream) -> None:
+        self._live.add(entry)
+        if entry.done:  # abandoned before this task ever ran
+            await chunks.aclose()
+            return
+        try:
+            await _pump_frames(entry, chunks)
+        except LLMKitError as exc:
+            entry.fail(exc)
+        except asyncio.CancelledError:
+            entry.fail(Retry("cancelled"))
+            raise
+        except Exception:
+            log.exception("shared upstream call failed")
+            entry.fail(InternalError("internal error; see the server log"))
 
     def _abandon(self, entry: Entry) -> None:
         """The last subscriber left: stop the upstream call."""
@@ -441,20 +469,50 @@ class Multiplexer:
         return done
 
 
+Joined = tuple[Entry, Target, Callable[[], None] | None, TrackedStream | None]
+"""What joining gave: the entry, its target, a follower's settle hook, and for a
+streaming leader the upstream stream it reads itself."""
+
+
+async def _lead_inline(
+    entry: Entry, gateway: Leading, call: Call, run: Run, streamed: bool
+) -> tuple[Target, TrackedStream | None]:
+    """The leader's own task makes the call: a whole answer, or a stream's first chunk.
+
+    Its errors reach the leader as raised and every follower as the same error; if the
+    leader goes away first (cancelled), followers start over.
+    """
+    entry.join()
+    try:
+        if streamed:
+            target, chunks = await gateway.open_stream(call, run, strip_usage=False)
+            entry.open(target, streamed=True)
+            return target, chunks
+        target, completion = await gateway.complete(call, run)
+        entry.open(target, streamed=False)
+        entry.complete(completion)
+        return target, None
+    except LLMKitError as exc:
+        entry.fail(exc)
+        entry.leave()
+        raise
+    except BaseException:
+        entry.fail(Retry("the leading request went away"))
+        entry.leave()
+        raise
+
+
 async def _pump_stream(entry: Entry, gateway: Leading, call: Call, run: Run) -> None:
     target, chunks = await gateway.open_stream(call, run, strip_usage=False)
+    entry.open(target, streamed=True)
+    await _pump_frames(entry, chunks)
+
+
+async def _pump_frames(entry: Entry, chunks: TrackedStream) -> None:
+    """Append the rest of ``chunks`` to ``entry`` until it ends."""
     try:
-        entry.open(target, streamed=True)
-        while True:
-            try:
-                frames = await chunks.next_frames()
-            except StopAsyncIteration:
-                break
-            if frames.events:
-                entry.append(frames.events)
-            if frames.usage_event:
-                entry.append(frames.usage_event, usage=True)
-        entry.finish()
+        while await pull_into(entry, chunks) is not None:
+            pass
     finally:
         await chunks.aclose()
 

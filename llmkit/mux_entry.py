@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 import msgspec
 
-from llmkit.errors import LLMKitError
-from llmkit.providers.base import Target, sse_event
+from llmkit.attempts import TrackedStream
+from llmkit.errors import LLMKitError, ServiceUnavailableError
+from llmkit.providers.base import SSE_DONE, Frames, Target, sse_event
 from llmkit.types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -55,6 +56,7 @@ class Entry:
         "frames",
         "on_done",
         "on_idle",
+        "on_join",
         "opened",
         "streamed",
         "subscribers",
@@ -74,6 +76,7 @@ class Entry:
         self.done = False
         self.subscribers = 0
         self.on_idle: Callable[[Entry], None] | None = None
+        self.on_join: Callable[[], None] | None = None
         self.on_done: Callable[[Entry], None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._assembled: ChatCompletion | None = None
@@ -125,6 +128,8 @@ class Entry:
 
     def join(self) -> None:
         self.subscribers += 1
+        if self.on_join is not None:
+            self.on_join()
 
     def leave(self) -> None:
         self.subscribers -= 1
@@ -218,6 +223,135 @@ class Subscription:
         self._entry.leave()
         if self._on_leave is not None:
             self._on_leave()
+
+
+class LeadSubscription(Subscription):
+    """The leading caller's view: it reads the upstream stream itself while nobody else
+    reads the entry, so an unshared stream costs no task and no wake-ups.
+
+    Once a follower has joined (or when the leader leaves first while followers
+    remain) the stream is handed to ``hand_off``, which carries it on in a task of its
+    own, so the leader's caller going away can no longer cut the followers short.
+    """
+
+    __slots__ = ("_chunks", "_hand_off", "_pulling")
+
+    def __init__(
+        self,
+        entry: Entry,
+        wants_usage: bool,
+        chunks: TrackedStream,
+        hand_off: Callable[[Entry, TrackedStream], None],
+    ) -> None:
+        super().__init__(entry, wants_usage)
+        self._chunks: TrackedStream | None = chunks
+        self._hand_off = hand_off
+        self._pulling = False
+        entry.on_join = self._shared
+        if entry.subscribers > 1:  # followers joined while the first chunk was awaited
+            self._give_away()
+
+    def _shared(self) -> None:
+        """A follower joined: unless a read is under way (it hands off when done), a
+        task takes the stream now, so a leader that stalls never stalls the others."""
+        if not self._pulling:
+            self._give_away()
+
+    def _give_away(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        self._entry.on_join = None
+        if chunks is not None:
+            self._hand_off(self._entry, chunks)
+
+    async def __anext__(self) -> bytes:
+        entry = self._entry
+        while True:
+            frames = entry.frames
+            index = self._index
+            if index == len(frames) and self._chunks is not None and not entry.done:
+                ending = await self._read()  # alone and caught up: read the upstream ourselves
+                if ending is not None:
+                    return ending
+                continue
+            if index < len(frames):
+                self._index = index + 1
+                if index == entry.usage_at and not self._wants_usage:
+                    continue
+                return frames[index]
+            if entry.done:
+                await self.aclose()
+                if entry.error is not None:
+                    raise entry.raised()
+                raise StopAsyncIteration
+            await entry.changed()
+
+    async def _read(self) -> bytes | None:
+        """One upstream read into the entry; hands the stream off if others joined.
+
+        When the read ends the stream and nobody else reads the entry, it returns the
+        read's events with the end of the stream, for the caller to send in one write
+        (the entry keeps the frames for a late joiner, who ends on its own).
+        """
+        chunks, entry = self._chunks, self._entry
+        assert chunks is not None
+        self._pulling = True
+        try:
+            frames = await pull_into(entry, chunks)
+        except BaseException:  # cancelled mid-read: the call ends for all
+            entry.fail(_gone(entry))
+            raise
+        finally:
+            self._pulling = False
+        if frames is None:
+            self._chunks = None
+            await chunks.aclose()
+        elif entry.subscribers > 1:
+            self._give_away()
+        elif frames.last:
+            self._index = len(entry.frames)
+            usage = frames.usage_event if self._wants_usage else b""
+            return frames.events + usage + SSE_DONE
+        return None
+
+    async def aclose(self) -> None:
+        if self._chunks is not None and self._entry.subscribers > 1 and not self._entry.done:
+            self._give_away()
+        chunks, self._chunks = self._chunks, None
+        self._entry.on_join = None
+        if chunks is not None:
+            await chunks.aclose()
+        self._leave()
+
+
+async def pull_into(entry: Entry, chunks: TrackedStream) -> Frames | None:
+    """Read the next upstream frames into ``entry`` and return them; None once the
+    stream has ended (finished, or failed with the upstream's error)."""
+    try:
+        frames = await chunks.next_frames()
+    except StopAsyncIteration:
+        entry.finish()
+        return None
+    except LLMKitError as exc:
+        entry.fail(exc)
+        return None
+    if frames.events:
+        entry.append(frames.events)
+    if frames.usage_event:
+        entry.append(frames.usage_event, usage=True)
+    return frames
+
+
+def _gone(entry: Entry) -> LLMKitError:
+    """The leader left mid-read: before any output followers start over, after it
+    they end with an error event."""
+    if entry.frames:
+        return ServiceUnavailableError("the shared upstream call was cut short; retry")
+    return Retry("the leading request went away")
+
+
+class Retry(LLMKitError):
+    """Internal: the shared call could not be joined before its first output; the
+    subscriber starts over (leads, or joins whoever leads now). Never sent to a client."""
 
 
 # -- shape conversions --------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Any
 import msgspec
 
 from llmkit.errors import LLMKitError, ServiceUnavailableError, error_for_status
-from llmkit.mux_entry import Entry
+from llmkit.mux_entry import Entry, Retry
 from llmkit.providers.base import Target
 from llmkit.types import completion_decoder, encoder
 
@@ -224,11 +224,6 @@ async def connect(path: str, digest: bytes) -> tuple[asyncio.StreamReader, async
         raise OwnerGone(str(exc)) from None
     writer.write(HELLO.pack(MAGIC, VERSION, digest))
     return reader, writer
-
-
-class Retry(LLMKitError):
-    """Internal: the shared call could not be joined before its first output; the
-    subscriber starts over (leads, or joins whoever leads now). Never sent to a client."""
 
 
 async def mirror_remote(
