@@ -14,7 +14,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -34,6 +34,9 @@ from llmkit.types import (
     json_decoder,
 )
 from llmkit.upstream import Upstream, retry_after_from
+
+if TYPE_CHECKING:
+    from llmkit.observability import RequestObs
 
 T = TypeVar("T")
 # W3C trace context travels to every provider, so upstream spans join the caller's trace.
@@ -100,6 +103,7 @@ class Call:
     profile: str | None = None  # routing profile override (x-llmkit-route-profile)
     # Headers the response must carry whatever happens (x-ratelimit-* ...).
     response_headers: dict[str, str] = field(default_factory=dict)
+    obs: RequestObs | None = None  # metrics/tracing/log recorder; None when all are off
 
 
 class Adapter(ABC):
