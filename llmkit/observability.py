@@ -161,7 +161,9 @@ class Observability:
         """A request's recorder; None when metrics, tracing and the log are all off."""
         if not self.active:
             return None
-        parent = self.tracing.sample(traceparent) if self.tracing.enabled else None
+        parent = None
+        if self.tracing.enabled and route < _MODEL_ROUTES:  # no traces of /health, /metrics
+            parent = self.tracing.sample(traceparent)
         return RequestObs(self, route, method, path, request_id, parent)
 
     def close(self) -> None:
