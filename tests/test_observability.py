@@ -436,3 +436,24 @@ def test_tracing_off_never_imports_the_sdk() -> None:
     out = subprocess.run([sys.executable, "-c", TRACING_OFF], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_the_dashboard_queries_only_metrics_that_exist(tmp_path: Path) -> None:
+    import re
+
+    dashboard = Path(__file__).parent.parent / "llmkit/examples/grafana-dashboard.json"
+    exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"\b(llmkit_[a-z_]+)\b", e)}
+    used.discard("llmkit_multiplexer_")  # a regex over the multiplexer's own source
+    config = config_of(tmp_path, TWO_ALIASES)
+    state = SharedState.create(f"/llmkit-obs-{os.getpid()}-{next(_names)}", config)
+    try:
+        collector = ShmCollector(state.metrics)
+        exposed = set()
+        for family in collector.collect():
+            suffixes = ("", "_total", "_bucket", "_count", "_sum")
+            exposed |= {family.name + s for s in suffixes}
+    finally:
+        state.segment.unlink()
+        state.close()
+    assert used and used <= exposed, used - exposed
