@@ -52,6 +52,8 @@ class Attempt:
         """A stream's first chunk arrived: its time to first token is known."""
         if self._first_byte is None:
             self._first_byte = Clock()
+            if self._run.obs is not None:
+                self._run.obs.first_token()
 
     def abandoned(self) -> None:
         """The caller went away or a bug struck: judge nothing; tokens stay at the
@@ -73,16 +75,23 @@ class Attempt:
             # The provider is busy, not broken: skip it until it says to come back.
             wait_s = error.retry_after if error.retry_after is not None else 1.0
             control.breakers.cooldown(cell, now + int(wait_s * 1e9))
-            self._settle(now, nothing, ok=None)
+            self._settle(now, nothing, ok=None, error=error)
             return
-        self._settle(now, nothing, ok=False)
+        self._settle(now, nothing, ok=False, error=error)
 
     def _settle(
-        self, now: int, usage: Usage | None, ok: bool | None, ttft_s: float | None = None
+        self,
+        now: int,
+        usage: Usage | None,
+        ok: bool | None,
+        ttft_s: float | None = None,
+        error: LLMKitError | None = None,
     ) -> None:
         if self._done:
             return
         self._done = True
+        if self._run.obs is not None:
+            self._run.obs.attempt_settled(ok, error)
         control = self._run.control
         if control is None:
             return
@@ -111,6 +120,7 @@ class Run:
         backoff: tuple[float, float],
     ) -> None:
         self.control = control
+        self.obs = call.obs
         self._call = call
         self._targets = targets
         self._tokens = tokens
@@ -125,8 +135,18 @@ class Run:
 
     def admit(self, key: str | None) -> None:
         """The request's own levels (global, key); raises RateLimitError when refused."""
-        if self.control is not None:
+        if self.control is None:
+            return
+        obs = self.obs
+        mark = obs.mark() if obs is not None else 0
+        try:
             self._admission = self.control.admit_request(key, self._tokens, Clock())
+        except RateLimitError:
+            if obs is not None:
+                obs.admitted(mark, refused=True)
+            raise
+        if obs is not None:
+            obs.admitted(mark, refused=False)
 
     def tries(self) -> Iterator[Attempt]:
         """Admitted attempts, best deployment first; ``failed`` waits out the backoff.
@@ -141,6 +161,8 @@ class Run:
             attempt = self._open(target)
             if attempt is not None:
                 self._tried += 1
+                if self.obs is not None:
+                    self.obs.attempt_started(target, self._call)
                 yield attempt
 
     def _open(self, target: Target) -> Attempt | None:
@@ -192,6 +214,8 @@ class Run:
         Unknown ``usage`` means no tokens were used (every try failed), unless
         ``keep_estimate``: a stream cut part-way, whose real usage nobody reported.
         """
+        if self.obs is not None:
+            self.obs.settled(usage)
         control, admission = self.control, self._admission
         if control is None or admission is None:
             return

@@ -220,10 +220,15 @@ class MultiplexerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
 
 
 class ObservabilityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """``[observability]``: tracing and access logs."""
+    """``[observability]``: shared-memory metrics, sampled tracing and the access log."""
 
-    trace_sample_rate: _Fraction = 0.1
-    access_log: bool = False
+    metrics: bool = True  # per-request metrics in shm (what /metrics shows)
+    trace_sample_rate: _Fraction = 0.1  # share of requests traced (head sampling)
+    otlp_endpoint: Annotated[str, Meta(pattern=_URL)] = ""  # "" = no export: tracing off
+    service_name: _NonEmptyStr = "llmkit"
+    access_log: bool = False  # one JSON line per request
+    access_log_path: str = ""  # "" = standard error
+    log_prompts: bool = False  # put request messages in the access log (never in spans)
 
 
 class DemoConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):

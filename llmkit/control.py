@@ -24,6 +24,7 @@ from llmkit.config import Config, LimitsConfig
 from llmkit.errors import LLMKitError, RateLimitError, ServiceUnavailableError
 from llmkit.limiter import Admission, Limiter, LimitSpec
 from llmkit.limiter import declare as declare_limiter
+from llmkit.metrics import Metrics, level_of
 from llmkit.pricing import price_for
 from llmkit.providers.base import Target
 from llmkit.providers.registry import provider_names
@@ -78,9 +79,18 @@ def declare(builder: LayoutBuilder, config: Config, worker_slots: int) -> None:
 class ControlPlane:
     """Limiter, breakers and router of one process, over one segment."""
 
-    def __init__(self, atomics: Atomics, layout: Layout, config: Config, worker_slot: int) -> None:
+    def __init__(
+        self,
+        atomics: Atomics,
+        layout: Layout,
+        config: Config,
+        worker_slot: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
         self.plan = Plan.of(config)
+        self.metrics = metrics
+        self._levels = level_of([spec.name for spec in self.plan.specs])
         self.limiter = Limiter(atomics, layout, self.plan.specs, worker_slot)
         self.breakers = Breakers(atomics, layout, config.breaker, len(self.plan.deployment_entity))
         self.rng = random.Random()
@@ -177,7 +187,20 @@ class ControlPlane:
     # -- admission ----------------------------------------------------------------
 
     def admit_request(self, key: str | None, tokens: int, now_ns: int) -> Admission:
-        return self.limiter.admit(self.request_chain(key), tokens, now_ns)
+        try:
+            return self.limiter.admit(self.request_chain(key), tokens, now_ns)
+        except RateLimitError:
+            self._count_refusal()
+            raise
 
     def admit_attempt(self, target: Target, tokens: int, now_ns: int) -> Admission:
-        return self.limiter.admit(self.attempt_chain(target), tokens, now_ns)
+        try:
+            return self.limiter.admit(self.attempt_chain(target), tokens, now_ns)
+        except RateLimitError:
+            self._count_refusal()
+            raise
+
+    def _count_refusal(self) -> None:
+        if self.metrics is not None:
+            entity, dimension = self.limiter.refused
+            self.metrics.record_refusal(self._levels[entity], dimension)

@@ -10,7 +10,7 @@ import functools
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -45,6 +45,9 @@ from llmkit.types import (
     json_decoder,
 )
 from llmkit.upstream import Upstream
+
+if TYPE_CHECKING:
+    from llmkit.observability import RequestObs
 
 T = TypeVar("T")
 CHAT_FIELDS = frozenset(ChatRequest.__struct_fields__)
@@ -239,13 +242,15 @@ class Gateway:
         request: EmbeddingRequest,
         key: str | None = None,
         response_headers: dict[str, str] | None = None,
+        obs: RequestObs | None = None,
     ) -> tuple[Target, EmbeddingResponse]:
         """Embeddings, with the same limits, breakers and fallbacks as chat.
 
         ``response_headers``, when given, receives the ``x-ratelimit-*`` headers.
         """
         texts = [Message(role="user", content=str(request.input))]
-        call = Call(ChatRequest(model=request.model, messages=texts, max_tokens=1), key=key)
+        chat = ChatRequest(model=request.model, messages=texts, max_tokens=1)
+        call = Call(chat, key=key, obs=obs)
         if response_headers is not None:
             call.response_headers = response_headers
 
@@ -276,10 +281,15 @@ class Gateway:
         targets = self.resolve(model)
         router = self.config.router
         prompt, completion = estimate_tokens(call, router.estimate_completion_tokens)
-        control = self.control
-        if control is not None:
-            now = time.monotonic_ns()
-            targets = control.order(targets, call.profile, prompt, completion, stream, now)
+        control, obs = self.control, call.obs
+        mark = obs.mark() if obs is not None else 0
+        try:
+            if control is not None:
+                now = time.monotonic_ns()
+                targets = control.order(targets, call.profile, prompt, completion, stream, now)
+        finally:
+            if obs is not None:
+                obs.routed(call, targets, mark if control is not None else 0)
         run = Run(control, call, targets, prompt + completion, router.attempts,
                   (router.backoff_base_s, router.backoff_max_s))  # fmt: skip
         try:

@@ -204,7 +204,7 @@ class Limiter:
     ``snapshot``, may pass any slot.
     """
 
-    __slots__ = ("_a", "_acquire", "_add", "_held", "_names", "_plans", "_specs")
+    __slots__ = ("_a", "_acquire", "_add", "_held", "_names", "_plans", "_specs", "refused")
 
     def __init__(
         self, atomics: Atomics, layout: Layout, specs: Sequence[LimitSpec], worker_slot: int
@@ -220,6 +220,8 @@ class Limiter:
         self._specs = tuple(specs)
         self._names = tuple(s.name or f"entity {i}" for i, s in enumerate(specs))
         self._plans = tuple(_plan(s, cells.offset_of(i), row, i) for i, s in enumerate(specs))
+        # (entity, dimension) of the last refusal, read by the metrics right after it.
+        self.refused = (0, 0)
 
     @property
     def specs(self) -> tuple[LimitSpec, ...]:
@@ -309,6 +311,7 @@ class Limiter:
         for charged in chain[:position]:
             self._refund_entity(charged, _CONCURRENCY + 1, tokens)
         self._refund_entity(entity, dimension, tokens)
+        self.refused = (entity, dimension)
         raise self._refusal(entity, dimension, tokens, wait_ns)
 
     def _refund_entity(self, entity: int, before: int, tokens: int) -> None:

@@ -63,10 +63,11 @@ from typing import Any, Protocol
 
 import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.metrics_core import Metric
 
 from llmkit.attempts import Run, TrackedStream
-from llmkit.config import MultiplexerConfig
+from llmkit.collector import MetricSource
+from llmkit.config import Config, MultiplexerConfig
 from llmkit.control import ControlPlane
 from llmkit.errors import InternalError, LLMKitError
 from llmkit.limiter import Admission
@@ -75,7 +76,7 @@ from llmkit.mux_link import LinkServer, Opened, OwnerGone, connect, mirror_remot
 from llmkit.mux_table import FULL, TAKEN, MuxTable, Owner, pack_owner, tag_of
 from llmkit.providers.base import Call, Target
 from llmkit.types import ChatCompletion, StreamOptions
-from shm import Counter, Layout, LayoutBuilder, Segment
+from shm import Atomics, Counter, Layout, LayoutBuilder, Segment
 
 log = logging.getLogger("llmkit.multiplexer")
 
@@ -170,29 +171,28 @@ class Peers:
         self.owner = pack_owner(self.worker_slot, self.incarnation)
 
 
-class MuxCollector(Collector):
-    """The multiplexer's counters for ``/metrics``, read from shm."""
+def collect_metrics(atomics: Atomics, layout: Layout, config: Config) -> Iterator[Metric]:
+    """The multiplexer's counters and shared calls in flight, read from shm."""
+    region = layout[COUNTERS]
+    names = (
+        ("leaders", "Requests that made the upstream call others shared."),
+        ("followers", "Requests that joined an identical call already in flight."),
+        ("upstream_calls_avoided", "Upstream calls saved by joining one in flight."),
+    )
+    for which, (name, text) in enumerate(names):
+        family = CounterMetricFamily(f"llmkit_multiplexer_{name}", text)
+        family.add_metric((), atomics.load_i64(region.offset_of(which)))
+        yield family
+    yield GaugeMetricFamily(
+        "llmkit_multiplexer_shared_calls",
+        "Upstream calls in flight that other workers can join.",
+        value=MuxTable(atomics, layout).in_use(),
+    )
 
-    def __init__(self, counters: Counters, table: MuxTable | None) -> None:
-        self._counters = counters
-        self._table = table
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        names = (
-            ("leaders", "Requests that made the upstream call others shared."),
-            ("followers", "Requests that joined an identical call already in flight."),
-            ("upstream_calls_avoided", "Upstream calls saved by joining one in flight."),
-        )
-        for which, (name, text) in enumerate(names):
-            family = CounterMetricFamily(f"llmkit_multiplexer_{name}", text)
-            family.add_metric((), self._counters.value(which))
-            yield family
-        if self._table is not None:
-            yield GaugeMetricFamily(
-                "llmkit_multiplexer_shared_calls",
-                "Upstream calls in flight that other workers can join.",
-                value=self._table.in_use(),
-            )
+METRICS = MetricSource(
+    "multiplexer", lambda builder, config: declare(builder, config.multiplexer), collect_metrics
+)
 
 
 # -- the multiplexer --------------------------------------------------------------------
@@ -218,9 +218,6 @@ class Multiplexer:
 
     def eligible(self, call: Call) -> bool:
         return eligible(call, self.config)
-
-    def collector(self) -> MuxCollector:
-        return MuxCollector(self.counters, self._peers.table if self._peers else None)
 
     def in_flight(self) -> int:
         return len(self._entries)
@@ -279,7 +276,7 @@ class Multiplexer:
                 entry, run = led
                 target, chunks = await _lead_inline(entry, gateway, call, run, streamed)
                 self.counters.inc(LEADERS)
-                call.response_headers[HEADER] = "leader"
+                _role(call, "leader")
                 return entry, target, None, chunks
             admission = self._admit_follower(call, gateway)  # 429 before joining anything
             if entry is None and found is not None:
@@ -294,7 +291,7 @@ class Multiplexer:
                 self._settle(gateway, admission)
                 raise
             self.counters.inc(FOLLOWERS)
-            call.response_headers[HEADER] = "follower"
+            _role(call, "follower")
             gateway.limit_headers(call, target)
             return entry, target, self._follower_done(gateway, admission), None
         return await self._alone(call, gateway, streamed)
@@ -515,6 +512,12 @@ async def _pump_frames(entry: Entry, chunks: TrackedStream) -> None:
             pass
     finally:
         await chunks.aclose()
+
+
+def _role(call: Call, role: str) -> None:
+    call.response_headers[HEADER] = role
+    if call.obs is not None:
+        call.obs.multiplexer_role(role)
 
 
 def _target_for(gateway: Leading, model: str, opened: Opened) -> Target:

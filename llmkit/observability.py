@@ -1,133 +1,401 @@
-"""Metrics that live in shared memory, and the Prometheus collector that reads them.
+"""Observability of every request: shared-memory metrics, sampled tracing, the access log.
 
-Every metric value is a cell in the segment, so any worker can answer ``/metrics`` for
-all of them: there are no per-process files to merge and nothing grows with restarts.
-Label sets are fixed when the layout is built (routes and status classes below), which
-is what makes a fixed-size segment possible.
+The pieces live in their own modules: ``llmkit.metrics`` (series, shm layout, recording),
+``llmkit.collector`` (the prometheus_client collector, ``MetricSource`` for regions
+declared elsewhere), ``llmkit.tracing`` (sampling, ``traceparent``, spans) and
+``llmkit.accesslog``. This module ties them to one request: the HTTP surface calls
+``Observability.begin`` and gets a ``RequestObs`` (or None when everything is off, so
+the pipeline pays one ``is not None`` test per hook), which the gateway, the run and
+its attempts feed with one call per event, and ``finish`` turns into metric updates, a
+log line and the root span's end.
+
+Hooks (who calls what): the HTTP surface ``begin`` / ``answered`` / ``finish``;
+``Gateway._run`` ``mark`` + ``routed``; ``Run.admit`` ``mark`` + ``admitted``;
+``Run._open`` ``attempt_started``; ``Attempt._settle`` ``attempt_settled``;
+``Attempt.first_byte`` ``first_token``; ``Run.close`` ``settled``; the multiplexer
+``multiplexer_role``.
+
+Metric names and the OpenTelemetry GenAI semantic conventions (Prometheus names carry
+``_total`` on counters; every series also has ``model``, ``deployment``, ``provider``)::
+
+    llmkit_tokens_total{direction=input|output}   gen_ai.client.token.usage
+                                                  {gen_ai.token.type=input|output}
+                                                  (a counter here, a histogram there)
+    llmkit_request_duration_seconds               gen_ai.server.request.duration
+    llmkit_upstream_attempts_total                count of gen_ai.client.operation.duration
+    llmkit_time_to_first_token_seconds            gen_ai.server.time_to_first_token
+    label model (alias or "<provider>/*")         gen_ai.request.model
+    label provider                                gen_ai.provider.name (gen_ai.system
+                                                  before semconv 1.37)
+    llmkit_upstream_errors_total{kind}            error.type
+    llmkit_requests_total{route=chat|embeddings}  gen_ai.operation.name=chat|embeddings
+
+Spans (sampled requests only): ``{operation} {model}`` SERVER span (``gen_ai.operation.name``,
+``gen_ai.request.model``, ``gen_ai.provider.name``, ``gen_ai.response.model``,
+``gen_ai.response.finish_reasons``, ``gen_ai.usage.input_tokens``,
+``gen_ai.usage.output_tokens``, ``http.request.method``, ``http.response.status_code``,
+``llmkit.key`` (the key's name), ``llmkit.multiplexer.role``), with children
+``llmkit.router``, ``llmkit.limiter`` and one ``{operation} {upstream model}`` CLIENT
+span per upstream attempt (``llmkit.deployment``, ``llmkit.attempt``, ``error.type``).
+The upstream request carries the attempt span's ``traceparent``; an unsampled request
+passes the caller's ``traceparent`` through unchanged. Prompts and keys never go into
+metrics or spans; prompts reach the access log only with ``log_prompts``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
+import aiohttp
 
-from shm import Counter, Histogram, LayoutBuilder, WorkerSlot
-from shm.layout import Layout
-from shm.segment import Segment
+from llmkit.accesslog import AccessLog
+from llmkit.collector import MetricSource, ShmCollector
+from llmkit.config import Config
+from llmkit.errors import (
+    BadUpstreamResponseError,
+    LLMKitError,
+    RateLimitError,
+    UpstreamTimeoutError,
+)
+from llmkit.metrics import (
+    DURATION_BOUNDS,
+    ERROR_KINDS,
+    MODEL_ROUTES,
+    ROUTES,
+    STATUSES,
+    Metrics,
+    Series,
+    declare,
+    route_index,
+    status_index,
+)
+from llmkit.tracing import Tracing, build_tracing, now_ns, traceparent_of
+from llmkit.upstream import UpstreamStatus
 
-ROUTES = ("chat", "embeddings", "models", "health", "metrics", "admin", "other")
-STATUSES = (200, 400, 401, 403, 404, 405, 408, 413, 422, 429, 499, 500, 502, 503, 504)
-DURATION_BOUNDS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
-)  # fmt: skip
-_ROUTE_INDEX = {name: i for i, name in enumerate(ROUTES)}
-_STATUS_INDEX = {code: i for i, code in enumerate(STATUSES)}
-_OTHER_STATUS = len(STATUSES)
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace import Span
 
+    from llmkit.providers.base import Call, Target
+    from llmkit.types import Usage
 
-def declare(builder: LayoutBuilder, worker_slots: int) -> None:
-    """Add the metric regions and worker slots to a layout being built."""
-    builder.add("workers", WorkerSlot.KIND, worker_slots, WorkerSlot.SIZE)
-    builder.add("worker_restarts", Counter.KIND, 1, Counter.SIZE)
-    builder.add("http_requests", Counter.KIND, len(ROUTES) * (len(STATUSES) + 1), Counter.SIZE)
-    size = Histogram.size_for(DURATION_BOUNDS)
-    builder.add("http_duration", Histogram.KIND, len(ROUTES), size, DURATION_BOUNDS)
+__all__ = [
+    "DURATION_BOUNDS",
+    "ERROR_KINDS",
+    "ROUTES",
+    "STATUSES",
+    "MetricSource",
+    "Metrics",
+    "Observability",
+    "RequestObs",
+    "ShmCollector",
+    "declare",
+    "error_kind",
+    "route_index",
+    "status_index",
+]
 
-
-def route_index(route: str) -> int:
-    return _ROUTE_INDEX.get(route, _ROUTE_INDEX["other"])
-
-
-def status_index(status: int) -> int:
-    return _STATUS_INDEX.get(status, _OTHER_STATUS)
-
-
-class Metrics:
-    """Typed views over the metric regions of one segment."""
-
-    def __init__(self, segment: Segment, layout: Layout) -> None:
-        a = segment.atomics
-        self.segment_bytes = segment.size
-        self.workers = [WorkerSlot(a, off) for off in _offsets(layout, "workers")]
-        self.worker_restarts = Counter(a, layout["worker_restarts"].offset)
-        self.http_requests = [Counter(a, off) for off in _offsets(layout, "http_requests")]
-        self.http_duration = [
-            Histogram(a, off, DURATION_BOUNDS) for off in _offsets(layout, "http_duration")
-        ]
-
-    def record_http(self, route: int, status: int, seconds: float) -> None:
-        """Count one finished HTTP request; ``route`` from ``route_index``."""
-        self.http_requests[route * (len(STATUSES) + 1) + status_index(status)].inc()
-        self.http_duration[route].observe(seconds)
-
-    def requests_by(self, route: str, status: int) -> int:
-        index = route_index(route) * (len(STATUSES) + 1) + status_index(status)
-        return self.http_requests[index].value()
-
-
-def _offsets(layout: Layout, name: str) -> list[int]:
-    region = layout[name]
-    return [region.offset_of(i) for i in range(region.count)]
+(TIMEOUT, CONNECT, RATE_LIMITED, SERVER_ERROR, CLIENT_ERROR, PROTOCOL, RESET) = range(
+    len(ERROR_KINDS)
+)
+_MODEL_ROUTES = len(MODEL_ROUTES)  # route indexes below this carry a model
 
 
-class ShmCollector(Collector):
-    """A prometheus_client collector that reads every value straight from shm."""
+def error_kind(error: BaseException) -> int:
+    """The ``ERROR_KINDS`` index of a failed upstream attempt, from the error and what
+    caused it (``llmkit.upstream`` chains the aiohttp failure or ``UpstreamStatus``)."""
+    if isinstance(error, RateLimitError):
+        return RATE_LIMITED
+    cause = error.__cause__
+    if isinstance(cause, UpstreamStatus):
+        return SERVER_ERROR if cause.status >= 500 else CLIENT_ERROR
+    if isinstance(cause, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return TIMEOUT
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        return CONNECT
+    if isinstance(cause, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
+                          ConnectionError)):  # fmt: skip
+        return RESET
+    if isinstance(error, UpstreamTimeoutError):
+        return TIMEOUT
+    if isinstance(error, BadUpstreamResponseError) or isinstance(cause, aiohttp.ClientError):
+        return PROTOCOL
+    status = error.status if isinstance(error, LLMKitError) else 500
+    return SERVER_ERROR if status >= 500 else CLIENT_ERROR
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._m = metrics
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
-        yield self._http_requests()
-        yield self._http_duration()
-        yield from self._workers()
+class Observability:
+    """One worker's metrics, tracing and access log, configured once at boot."""
 
-    def _http_requests(self) -> CounterMetricFamily:
-        family = CounterMetricFamily(
-            "llmkit_http_requests", "HTTP requests finished, by route and status code.",
-            labels=("route", "status"),
-        )  # fmt: skip
-        width = len(STATUSES) + 1
-        for r, route in enumerate(ROUTES):
-            for s, code in enumerate((*STATUSES, "other")):
-                value = self._m.http_requests[r * width + s].value()
-                if value:
-                    family.add_metric((route, str(code)), value)
-        return family
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics | None,
+        tracing: Tracing | None = None,
+        access: AccessLog | None = None,
+    ) -> None:
+        self.metrics = metrics if config.observability.metrics else None
+        self.series = metrics.series if metrics is not None else Series.of(config)
+        self.tracing = tracing or Tracing.off()
+        self.access = access
+        self.active = self.metrics is not None or self.tracing.enabled or access is not None
 
-    def _http_duration(self) -> HistogramMetricFamily:
-        family = HistogramMetricFamily(
-            "llmkit_http_request_duration_seconds",
-            "Time from request received to response finished, by route.",
-            labels=("route",),
-        )
-        for route, hist in zip(ROUTES, self._m.http_duration, strict=True):
-            snap = hist.snapshot()
-            if not snap.observations:
-                continue
-            bounds = [*(str(b) for b in hist.bounds), "+Inf"]
-            family.add_metric((route,), list(zip(bounds, snap.cumulative, strict=True)), snap.sum)
-        return family
+    @classmethod
+    def build(
+        cls, config: Config, metrics: Metrics | None, exporter: SpanExporter | None = None
+    ) -> Observability:
+        """From ``[observability]``; ``exporter`` replaces OTLP export (tests)."""
+        settings = config.observability
+        access = None
+        if settings.access_log:
+            access = AccessLog(settings.access_log_path, settings.log_prompts)
+        return cls(config, metrics, build_tracing(settings, exporter), access)
 
-    def _workers(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        restarts = CounterMetricFamily(
-            "llmkit_worker_restarts", "Workers replaced after dying or stalling."
-        )
-        restarts.add_metric((), self._m.worker_restarts.value())
-        yield restarts
-        in_flight = GaugeMetricFamily(
-            "llmkit_worker_in_flight", "Requests in flight, by worker slot.", labels=("slot",)
-        )
-        alive = 0
-        for i, slot in enumerate(self._m.workers):
-            if slot.pid:
-                alive += 1
-                in_flight.add_metric((str(i),), slot.in_flight)
-        yield in_flight
-        yield GaugeMetricFamily("llmkit_workers", "Worker processes alive.", value=alive)
-        yield GaugeMetricFamily(
-            "llmkit_shm_segment_bytes", "Size of the shared-memory segment.",
-            value=self._m.segment_bytes,
-        )  # fmt: skip
+    def begin(
+        self, route: int, method: str, path: str, request_id: str, traceparent: str | None
+    ) -> RequestObs | None:
+        """A request's recorder; None when metrics, tracing and the log are all off."""
+        if not self.active:
+            return None
+        parent = None
+        if self.tracing.enabled and route < _MODEL_ROUTES:  # no traces of /health, /metrics
+            parent = self.tracing.sample(traceparent)
+        return RequestObs(self, route, method, path, request_id, parent)
+
+    def close(self) -> None:
+        self.tracing.shutdown()
+        if self.access is not None:
+            self.access.close()
+
+
+class RequestObs:
+    """One request's observations; every hook is cheap and allocation-free unless the
+    request is sampled for tracing."""
+
+    __slots__ = (
+        "_o", "route", "method", "path", "request_id", "started", "model", "key", "series",
+        "target", "attempts", "usage", "finish_reasons", "error_kind", "role", "ttft",
+        "messages", "span", "_attempt_span",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        obs: Observability,
+        route: int,
+        method: str,
+        path: str,
+        request_id: str,
+        parent: Context | None,
+    ) -> None:
+        self._o = obs
+        self.route = route
+        self.method = method
+        self.path = path
+        self.request_id = request_id
+        self.started = time.perf_counter()
+        self.model: str | None = None
+        self.key: str | None = None
+        self.series = obs.series.unrouted
+        self.target: Target | None = None
+        self.attempts = 0
+        self.usage: Usage | None = None
+        self.finish_reasons: list[str] | None = None
+        self.error_kind: int | None = None
+        self.role: str | None = None
+        self.ttft: float | None = None
+        self.messages: Any = None
+        self._attempt_span: Span | None = None
+        self.span: Span | None = None
+        if parent is not None:
+            attributes = {"http.request.method": method, "url.path": path,
+                          "llmkit.request_id": request_id}  # fmt: skip
+            name = f"{method} {ROUTES[route]}"
+            self.span = obs.tracing.start(name, parent, now_ns(), attributes, server=True)
+
+    @property
+    def sampled(self) -> bool:
+        return self.span is not None
+
+    def mark(self) -> int:
+        """A span start time when sampled, else 0 (no clock read)."""
+        return now_ns() if self.span is not None else 0
+
+    # -- pipeline hooks -------------------------------------------------------------
+
+    def routed(self, call: Call, targets: Sequence[Target], mark: int) -> None:
+        """The model resolved to ``targets`` (ordered by the router when ``mark``)."""
+        self.model = call.request.model
+        self.key = call.key
+        if targets:
+            first = targets[0]
+            self.series = self._o.series.target_of(first.deployment, first.provider.name)
+        access = self._o.access
+        if access is not None and access.log_prompts:
+            self.messages = call.request.messages
+        if self.span is not None:
+            operation = MODEL_ROUTES[self.route] if self.route < _MODEL_ROUTES else "chat"
+            self.span.update_name(f"{operation} {self.model}")
+            self.span.set_attributes({
+                "gen_ai.operation.name": operation, "gen_ai.request.model": self.model,
+                "llmkit.key": self.key or "",
+            })  # fmt: skip
+            if mark:
+                candidates = [t.deployment for t in targets]
+                self._stage("llmkit.router", mark, {"llmkit.router.order": candidates})
+
+    def admitted(self, mark: int, refused: bool) -> None:
+        """The request's own limits (global, key) admitted or refused it."""
+        if self.span is not None and mark:
+            self._stage("llmkit.limiter", mark, {"llmkit.limiter.refused": refused})
+
+    def attempt_started(self, target: Target, call: Call) -> None:
+        """An admitted try at ``target`` is about to go upstream."""
+        series = self._o.series.target_of(target.deployment, target.provider.name)
+        metrics = self._o.metrics
+        if metrics is not None:
+            if self.attempts and self.target is not None:
+                if self.target.deployment == target.deployment:
+                    metrics.record_retry(series)
+                else:
+                    metrics.record_fallback(self.series)
+            metrics.record_attempt(series)
+        self.attempts += 1
+        self.target = target
+        self.series = series
+        if self.span is not None:
+            operation = MODEL_ROUTES[self.route] if self.route < _MODEL_ROUTES else "chat"
+            attributes = {
+                "gen_ai.operation.name": operation, "gen_ai.request.model": target.model,
+                "gen_ai.provider.name": target.provider.name,
+                "llmkit.deployment": target.deployment, "llmkit.attempt": self.attempts,
+            }  # fmt: skip
+            span = self._o.tracing.child(
+                f"{operation} {target.model}", self.span, now_ns(), attributes, client=True
+            )
+            self._attempt_span = span
+            call.headers["traceparent"] = traceparent_of(span)
+
+    def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
+        """The current try ended: answered (``ok``), failed, or abandoned (None)."""
+        if error is not None:
+            kind = error_kind(error)
+            self.error_kind = kind
+            if self._o.metrics is not None:
+                self._o.metrics.record_error(self.series, kind)
+        span = self._attempt_span
+        if span is not None:
+            self._attempt_span = None
+            if error is not None:
+                _fail(span, ERROR_KINDS[error_kind(error)])
+            span.set_attribute("llmkit.outcome", _OUTCOMES[ok])
+            span.end(now_ns())
+
+    def first_token(self) -> None:
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.started
+
+    def settled(self, usage: Usage | None) -> None:
+        """The tokens the serving upstream reported (None: unknown)."""
+        if usage is not None:
+            self.usage = usage
+
+    def answered(self, finish_reasons: list[str]) -> None:
+        self.finish_reasons = finish_reasons
+
+    def multiplexer_role(self, role: str) -> None:
+        """``leader`` or ``follower``: set by the multiplexer for deduplicated requests."""
+        self.role = role
+        if self.span is not None:
+            self.span.set_attribute("llmkit.multiplexer.role", role)
+
+    def finish(self, status: int) -> None:
+        """The response is complete: update metrics, write the log line, end the span."""
+        elapsed = time.perf_counter() - self.started
+        o = self._o
+        metrics = o.metrics
+        cost = self._cost()
+        if metrics is not None:
+            metrics.record_http(self.route, status, elapsed)
+            if self.route < _MODEL_ROUTES:
+                key = o.series.key_of(self.key)
+                metrics.record_request(self.series, self.route, status, elapsed, key)
+                usage = self.usage
+                if usage is not None:
+                    metrics.record_usage(self.series, key, usage.prompt_tokens,
+                                         usage.completion_tokens, cost)  # fmt: skip
+                if self.ttft is not None:
+                    metrics.record_ttft(self.series, self.ttft)
+        if o.access is not None:
+            o.access.write(self._record(status, elapsed, cost))
+        if self.span is not None:
+            self._end_root(status, cost)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _cost(self) -> float:
+        target, usage = self.target, self.usage
+        if target is None or usage is None or target.price is None:
+            return 0.0
+        return target.price.cost(usage)
+
+    def _stage(self, name: str, mark: int, attributes: dict[str, Any]) -> None:
+        assert self.span is not None
+        self._o.tracing.child(name, self.span, mark, attributes).end(now_ns())
+
+    def _record(self, status: int, elapsed: float, cost: float) -> dict[str, object]:
+        target, usage = self.target, self.usage
+        record: dict[str, object] = {
+            "time": round(time.time(), 3), "request_id": self.request_id,
+            "method": self.method, "path": self.path, "status": status,
+            "duration_ms": round(elapsed * 1000, 3), "model": self.model,
+            "deployment": target.deployment if target else None,
+            "provider": target.provider.name if target else None, "key": self.key,
+            "tokens_in": usage.prompt_tokens if usage else None,
+            "tokens_out": usage.completion_tokens if usage else None,
+            "cost_usd": cost if usage else None, "attempts": self.attempts,
+            "dedup_role": self.role,
+            "error_kind": ERROR_KINDS[self.error_kind] if self.error_kind is not None else None,
+        }  # fmt: skip
+        if self.span is not None:
+            record["trace_id"] = f"{self.span.get_span_context().trace_id:032x}"
+        if self.messages is not None:
+            record["messages"] = self.messages
+        return record
+
+    def _end_root(self, status: int, cost: float) -> None:
+        span = self.span
+        assert span is not None
+        attributes: dict[str, Any] = {"http.response.status_code": status,
+                                      "llmkit.attempts": self.attempts}  # fmt: skip
+        target, usage = self.target, self.usage
+        if target is not None:
+            attributes["gen_ai.provider.name"] = target.provider.name
+            attributes["gen_ai.response.model"] = target.model
+            attributes["llmkit.deployment"] = target.deployment
+        if usage is not None:
+            attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+            attributes["llmkit.cost_usd"] = cost
+        if self.finish_reasons:
+            attributes["gen_ai.response.finish_reasons"] = self.finish_reasons
+        span.set_attributes(attributes)
+        if status >= 400:
+            kind = self.error_kind
+            _fail(span, ERROR_KINDS[kind] if kind is not None and status >= 500 else str(status))
+        if self._attempt_span is not None:  # a stream the client left mid-way
+            self._attempt_span.end(now_ns())
+        span.end(now_ns())
+
+
+_OUTCOMES = {True: "ok", False: "failed", None: "released"}
+
+
+def _fail(span: Span, error_type: str) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attribute("error.type", error_type)
+    span.set_status(Status(StatusCode.ERROR))

@@ -7,6 +7,7 @@ from the same configuration, and the segment header's hash proves they agree.
 from __future__ import annotations
 
 from llmkit import control, multiplexer, observability
+from llmkit.collector import MetricSource
 from llmkit.config import Config, resolve_workers
 from llmkit.multiplexer import Multiplexer
 from llmkit.mux_link import link_path
@@ -14,6 +15,8 @@ from llmkit.mux_table import MuxTable
 from shm import Layout, LayoutBuilder, Segment
 
 MIN_WORKER_SLOTS = 64
+# Regions other modules declare and /metrics exports (see llmkit.collector.MetricSource).
+METRIC_SOURCES: tuple[MetricSource, ...] = (multiplexer.METRICS,)
 
 
 def worker_slots(config: Config) -> int:
@@ -29,33 +32,35 @@ def build_layout(config: Config) -> Layout:
     """The segment layout for ``config``: identical in every process."""
     builder = LayoutBuilder()
     slots = worker_slots(config)
-    observability.declare(builder, slots)
+    observability.declare(builder, config, slots)
     control.declare(builder, config, slots)
-    multiplexer.declare(builder, config.multiplexer)
+    for source in METRIC_SOURCES:
+        source.declare(builder, config)
     return builder.build()
 
 
 class SharedState:
     """A mapped segment with the views the gateway and supervisor use."""
 
-    def __init__(self, segment: Segment, layout: Layout) -> None:
+    def __init__(self, segment: Segment, layout: Layout, config: Config) -> None:
         self.segment = segment
         self.layout = layout
-        self.metrics = observability.Metrics(segment, layout)
+        self.metrics = observability.Metrics(segment, layout, config)
 
     @classmethod
     def create(cls, name: str, config: Config) -> SharedState:
         layout = build_layout(config)
-        return cls(Segment.create(name, layout), layout)
+        return cls(Segment.create(name, layout), layout, config)
 
     @classmethod
     def attach(cls, name: str, config: Config) -> SharedState:
         layout = build_layout(config)
-        return cls(Segment.attach(name, layout), layout)
+        return cls(Segment.attach(name, layout), layout, config)
 
     def control(self, config: Config, worker_slot: int) -> control.ControlPlane:
         """The limiter, breakers and router over this segment, for one worker slot."""
-        return control.ControlPlane(self.segment.atomics, self.layout, config, worker_slot)
+        metrics = self.metrics if config.observability.metrics else None
+        return control.ControlPlane(self.segment.atomics, self.layout, config, worker_slot, metrics)
 
     def multiplexer(self, config: Config, worker_slot: int, shm_name: str) -> Multiplexer:
         """The multiplexer of one worker, sharing in-flight calls with the others."""

@@ -30,6 +30,15 @@ MAX_ERROR_BYTES = 64 * 1024
 ErrorMapper = Callable[[int, bytes, Mapping[str, str]], LLMKitError]
 
 
+class UpstreamStatus(Exception):
+    """The cause chained to an error mapped from an upstream's non-2xx answer, so
+    metrics can tell an upstream 502 from a malformed answer (``error_kind``)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"upstream answered HTTP {status}")
+        self.status = status
+
+
 class Upstream:
     """A lazily created ``aiohttp.ClientSession`` with the gateway's limits."""
 
@@ -85,7 +94,9 @@ class Upstream:
             ) as response:
                 if response.status >= 300:
                     payload = await response.content.read(MAX_ERROR_BYTES)
-                    raise on_error(response.status, payload, response.headers)
+                    raise on_error(response.status, payload, response.headers) from UpstreamStatus(
+                        response.status
+                    )
                 yield response
 
     async def fetch(
@@ -109,7 +120,9 @@ class Upstream:
             ) as response:
                 if response.status >= 300:
                     payload = await response.content.read(MAX_ERROR_BYTES)
-                    raise on_error(response.status, payload, response.headers)
+                    raise on_error(response.status, payload, response.headers) from UpstreamStatus(
+                        response.status
+                    )
                 return await self._read(response, provider)
         except LLMKitError:
             raise

@@ -39,8 +39,10 @@ from llmkit.errors import (
 )
 from llmkit.gateway import Gateway
 from llmkit.multiplexer import HEADER as DEDUP_HEADER
-from llmkit.observability import Metrics, ShmCollector
+from llmkit.observability import Metrics, Observability, RequestObs, ShmCollector
 from llmkit.providers.base import PROPAGATED_HEADERS, SSE_DONE, Target
+from llmkit.state import METRIC_SOURCES
+from llmkit.tracing import TRACEPARENT
 from llmkit.types import encoder
 from shm import WorkerSlot
 
@@ -53,14 +55,22 @@ CLIENT_GONE = 499
 OTHER_ROUTE = observability.route_index("other")
 CLIENT_GONE_KEY = web.ResponseKey("llmkit.client_gone", bool)
 REQUEST_ID = web.RequestKey("llmkit.request_id", str)
+OBS = web.RequestKey("llmkit.obs", RequestObs)
 
 
 class HttpSurface:
     """Routes for one worker over one ``Gateway``."""
 
-    def __init__(self, gateway: Gateway, metrics: Metrics, slot: WorkerSlot) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        metrics: Metrics,
+        slot: WorkerSlot,
+        observability: Observability | None = None,
+    ) -> None:
         self._gateway = gateway
         self._metrics = metrics
+        self._observe = observability or Observability.build(gateway.config, metrics)
         self._slot = slot
         self._max_body = gateway.config.server.max_body_bytes
         self._health = encoder.encode({"status": "ok", "pid": os.getpid()})
@@ -68,9 +78,7 @@ class HttpSurface:
         prefix = secrets.token_hex(4)
         self._request_ids = (f"{prefix}{n:08x}" for n in itertools.count())
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(ShmCollector(metrics))
-        if gateway.multiplexer is not None:
-            self._registry.register(gateway.multiplexer.collector())
+        self._registry.register(ShmCollector(metrics, METRIC_SOURCES))
         self._table = self._routes()
 
     def server(self, **kwargs: object) -> web.Server:
@@ -106,10 +114,14 @@ class HttpSurface:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Every request: dispatch, answer errors, and account for it in shm."""
-        started = time.perf_counter()
         request_id = request.headers.get("x-request-id", "")[:128] or next(self._request_ids)
         request[REQUEST_ID] = request_id
         route, handler = self._dispatch(request)
+        obs = self._observe.begin(
+            route, request.method, request.path, request_id, request.headers.get(TRACEPARENT)
+        )
+        if obs is not None:
+            request[OBS] = obs
         status = 500
         self._slot.add_in_flight(1)
         try:
@@ -121,7 +133,8 @@ class HttpSurface:
         finally:
             self._slot.add_in_flight(-1)
             self._slot.add_served()
-            self._metrics.record_http(route, status, time.perf_counter() - started)
+            if obs is not None:
+                obs.finish(status)
 
     def _dispatch(self, request: web.BaseRequest) -> tuple[int, Handler]:
         methods = self._table.get(request.path)
@@ -137,6 +150,7 @@ class HttpSurface:
         key = self._gateway.authenticate(request.headers.get("Authorization"))
         call = self._gateway.decode_chat(body)
         call.key = key
+        call.obs = obs = request.get(OBS)
         call.profile = request.headers.get("x-llmkit-route-profile")
         call.headers["x-request-id"] = request[REQUEST_ID]
         for name in (*PROPAGATED_HEADERS, DEDUP_HEADER):
@@ -146,6 +160,8 @@ class HttpSurface:
             target, chunks = await self._gateway.stream(call)
             return await self._send_stream(request, target, chunks, call.response_headers)
         target, completion = await self._gateway.chat(call)
+        if obs is not None and obs.sampled:
+            obs.answered([c.finish_reason for c in completion.choices if c.finish_reason])
         response = web.Response(body=encoder.encode(completion), headers=JSON_TYPE)
         response.headers.update(call.response_headers)
         _target_headers(response, target)
@@ -157,9 +173,8 @@ class HttpSurface:
         body = await self._read_body(request)
         key = self._gateway.authenticate(request.headers.get("Authorization"))
         headers = dict(JSON_TYPE)
-        target, result = await self._gateway.embed(
-            self._gateway.decode_embeddings(body), key, headers
-        )
+        embedding = self._gateway.decode_embeddings(body)
+        target, result = await self._gateway.embed(embedding, key, headers, request.get(OBS))
         response = web.Response(body=encoder.encode(result), headers=headers)
         _target_headers(response, target)
         return response

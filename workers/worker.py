@@ -26,6 +26,7 @@ from aiohttp import web
 
 from llmkit.config import Config
 from llmkit.gateway import Gateway
+from llmkit.observability import Observability
 from llmkit.state import SharedState
 from shm import WorkerSlot
 from workers.http import HttpSurface
@@ -65,11 +66,12 @@ def run(spec: WorkerSpec) -> int:
         if spec.config.multiplexer.enabled:
             mux = state.multiplexer(spec.config, spec.slot, spec.shm_name)
         gateway = Gateway(spec.config, control=control, multiplexer=mux)
+        observability = Observability.build(spec.config, state.metrics)
     except Exception as exc:
         print(f"llmkit: worker {spec.slot} failed to boot: {exc}", file=sys.stderr, flush=True)
         return WORKER_BOOT_ERROR
     try:
-        return uvloop.run(Worker(spec, state, gateway).serve())
+        return uvloop.run(Worker(spec, state, gateway, observability).serve())
     except Exception:
         traceback.print_exc()
         return 1
@@ -78,8 +80,11 @@ def run(spec: WorkerSpec) -> int:
 class Worker:
     """The event-loop side of one worker process."""
 
-    def __init__(self, spec: WorkerSpec, state: SharedState, gateway: Gateway) -> None:
+    def __init__(
+        self, spec: WorkerSpec, state: SharedState, gateway: Gateway, observability: Observability
+    ) -> None:
         self._spec = spec
+        self._observability = observability
         self._state = state
         self._gateway = gateway
         self._slot: WorkerSlot = state.metrics.workers[spec.slot]
@@ -103,12 +108,13 @@ class Worker:
         drain_s = self._spec.config.server.drain_timeout_s
         await asyncio.gather(runner.cleanup(), self._frames.drain(drain_s))
         await self._gateway.close()
+        self._observability.close()
         beating.cancel()
         return WORKER_OK
 
     async def _start(self) -> web.ServerRunner:
         server = self._spec.config.server
-        surface = HttpSurface(self._gateway, self._state.metrics, self._slot)
+        surface = HttpSurface(self._gateway, self._state.metrics, self._slot, self._observability)
         handler = surface.server(
             access_log=None,
             max_line_size=server.max_header_bytes,

@@ -14,7 +14,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 import msgspec
 
@@ -36,6 +36,9 @@ from llmkit.types import (
     json_decoder,
 )
 from llmkit.upstream import Upstream, retry_after_from
+
+if TYPE_CHECKING:
+    from llmkit.observability import RequestObs
 
 T = TypeVar("T")
 # W3C trace context travels to every provider, so upstream spans join the caller's trace.
@@ -102,6 +105,7 @@ class Call:
     profile: str | None = None  # routing profile override (x-llmkit-route-profile)
     # Headers the response must carry whatever happens (x-ratelimit-* ...).
     response_headers: dict[str, str] = field(default_factory=dict)
+    obs: RequestObs | None = None  # metrics/tracing/log recorder; None when all are off
 
 
 SSE_DONE = b"data: [DONE]\n\n"

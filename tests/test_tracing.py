@@ -1,0 +1,170 @@
+"""Sampled tracing through the real HTTP surface, with the SDK's in-memory exporter."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from llmkit.tracing import format_traceparent, parse_traceparent
+from tests.mocks.base import Fault
+from tests.mocks.openai import OpenAIMock
+from tests.test_observability import CHAT, chat, config_of, in_process
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def mock() -> Any:
+    with OpenAIMock(key=None) as upstream:
+        yield upstream
+
+
+def tracing_config(rate: float) -> str:
+    # An endpoint nobody listens on: the test's exporter replaces the OTLP one.
+    return (
+        f"[observability]\ntrace_sample_rate = {rate}\n"
+        'otlp_endpoint = "http://127.0.0.1:9/v1/traces"\n'
+    )
+
+
+def fallback_alias(url: str) -> str:
+    return (
+        f'[[providers]]\nname = "local"\nbase_url = "{url}/v1"\n\n'
+        '[[models]]\nname = "m"\n'
+        '[[models.deployments]]\nprovider = "local"\nmodel = "upstream-x"\n'
+        "input_cost_per_mtok = 0.01\n"
+        '[[models.deployments]]\nprovider = "demo"\nmodel = "y"\ninput_cost_per_mtok = 100.0\n'
+        '[router]\nprofile = "cost"\nbackoff_base_s = 0.0\n'
+    )
+
+
+def by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, list[ReadableSpan]]:
+    named: dict[str, list[ReadableSpan]] = {}
+    for span in spans:
+        named.setdefault(span.name, []).append(span)
+    return named
+
+
+async def test_a_request_that_fell_back_has_a_gateway_span_and_two_attempt_spans(
+    tmp_path: Path, mock: OpenAIMock, exporter: InMemorySpanExporter
+) -> None:
+    config = config_of(tmp_path, fallback_alias(mock.url) + tracing_config(1.0))
+    mock.faults.append(Fault("status", status=500))
+    async with in_process(config, exporter) as local, httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(local.url + CHAT, json=chat("m", "PLANTED-PROMPT-span"))
+    assert response.status_code == 200
+    usage = response.json()["usage"]
+    spans = exporter.get_finished_spans()
+    named = by_name(spans)
+    (root,) = named["chat m"]
+    assert root.kind == SpanKind.SERVER and root.parent is None
+    attrs = root.attributes or {}
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == "m"
+    assert attrs["gen_ai.provider.name"] == "demo"
+    assert attrs["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert attrs["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("stop",)  # type: ignore[arg-type]
+    assert attrs["http.response.status_code"] == 200
+    attempts = [s for s in spans if s.kind == SpanKind.CLIENT]
+    assert len(attempts) == 2
+    first, second = sorted(attempts, key=lambda s: s.start_time or 0)
+    assert first.name == "chat upstream-x" and second.name == "chat y"
+    for span in (first, second):
+        assert span.parent is not None and span.parent.span_id == root.context.span_id
+    assert (first.attributes or {})["gen_ai.provider.name"] == "local"
+    assert (first.attributes or {})["error.type"] == "server_error"
+    assert first.status.status_code == StatusCode.ERROR
+    assert (second.attributes or {})["llmkit.attempt"] == 2
+    assert second.status.status_code != StatusCode.ERROR
+    assert len(named["llmkit.router"]) == len(named["llmkit.limiter"]) == 1
+    assert {s.context.trace_id for s in spans} == {root.context.trace_id}
+    # The upstream saw the first attempt span as its parent.
+    sent = parse_traceparent(mock.requests[0].headers["traceparent"])
+    assert sent == (first.context.trace_id, first.context.span_id, True)
+    # No prompt text in any span.
+    assert "PLANTED-PROMPT-span" not in repr([dict(s.attributes or {}) for s in spans])
+
+
+async def test_an_incoming_traceparent_is_continued_and_propagated(
+    tmp_path: Path, mock: OpenAIMock, exporter: InMemorySpanExporter
+) -> None:
+    config = config_of(tmp_path, fallback_alias(mock.url) + tracing_config(0.01))
+    trace_id, parent_id = random.getrandbits(128) | 1, random.getrandbits(64) | 1
+    header = {"traceparent": format_traceparent(trace_id, parent_id, sampled=True)}
+    async with in_process(config, exporter) as local, httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(local.url + CHAT, json=chat("m"), headers=header)
+    assert response.status_code == 200
+    spans = exporter.get_finished_spans()
+    (root,) = by_name(spans)["chat m"]
+    assert root.context.trace_id == trace_id
+    assert root.parent is not None and root.parent.span_id == parent_id
+    assert root.parent.is_remote
+    (attempt,) = [s for s in spans if s.kind == SpanKind.CLIENT]
+    sent = parse_traceparent(mock.requests[0].headers["traceparent"])
+    assert sent == (trace_id, attempt.context.span_id, True)
+
+
+async def test_an_unsampled_parent_is_passed_through_and_nothing_is_recorded(
+    tmp_path: Path, mock: OpenAIMock, exporter: InMemorySpanExporter
+) -> None:
+    config = config_of(tmp_path, fallback_alias(mock.url) + tracing_config(1.0))
+    incoming = format_traceparent(random.getrandbits(128) | 1, 77, sampled=False)
+    async with in_process(config, exporter) as local, httpx.AsyncClient(timeout=10) as client:
+        await client.post(local.url + CHAT, json=chat("m"), headers={"traceparent": incoming})
+    assert exporter.get_finished_spans() == ()
+    assert mock.requests[0].headers["traceparent"] == incoming
+
+
+def _binomial_interval(n: int, p: float, confidence: float) -> tuple[int, int]:
+    """The central ``confidence`` interval of Binomial(n, p), from the exact pmf."""
+    tail = (1 - confidence) / 2
+
+    def log_pmf(k: int) -> float:
+        log_comb = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+        return log_comb + k * math.log(p) + (n - k) * math.log(1 - p)
+
+    pmf = [math.exp(log_pmf(k)) for k in range(n + 1)]
+    low, acc = 0, 0.0
+    while acc + pmf[low] <= tail:
+        acc += pmf[low]
+        low += 1
+    high, acc = n, 0.0
+    while acc + pmf[high] <= tail:
+        acc += pmf[high]
+        high -= 1
+    return low, high
+
+
+async def test_head_sampling_at_a_tenth_over_10000_requests(
+    tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    config = config_of(tmp_path, '[[models]]\nname = "m"\n[[models.deployments]]\n'
+                       'provider = "demo"\nmodel = "x"\n' + tracing_config(0.1))  # fmt: skip
+    n = 10_000
+    async with in_process(config, exporter) as local:
+        observability, gateway = local.observability, local.gateway
+        body = b'{"model": "m", "messages": [{"role": "user", "content": "hey"}]}'
+        for _ in range(n):
+            obs = observability.begin(0, "POST", CHAT, "r", None)
+            call = gateway.decode_chat(body)
+            call.obs = obs
+            await gateway.chat(call)
+            assert obs is not None
+            obs.finish(200)
+    roots = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    low, high = _binomial_interval(n, 0.1, 0.999)
+    assert low <= len(roots) <= high, (len(roots), low, high)
+    # Every sampled request is a whole trace: root, router, limiter and one attempt.
+    assert len(exporter.get_finished_spans()) == 4 * len(roots)
