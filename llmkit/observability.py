@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from llmkit import cluster
 from shm import Counter, Histogram, LayoutBuilder, WorkerSlot
 from shm.layout import Layout
 from shm.segment import Segment
@@ -57,6 +58,7 @@ class Metrics:
         self.http_duration = [
             Histogram(a, off, DURATION_BOUNDS) for off in _offsets(layout, "http_duration")
         ]
+        self.cluster = cluster.status_of(a, layout)
 
     def record_http(self, route: int, status: int, seconds: float) -> None:
         """Count one finished HTTP request; ``route`` from ``route_index``."""
@@ -83,6 +85,8 @@ class ShmCollector(Collector):
         yield self._http_requests()
         yield self._http_duration()
         yield from self._workers()
+        if self._m.cluster is not None:
+            yield from cluster.metric_families(self._m.cluster)
 
     def _http_requests(self) -> CounterMetricFamily:
         family = CounterMetricFamily(

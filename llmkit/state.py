@@ -6,7 +6,7 @@ from the same configuration, and the segment header's hash proves they agree.
 
 from __future__ import annotations
 
-from llmkit import control, observability
+from llmkit import cluster, control, observability
 from llmkit.config import Config, resolve_workers
 from shm import Layout, LayoutBuilder, Segment
 
@@ -28,6 +28,8 @@ def build_layout(config: Config) -> Layout:
     slots = worker_slots(config)
     observability.declare(builder, slots)
     control.declare(builder, config, slots)
+    if config.cluster.enabled:
+        cluster.declare(builder)
     return builder.build()
 
 
