@@ -147,8 +147,6 @@ class RedisLink:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
-            lib_name=None,
-            lib_version=None,
         )
         self._sync = self._client.register_script(SYNC_SCRIPT)
         self._publish = self._client.register_script(PUBLISH_SCRIPT)
