@@ -3,7 +3,10 @@
 One sync is one round trip (``sync``): a script that, atomically on the Redis server,
 marks this host alive, leases from and gives back to every cluster-wide bucket, and
 reads the shared health hash. Publishing a local breaker opening is a second, rare
-script (``publish``). Both read the clock with Redis ``TIME``, so hosts' clocks never
+script (``publish``) that also announces the news on a pub/sub channel, which every
+host listens to (``listen``), so a breaker opening reaches the others at once rather
+than at their next sync; the hash is what a host that was not listening catches up
+from. Both scripts read the clock with Redis ``TIME``, so hosts' clocks never
 have to agree; deadlines cross the wire as "milliseconds from now".
 
 Buckets are token buckets with capacity = the per-minute limit and a refill of
@@ -16,16 +19,17 @@ exact, µs (about 1.7e15) are.
 Keys (one hash tag per cluster, so one Redis Cluster slot): ``<prefix>:hosts`` (zset
 host id -> last sync µs), ``<prefix>:health`` (hash ``open:<deployment>`` /
 ``cool:<deployment>`` -> deadline in ms since the epoch), ``<prefix>:limit:<entity>:
-<requests|tokens>`` (a bucket).
+<requests|tokens>`` (a bucket); channel ``<prefix>:news`` (JSON field -> ms left).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -88,7 +92,7 @@ PUBLISH_SCRIPT = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local longest = 0
-for i = 1, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   local left = tonumber(ARGV[i + 1])
   local deadline = now_ms + left
   local old = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
@@ -100,6 +104,7 @@ end
 if redis.call('PTTL', KEYS[1]) < longest then
   redis.call('PEXPIRE', KEYS[1], longest)
 end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
 
@@ -152,6 +157,8 @@ class RedisLink:
         self._publish = self._client.register_script(PUBLISH_SCRIPT)
         self._hosts_key = f"{prefix}:hosts"
         self._health_key = f"{prefix}:health"
+        self._channel = f"{prefix}:news"
+        self._news = msgspec.json.Decoder(dict[str, int])
 
     async def sync(
         self,
@@ -170,10 +177,22 @@ class RedisLink:
 
     async def publish(self, entries: Mapping[str, int]) -> None:
         """Raise the shared deadlines of ``entries`` (field -> ms from now)."""
-        args: list[str | int] = []
+        args: list[str | int | bytes] = [self._channel, msgspec.json.encode(dict(entries))]
         for field, left_ms in entries.items():
             args += (field, left_ms)
         await self._call(self._publish(keys=[self._health_key], args=args))
+
+    async def listen(self) -> AsyncIterator[dict[str, int]]:
+        """Other hosts' news as it is published; raises when the connection fails."""
+        pubsub = self._client.pubsub()
+        try:
+            await self._call(pubsub.subscribe(self._channel))
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None and message["type"] == "message":
+                    yield self._news.decode(message["data"])
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
         await self._client.aclose()

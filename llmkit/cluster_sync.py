@@ -9,7 +9,9 @@ It attaches the segment like a worker and runs one asyncio loop:
   cluster-wide limit, lease what local demand needs and give back what it no longer
   does, mark this host alive, and read the other hosts' breaker news;
 - every tick (``TICK_S``, at most the sync interval), look for local breaker openings
-  and upstream cooldowns and publish them at once (rare, one round trip each);
+  and upstream cooldowns and publish them at once (rare, one round trip each); a
+  subscriber applies the other hosts' news as it arrives, and each sync re-reads the
+  shared hash in case a message was missed while disconnected;
 - when Redis fails or is slower than ``redis_timeout_s``, apply the failure policy and
   retry with exponential backoff. Requests never wait for any of it.
 
@@ -253,6 +255,7 @@ class Syncer:
         publishing: asyncio.Task[None] | None = None
         tick_s = min(TICK_S, self._cluster.sync_interval_s)
         last = self._clock()
+        listening = asyncio.create_task(self.listen()) if self._health is not None else None
         while not stop.is_set():
             now = self._clock()
             if self._health is not None:
@@ -269,10 +272,24 @@ class Syncer:
                 await asyncio.wait_for(stop.wait(), tick_s)
             except TimeoutError:
                 pass
+        if listening is not None:
+            listening.cancel()
         for task in (io, publishing):
             if task is not None:
                 await task
         await self.give_back()
+
+    async def listen(self) -> None:
+        """Apply other hosts' news as it is published; resubscribe after failures."""
+        assert self._health is not None
+        backoff = _Backoff(self._cluster.sync_interval_s, self._cluster.max_backoff_s)
+        while True:
+            try:
+                async for news in self._link.listen():
+                    self._health.apply(news, self._clock())
+                    backoff.reset()
+            except REDIS_FAILURES:
+                await asyncio.sleep(backoff.next_s())
 
     async def sync(self) -> None:
         """One round trip; on failure, the failure policy."""
