@@ -68,6 +68,7 @@ from llmkit.state import SharedState
 log = logging.getLogger("llmkit.cluster")
 
 TICK_S = 0.01
+IDLE_SYNC_S = 1.0  # with nothing to lease or give back, sync only this often
 RESERVE_FRACTION = 4  # idle hosts keep a quarter batch
 NS_PER_MS = 1_000_000
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
@@ -240,6 +241,7 @@ class Syncer:
         self._backoff = _Backoff(cluster.sync_interval_s, cluster.max_backoff_s)
         self._hosts = cluster.hosts or 1
         self._next_sync = 0
+        self._idle_until = 0
         self._pending: dict[str, int] = {}
         status.set(ClusterStatus.MODE, STARTING)
 
@@ -296,6 +298,10 @@ class Syncer:
         drop_local = self.mode == FAIL_OPEN
         fresh = self.mode != SYNCED
         requests = [ledger.plan(fresh) for ledger in self.ledgers]
+        now = self._clock()
+        if not fresh and now < self._idle_until and not any(r.want or r.give for r in requests):
+            self._next_sync = now + round(self._cluster.sync_interval_s * 1e9)
+            return  # an idle host: heartbeat and catch-up reads can wait
         self.status.add(ClusterStatus.ROUND_TRIPS)
         try:
             reply = await self._link.sync(
@@ -323,6 +329,7 @@ class Syncer:
         self._enter(SYNCED, "")
         self._backoff.reset()
         self._next_sync = now + round(self._cluster.sync_interval_s * 1e9)
+        self._idle_until = now + round(IDLE_SYNC_S * 1e9)
 
     async def publish(self) -> None:
         """Send the local breaker news gathered so far."""
