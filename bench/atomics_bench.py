@@ -302,21 +302,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    env = environment(args.seconds, args.reps)
+def measure_all(seconds: float, reps: int) -> list[Row]:
     sem_name = f"/llmkit-atomics-bench-{os.getpid()}"
     sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, initial_value=1)
     mm = mmap.mmap(-1, mmap.PAGESIZE)
     shared = Shared(mm, Atomics(mm), multiprocessing.get_context("fork").Lock(), sem_name)
     try:
-        rows = run_all(shared, args.seconds, args.reps)
+        return run_all(shared, seconds, reps)
     finally:
         sem.unlink()
         sem.close()
         shared.atomics.release()
         mm.close()
-    report(rows, env, args.json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    env = environment(args.seconds, args.reps)
+    report(measure_all(args.seconds, args.reps), env, args.json)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """The suite's entry (``python -m bench atomics``): the same cells, as report data."""
+    seconds, reps = (0.3, 1) if quick else (1.0, 3)
+    rows = measure_all(seconds, reps)
+    columns = ["operation", "procs", "cells", "ops/s per process", "min–max",
+               "aggregate ops/s", "CPU share"]  # fmt: skip
+    table = [[r.op, r.procs, r.cells, r.median, f"{min(r.per_process):,.0f}–"
+              f"{max(r.per_process):,.0f}", r.median_aggregate,
+              f"{statistics.median(r.cpu_share):.0%}"] for r in rows]  # fmt: skip
+    metrics = [{"name": f"{r.op}.{r.procs}p.{r.cells}.ops_per_s", "value": r.median,
+                "unit": "ops/s", "better": "higher"} for r in rows]  # fmt: skip
+    return {
+        "title": "shm._atomics operations vs lock-guarded read-modify-writes, 1-2 processes",
+        "summary": target_lines(rows, scaling(rows)),
+        "tables": [{"columns": columns, "rows": table}],
+        "metrics": metrics,
+        "commands": [f"python bench/atomics_bench.py --seconds {seconds} --reps {reps}"],
+    }
 
 
 if __name__ == "__main__":

@@ -531,16 +531,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    env = environment(args)
-    ours = run_ours(args.seconds, args.reps)
+def measure_all(seconds: float, reps: int, python: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(our rows, LiteLLM's rows, detection) of one run."""
+    ours = run_ours(seconds, reps)
     print("LiteLLM side: 1 process, then 2 (imports take a few seconds)", file=sys.stderr)
-    outputs = {
-        p: run_litellm(args.litellm_python, p, args.seconds, args.reps, detect=p == 1)
-        for p in (1, 2)
-    }
-    theirs = litellm_rows(outputs)
+    outputs = {p: run_litellm(python, p, seconds, reps, detect=p == 1) for p in (1, 2)}
     detection = {
         "llmkit": {
             "1w_cold": ours_detection(False),
@@ -551,6 +546,13 @@ def main(argv: list[str] | None = None) -> None:
         },
         "litellm": outputs[1][0]["results"]["detection"],
     }
+    return ours, litellm_rows(outputs), detection
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    env = environment(args)
+    ours, theirs, detection = measure_all(args.seconds, args.reps, args.litellm_python)
     scaling = scaling_ratios(ours) | scaling_ratios(theirs)
     rows = [*ours.values(), *theirs.values()]
     check = ours[("check", 1)].median
@@ -575,6 +577,69 @@ def main(argv: list[str] | None = None) -> None:
             "detection": detection,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """The suite's entry (``python -m bench circuit_breaker``): the same run, as report data."""
+    seconds, reps = (0.3, 1) if quick else (1.0, 3)
+    ours, theirs, detection = measure_all(seconds, reps, LITELLM_PYTHON)
+    scaling = scaling_ratios(ours) | scaling_ratios(theirs)
+    rows = [*ours.values(), *theirs.values()]
+    table = [[r.side, r.what, r.procs, r.median,
+              f"{min(r.per_process):,.0f}–{max(r.per_process):,.0f}",
+              f"{scaling[r.what]:.2f}×" if r.procs == 2 else "",
+              f"{statistics.median(r.cpu_share):.0%}"] for r in rows]  # fmt: skip
+    metrics = [{"name": f"{side.lower()}.{op}.{procs}p.ops_per_s", "value": row.median,
+                "unit": "calls/s", "better": "higher"}
+               for side, group in (("LLMKit", ours), ("LiteLLM", theirs))
+               for (op, procs), row in group.items()]  # fmt: skip
+    for key, sent in detection["llmkit"].items():
+        metrics.append({"name": f"llmkit.detection.{key}.requests", "value": sent,
+                        "unit": "requests", "better": "lower"})  # fmt: skip
+    series: dict[str, list[list[float]]] = {}
+    for side, group in (("LLMKit", ours), ("LiteLLM", theirs)):
+        for (op, procs), row in group.items():
+            if op in ("check", "anomaly", "cooldown_sync", "success_callback"):
+                series.setdefault(f"{side} {op}", []).append([procs, row.median * procs])
+    detect_md = detection_table(detection).splitlines()
+    detect_rows = [[c.strip() for c in line.strip("|").split("|")] for line in detect_md[2:]]
+    detect_cols = [c.strip() for c in detect_md[0].strip("|").split("|")]
+    return {
+        "title": "breaker checks and failure detection vs LiteLLM's Router cooldowns",
+        "tables": [
+            {
+                "columns": [
+                    "side",
+                    "what is timed",
+                    "procs",
+                    "calls/s per process",
+                    "min–max",
+                    "2p/1p aggregate",
+                    "CPU share",
+                ],
+                "rows": table,
+            },
+            {
+                "title": "Failure detection (failing requests 1 simulated ms apart)",
+                "columns": detect_cols,
+                "rows": detect_rows,
+            },
+        ],  # fmt: skip
+        "metrics": metrics,
+        "plots": [
+            {
+                "file": "breaker_procs.png",
+                "kind": "lines",
+                "logy": True,
+                "title": "Circuit breaker: calls/s (all processes) vs processes",
+                "xlabel": "processes",
+                "ylabel": "calls/s",
+                "series": series,
+            }
+        ],
+        "raw": {"detection": detection},
+        "commands": [f"python bench/circuit_breaker_bench.py --seconds {seconds} --reps {reps}"],
+    }
 
 
 if __name__ == "__main__":

@@ -146,12 +146,7 @@ def table(results: dict[str, dict[str, float]], args: argparse.Namespace) -> str
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--warmup", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=32)
-    args = parser.parse_args()
+def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="llmkit-client-bench-") as tmp:
         proc, url, sock = start_server(Path(tmp))
         try:
@@ -161,6 +156,40 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
+    return results
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """The suite's entry (``python -m bench client``): the same clients, as report data."""
+    args = argparse.Namespace(requests=500 if quick else 3000, warmup=100 if quick else 300,
+                              concurrency=32)  # fmt: skip
+    results = measure(args)
+    base = results["httpx.AsyncClient (http)"]["p50_ms"]
+    rows = [[name, r["p50_ms"], r["p99_ms"], r["rps"], f"{r['p50_ms'] / base:.0%}"]
+            for name, r in results.items()]  # fmt: skip
+    metrics = [
+        {"name": f"{name}.{key}", "value": r[key], "unit": unit, "better": better}
+        for name, r in results.items()
+        for key, unit, better in (("p50_ms", "ms", "lower"), ("rps", "req/s", "higher"))
+    ]
+    return {
+        "title": f"demo completion round trips: {args.requests} sequential, then "
+                 f"{args.requests} with {args.concurrency} in flight; llmkit-serve --workers 2",
+        "tables": [{"columns": ["client", "p50 ms", "p99 ms", "req/s (concurrent)",
+                                "p50 vs httpx"], "rows": rows}],
+        "metrics": metrics,
+        "commands": [f"python bench/client_bench.py --requests {args.requests} "
+                     f"--warmup {args.warmup}"],
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    results = measure(args)
     print(table(results, args))
     sys.stdout.flush()
 

@@ -32,8 +32,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import httpx
+from _aiohttp_proxy import aiohttp_proxy
 from _harness import LLMKitServer, WrkResult, machine, median_and_range, wrk
 from _loadgen import fixed_rate
 from _upstreams import STREAM_CHUNKS, free_port, mock_upstream, reverse_proxy
@@ -165,6 +167,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--litellm", default="/opt/litellm-venv/bin/litellm")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument(
+        "--no-floor", dest="floor", action="store_false",
+        help="skip the bare aiohttp proxy (the floor of any gateway built on aiohttp)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not shutil.which(args.litellm):
         sys.exit(f"LiteLLM not found at {args.litellm} (see this file's docstring)")
@@ -178,6 +184,9 @@ def main() -> None:
             "LiteLLM": stack.enter_context(litellm_proxy(args.litellm, mock.url)),
             "nginx": stack.enter_context(reverse_proxy(mock.port, workers=2)).url,
         }
+        if args.floor:
+            floor = aiohttp_proxy(mock.url, MASTER_KEY, free_port())
+            gateways["aiohttp floor"] = stack.enter_context(floor)[0]
         results = measure(gateways, args)
     print(report(results, args))
     if args.json:
@@ -259,7 +268,21 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> s
         f"{results['LLMKit']['ttfb_ms'] - results['nginx']['ttfb_ms']:+.2f} ms, LiteLLM "  # type: ignore[operator]
         f"{results['LiteLLM']['ttfb_ms'] - results['nginx']['ttfb_ms']:+.2f} ms",  # type: ignore[operator]
     ]
+    if "aiohttp floor" in results:
+        floor = _median(results["aiohttp floor"]["json"], "requests_per_s")
+        floor_stream = _median(results["aiohttp floor"]["stream"], "requests_per_s")
+        lines.append(
+            f"LLMKit / bare aiohttp proxy (the floor of these parts): JSON **{ours / floor:.0%}**"
+            f", streams **{ours_stream / floor_stream:.0%}**"
+        )
     return "\n".join(lines)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """The suite's entry (``python -m bench e2e``): 1 and 2 workers; see ``_e2e_suite.py``."""
+    from _e2e_suite import run as run_e2e
+
+    return run_e2e(quick)
 
 
 if __name__ == "__main__":

@@ -520,5 +520,65 @@ def main(argv: list[str] | None = None) -> None:
     report(rows, environment(args.seconds, args.reps, version), args.json)
 
 
+def run(quick: bool) -> dict[str, Any]:
+    """The suite's entry (``python -m bench rate_limiter``): the same cells, as report data."""
+    seconds, reps = (0.3, 1) if quick else (1.0, 3)
+    litellm = LITELLM_PYTHON if Path(LITELLM_PYTHON).exists() else None
+    rows, version = run_all(seconds, reps, litellm)
+    figures = summary(rows)
+    columns = ["side", "operation", "procs", "chains", "ops/s per process", "min–max",
+               "ns/op", "CPU share"]  # fmt: skip
+    table = [[r.side, r.label, r.procs, r.chains, r.median,
+              f"{min(r.per_process):,.0f}–{max(r.per_process):,.0f}", r.ns_per_op,
+              f"{statistics.median(r.cpu_share):.0%}"] for r in rows]  # fmt: skip
+    metrics = [
+        {
+            "name": f"{r.side.lower()}.{r.label}.{r.procs}p.{r.chains}.ops_per_s",
+            "value": r.median,
+            "unit": "ops/s",
+            "better": "higher",
+        }
+        for r in rows
+    ]
+    series: dict[str, list[list[float]]] = {}
+    for r in rows:
+        if r.label == ADMIT_3 and r.chains != "same":
+            series.setdefault("LLMKit admit, 3 levels (separate chains)", []).append(
+                [r.procs, r.median * r.procs]
+            )
+        if r.label == ADMIT_3 and r.procs == 1:
+            series.setdefault("LLMKit admit, 3 levels (same chain)", []).append([1, r.median])
+        if r.label == ADMIT_3 and r.chains == "same":
+            series.setdefault("LLMKit admit, 3 levels (same chain)", []).append([2, r.median * 2])
+        if r.side == "LiteLLM" and r.label.endswith("admit, 3 descriptors"):
+            series["LiteLLM limiter v3 admit (1 process: its state is per process)"] = [
+                [1, r.median]
+            ]
+    lite = [r for r in rows if r.side == "LiteLLM"]
+    return {
+        "title": "hierarchical limiter admissions vs LiteLLM's proxy limiter and Router check",
+        "summary": summary_lines(figures),
+        "tables": [{"columns": columns, "rows": table}],
+        "metrics": metrics,
+        "plots": [
+            {
+                "file": "rate_limiter_procs.png",
+                "kind": "lines",
+                "logy": True,
+                "title": "Rate limiter: admissions/s (all processes) vs processes",
+                "xlabel": "processes",
+                "ylabel": "admissions/s",
+                "series": series,
+            }
+        ],
+        "raw": {
+            "figures": figures,
+            "litellm_version": version,
+            "litellm": {r.label: r.median for r in lite},
+        },
+        "commands": [f"python bench/rate_limiter_bench.py --seconds {seconds} --reps {reps}"],
+    }
+
+
 if __name__ == "__main__":
     main()

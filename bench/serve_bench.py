@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 from dataclasses import asdict
+from typing import Any
 
 from _harness import LLMKitServer, WrkResult, machine, median_and_range, wrk
 
@@ -34,21 +35,67 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
 
-    results: dict[str, dict[int, list[WrkResult]]] = {w: {1: [], 2: []} for w in WORKLOADS}
-    with LLMKitServer(workers=1) as one, LLMKitServer(workers=2) as two:
-        servers = {1: one, 2: two}
-        for name, body in WORKLOADS.items():
-            wrk(one.url + "/v1/chat/completions", body, 1, args.connections)  # warm up
-            wrk(two.url + "/v1/chat/completions", body, 1, args.connections)
-            for _ in range(args.reps):
-                for workers, server in servers.items():
-                    url = server.url + "/v1/chat/completions"
-                    results[name][workers].append(wrk(url, body, args.seconds, args.connections))
+    results = measure(args.seconds, args.reps, args.connections)
     print(report(results, args))
     if args.json:
         with open(args.json, "w") as out:
             json.dump({w: {k: [asdict(r) for r in v] for k, v in d.items()}
                        for w, d in results.items()}, out, indent=2)  # fmt: skip
+
+
+def measure(seconds: float, reps: int, connections: int) -> dict[str, dict[int, list[WrkResult]]]:
+    results: dict[str, dict[int, list[WrkResult]]] = {w: {1: [], 2: []} for w in WORKLOADS}
+    with LLMKitServer(workers=1) as one, LLMKitServer(workers=2) as two:
+        servers = {1: one, 2: two}
+        for name, body in WORKLOADS.items():
+            wrk(one.url + "/v1/chat/completions", body, 1, connections)  # warm up
+            wrk(two.url + "/v1/chat/completions", body, 1, connections)
+            for _ in range(reps):
+                for workers, server in servers.items():
+                    url = server.url + "/v1/chat/completions"
+                    results[name][workers].append(wrk(url, body, seconds, connections))
+    return results
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """The suite's entry (``python -m bench serve``): the same cells, as report data."""
+    seconds, reps, connections = (2, 1, 64) if quick else (5, 3, 64)
+    results = measure(seconds, reps, connections)
+    rows, metrics, series = [], [], {}
+    for name, by_workers in results.items():
+        for workers, runs in by_workers.items():
+            rps = statistics.median(r.requests_per_s for r in runs)
+            rows.append(
+                [
+                    name,
+                    workers,
+                    rps,
+                    median_and_range([r.requests_per_s for r in runs]),
+                    statistics.median(r.p50_ms for r in runs),
+                    statistics.median(r.p99_ms for r in runs),
+                    sum(r.errors for r in runs),
+                ]
+            )
+            metrics.append(
+                {
+                    "name": f"{name}.{workers}w.rps",
+                    "value": rps,
+                    "unit": "req/s",
+                    "better": "higher",
+                }
+            )
+            series.setdefault(name, []).append([workers, rps])
+    return {
+        "title": "demo provider (answered inside the worker) under wrk, 1 vs 2 workers",
+        "tables": [{"columns": ["workload", "workers", "req/s", "median (min–max)", "p50 ms",
+                                "p99 ms", "errors"], "rows": rows}],
+        "metrics": metrics,
+        "plots": [{"file": "serve_workers.png", "kind": "lines", "title":
+                   "Demo provider: req/s vs workers", "xlabel": "workers",
+                   "ylabel": "requests/s", "series": series}],
+        "commands": [f"python bench/serve_bench.py --seconds {seconds} --reps {reps} "
+                     f"--connections {connections}"],
+    }  # fmt: skip
 
 
 def report(results: dict[str, dict[int, list[WrkResult]]], args: argparse.Namespace) -> str:

@@ -433,5 +433,45 @@ def main(argv: list[str] | None = None) -> None:
     report(rows + litellm_rows, env, args.json)
 
 
+def run(quick: bool) -> dict[str, Any]:
+    """The suite's entry (``python -m bench smart_router``): the same cells, as report data."""
+    seconds, reps = (0.3, 1) if quick else (1.0, 3)
+    rows = run_llmkit(seconds, reps)
+    version, litellm_rows = run_litellm("/opt/litellm-venv/bin/python", seconds, reps)
+    rows += litellm_rows
+    table = [[r.side, r.name, r.procs, statistics.median(r.per_process),
+              f"{min(r.per_process):,.0f}–{max(r.per_process):,.0f}",
+              statistics.median(r.aggregate), r.percentile(0.5) / 1e3, r.percentile(0.99) / 1e3,
+              f"{statistics.median(r.cpu_share):.0%}"] for r in rows]  # fmt: skip
+    metrics, series = [], {}
+    for r in rows:
+        name = f"{r.side.lower()}.{r.name}.{r.procs}p"
+        metrics += [
+            {"name": f"{name}.decisions_per_s", "value": statistics.median(r.per_process),
+             "unit": "decisions/s", "better": "higher"},
+            {"name": f"{name}.p50_ns", "value": r.percentile(0.5), "unit": "ns",
+             "better": "lower"},
+            {"name": f"{name}.p99_ns", "value": r.percentile(0.99), "unit": "ns",
+             "better": "lower"},
+        ]  # fmt: skip
+        if r.name != "harness only":
+            series.setdefault(f"{r.side} {r.name}", []).append(
+                [r.procs, statistics.median(r.aggregate)]
+            )
+    return {
+        "title": f"routing decisions, 5 deployments, vs LiteLLM {version}'s Router",
+        "summary": summary_lines(rows),
+        "tables": [{"columns": ["side", "decision", "procs", "decisions/s per process",
+                                "min–max", "aggregate decisions/s", "p50 µs", "p99 µs",
+                                "CPU share"], "rows": table}],
+        "metrics": metrics,
+        "plots": [{"file": "router_procs.png", "kind": "lines", "logy": True,
+                   "title": "Smart router: decisions/s (all processes) vs processes",
+                   "xlabel": "processes", "ylabel": "decisions/s", "series": series}],
+        "raw": {"litellm_version": version},
+        "commands": [f"python bench/smart_router_bench.py --seconds {seconds} --reps {reps}"],
+    }  # fmt: skip
+
+
 if __name__ == "__main__":
     main()

@@ -25,9 +25,9 @@ from collections.abc import AsyncIterator, Iterator
 from llmkit.control import ControlPlane
 from llmkit.errors import LLMKitError, RateLimitError, ServiceUnavailableError
 from llmkit.limiter import Admission
-from llmkit.providers.base import Call, Target
+from llmkit.providers.base import SSE_DONE, Call, Frames, Target
 from llmkit.router import backoff_s, retryable
-from llmkit.types import ChatCompletionChunk, Usage
+from llmkit.types import Usage
 
 Clock = time.monotonic_ns
 _RNG = random.Random()  # backoff jitter when there is no control plane
@@ -220,7 +220,7 @@ def estimate_tokens(call: Call, default_completion: int) -> tuple[int, int]:
 
 
 class TrackedStream:
-    """A stream as the client sees it; settles its attempt and its run exactly once.
+    """A stream as the client sees it: SSE event bytes; settles its run exactly once.
 
     A class rather than an async generator so that ``aclose()`` settles the books even
     when the stream was never iterated (the client left before the first write). A
@@ -231,13 +231,13 @@ class TrackedStream:
         self,
         run: Run,
         attempt: Attempt,
-        first: ChatCompletionChunk | None,
-        rest: AsyncIterator[ChatCompletionChunk],
+        first: Frames | None,
+        rest: AsyncIterator[Frames],
         strip_usage: bool,
     ) -> None:
         self._run = run
         self._attempt = attempt
-        self._next: ChatCompletionChunk | None = first
+        self._next: Frames | None = first
         self._rest = rest
         self._strip_usage = strip_usage
         self._usage: Usage | None = None
@@ -246,17 +246,21 @@ class TrackedStream:
     def __aiter__(self) -> TrackedStream:
         return self
 
-    async def __anext__(self) -> ChatCompletionChunk:
+    async def __anext__(self) -> bytes:
         while True:
-            chunk = self._next if self._next is not None else await self._pull()
+            frames = self._next if self._next is not None else await self._pull()
             self._next = None
-            if chunk.usage is not None:
-                self._usage = chunk.usage
-            if self._strip_usage and not chunk.choices and chunk.usage is not None:
-                continue
-            return chunk
+            if frames.usage is not None:
+                self._usage = frames.usage
+            events = frames.events
+            if frames.usage_event and not self._strip_usage:
+                events += frames.usage_event
+            if frames.last:
+                events += SSE_DONE
+            if events:
+                return events
 
-    async def _pull(self) -> ChatCompletionChunk:
+    async def _pull(self) -> Frames:
         if self._closed:
             self._finish()
             raise StopAsyncIteration

@@ -80,8 +80,6 @@ __all__ = [
 
 
 class ChunkStream(Protocol):
-    usage: msgspec.Raw | None
-
     def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]: ...
 
     async def aclose(self) -> None: ...

@@ -19,7 +19,7 @@ import msgspec
 from llmkit import errors, frames
 from llmkit.errors import BodyTooLargeError, LLMKitError
 from llmkit.frames import Cancel, Chunk, End, Hello, Operation, Request, Result, Welcome
-from llmkit.types import ChatCompletionChunk
+from llmkit.types import ChatCompletionChunk, chunk_decoder
 
 T = TypeVar("T")
 Waiter = asyncio.Future[frames.ServerFrame] | asyncio.Queue[frames.ServerFrame | LLMKitError]
@@ -151,13 +151,11 @@ class FrameConnection:
             raise _from_frame(reply)
         raise APIConnectionError(f"unexpected {type(reply).__name__} frame for a call")
 
-    async def stream(
-        self, body: bytes, timeout: float | None, decoder: msgspec.msgpack.Decoder[Any]
-    ) -> FrameStream:
+    async def stream(self, body: bytes, timeout: float | None) -> FrameStream:
         """Open a chat stream; errors before the first chunk raise here, like HTTP."""
         queue: asyncio.Queue[frames.ServerFrame | LLMKitError] = asyncio.Queue()
         rid = await self._send("chat", body, queue)
-        stream = FrameStream(self, rid, queue, timeout, decoder)
+        stream = FrameStream(self, rid, queue, timeout)
         await stream.start()
         return stream
 
@@ -223,16 +221,13 @@ class FrameStream:
         rid: int,
         queue: asyncio.Queue[frames.ServerFrame | LLMKitError],
         timeout: float | None,
-        decoder: msgspec.msgpack.Decoder[Any],
     ) -> None:
         self._conn = conn
         self._rid = rid
         self._queue = queue
         self._timeout = timeout
-        self._decoder = decoder
         self._first: ChatCompletionChunk | None = None
         self._done = False
-        self.usage: msgspec.Raw | None = None
 
     async def start(self) -> None:
         self._first = await self._next()
@@ -264,11 +259,9 @@ class FrameStream:
             await self.aclose()
             raise APITimeoutError(f"no chunk within {self._timeout} s") from None
         if isinstance(frame, Chunk):
-            chunk: ChatCompletionChunk = self._decoder.decode(frame.body)
-            return chunk
+            return chunk_decoder.decode(frame.json)
         self._done = True
         if isinstance(frame, End):
-            self.usage = frame.usage
             return None
         if isinstance(frame, frames.Error):
             raise _from_frame(frame)
@@ -310,7 +303,7 @@ class UdsTransport:
 
     async def stream(self, body: bytes, timeout: float | None) -> FrameStream:
         conn = await self.connection()
-        return await conn.stream(body, timeout, _decoder(ChatCompletionChunk))
+        return await conn.stream(body, timeout)
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -14,7 +14,9 @@ frames ending in ``End``, or with one ``Error``. Ids multiplex many requests on 
 connection. An ``Error`` with id 0 concerns the whole connection, which then closes.
 
 Request bodies are the JSON the HTTP API takes; reply bodies are msgpack of the same
-``llmkit.types`` Structs the HTTP API returns as JSON.
+``llmkit.types`` Structs the HTTP API returns as JSON. A ``Chunk`` carries one stream
+chunk's JSON exactly as the HTTP API's SSE event would, so a stream is relayed from
+upstream to client without being decoded and re-encoded on the way.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">I")
 # Larger frames are refused before they are read: the length is untrusted input.
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
@@ -70,12 +72,11 @@ class Result(msgspec.Struct, tag="result", tag_field="t", gc=False, kw_only=True
 
 class Chunk(msgspec.Struct, tag="chunk", tag_field="t", gc=False, kw_only=True):
     id: int
-    body: msgspec.Raw
+    json: bytes  # one ``chat.completion.chunk``, as JSON
 
 
 class End(msgspec.Struct, tag="end", tag_field="t", gc=False, kw_only=True):
     id: int
-    usage: msgspec.Raw | None = None
 
 
 class Error(msgspec.Struct, tag="error", tag_field="t", gc=False, kw_only=True):

@@ -30,7 +30,6 @@ from llmkit.providers.demo import DemoAdapter
 from llmkit.providers.registry import DEMO, build_adapters, build_providers, unusable
 from llmkit.types import (
     ChatCompletion,
-    ChatCompletionChunk,
     ChatRequest,
     EmbeddingRequest,
     EmbeddingResponse,
@@ -164,8 +163,12 @@ class Gateway:
         finally:
             run.close(usage)
 
-    async def stream(self, call: Call) -> tuple[Target, AsyncIterator[ChatCompletionChunk]]:
+    async def stream(self, call: Call) -> tuple[Target, AsyncIterator[bytes]]:
         """Open a stream; falls back until one deployment produces its first chunk.
+
+        The stream's items are whole OpenAI SSE events (``data: ...\\n\\n``, one or
+        more per item), ready to write. The last item may end with ``data: [DONE]``,
+        when the upstream's end came with it; if none does, the surface sends it.
 
         Errors before the first chunk raise here, so the caller can still answer with
         a status code; later errors surface from the iterator, and are never retried:
@@ -180,7 +183,7 @@ class Gateway:
         try:
             for attempt in run.tries():
                 target = attempt.target
-                chunks = self._adapter(target).stream(call, target)
+                chunks = self._adapter(target).frames(call, target)
                 try:
                     first = await anext(chunks)
                 except LLMKitError as exc:
@@ -202,11 +205,19 @@ class Gateway:
             raise
 
     async def embed(
-        self, request: EmbeddingRequest, key: str | None = None
+        self,
+        request: EmbeddingRequest,
+        key: str | None = None,
+        response_headers: dict[str, str] | None = None,
     ) -> tuple[Target, EmbeddingResponse]:
-        """Embeddings, with the same limits, breakers and fallbacks as chat."""
+        """Embeddings, with the same limits, breakers and fallbacks as chat.
+
+        ``response_headers``, when given, receives the ``x-ratelimit-*`` headers.
+        """
         texts = [Message(role="user", content=str(request.input))]
         call = Call(ChatRequest(model=request.model, messages=texts, max_tokens=1), key=key)
+        if response_headers is not None:
+            call.response_headers = response_headers
 
         async def embed(target: Target) -> tuple[EmbeddingResponse, Usage | None]:
             result = await self._adapter(target).embed(request, target)
@@ -215,7 +226,9 @@ class Gateway:
                           total_tokens=tokens.total_tokens)  # fmt: skip
             return result, usage
 
-        return await self._first_answer(call, request.model, embed)
+        target, result = await self._first_answer(call, request.model, embed)
+        self._limit_headers(call, target)
+        return target, result
 
     def state(self, now_ns: int) -> dict[str, object]:
         """The control plane's shared state, for ``/admin/state``."""

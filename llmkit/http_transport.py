@@ -89,7 +89,6 @@ class HttpStream:
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
-        self.usage: msgspec.Raw | None = None
 
     def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
         return self._chunks()

@@ -210,3 +210,12 @@ embedding_response_decoder = msgspec.json.Decoder(EmbeddingResponse)
 embedding_request_decoder = msgspec.json.Decoder(EmbeddingRequest)
 json_decoder = msgspec.json.Decoder()
 encoder = msgspec.json.Encoder()
+
+
+def decode_events(events: bytes) -> list[ChatCompletionChunk]:
+    """The chunks in whole SSE events (``data: <json>\\n\\n``...), as a gateway stream sends."""
+    return [
+        chunk_decoder.decode(event[6:])
+        for event in events.split(b"\n\n")
+        if event.strip() and event != b"data: [DONE]"
+    ]

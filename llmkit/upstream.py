@@ -241,6 +241,40 @@ async def iter_sse(
             yield event
 
 
+async def iter_sse_data(
+    response: aiohttp.ClientResponse, provider: str, max_event_bytes: int = MAX_EVENT_BYTES
+) -> AsyncIterator[list[bytes]]:
+    """Each event's ``data`` as bytes, grouped by the upstream read that completed them.
+
+    For proxies that pass events through: one list per read lets the caller write all
+    of a read's events at once, and the common single-line ``data: ...`` event is sliced,
+    never decoded. Framing is the same as ``iter_sse``'s.
+    """
+    buffer = b""
+    with map_client_errors(provider, None):
+        async for piece in response.content.iter_any():
+            buffer = buffer + piece if buffer else piece
+            if b"\r" in buffer:
+                buffer = buffer.replace(b"\r\n", b"\n")
+            *events, buffer = buffer.split(b"\n\n")
+            if len(buffer) > max_event_bytes:
+                raise BadUpstreamResponseError(f"{provider} sent an event over {max_event_bytes} B")
+            batch = [data for raw in events if (data := _event_data(raw)) is not None]
+            if batch:
+                yield batch
+    if buffer.strip():
+        data = _event_data(buffer)
+        if data is not None:
+            yield [data]
+
+
+def _event_data(raw: bytes) -> bytes | None:
+    if raw.startswith(b"data: ") and b"\n" not in raw:
+        return raw[6:]
+    event = _parse_event(raw)
+    return None if event is None else event.data.encode()
+
+
 def _split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
     buffer = buffer.replace(b"\r\n", b"\n")
     *events, rest = buffer.split(b"\n\n")

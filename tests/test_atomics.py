@@ -663,8 +663,9 @@ def test_gcra_bound_holds_with_real_clock(shared: Atomics) -> None:
     bound = REAL_BURST + (last - first) // REAL_INTERVAL
     total = admitted_total(shared)
     assert total <= bound
-    # Loose: a loaded CI box may deschedule all four workers for a while.
-    assert total >= bound // 2
+    # Liveness only: a loaded box may deschedule all four workers for most of the run,
+    # and time nobody asks in is not admitted later; the burst at least must get in.
+    assert total >= REAL_BURST
 
 
 EWMA_UPDATES = 20_000

@@ -285,3 +285,12 @@ def test_failed_requests_give_their_tokens_back(start_server: StartServer) -> No
     good = [httpx.post(url, json={"model": "good", "messages": SHORT, "max_tokens": 10})
             for _ in range(3)]  # fmt: skip
     assert [r.status_code for r in good] == [200, 200, 429]
+
+
+def test_embeddings_answer_with_rate_limit_headers(start_server: StartServer) -> None:
+    server = start_server(demo_alias("rpm = 5"), workers=1)
+    for remaining in ("4", "3"):
+        answer = httpx.post(f"{server.url}/v1/embeddings", json={"model": "m", "input": "hi"})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-ratelimit-limit-requests"] == "5"
+        assert answer.headers["x-ratelimit-remaining-requests"] == remaining

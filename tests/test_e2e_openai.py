@@ -193,3 +193,21 @@ def test_reset_mid_stream_ends_with_error_event(server: Server, mock: OpenAIMock
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert len(events) == 4 and "[DONE]" not in events
     assert json.loads(events[-1])["error"]["code"] == "bad_upstream_response"
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_stream_passes_upstream_events_through_and_ends_once(
+    server: Server, mock: OpenAIMock, include_usage: bool
+) -> None:
+    payload = {"model": "gpt", "messages": HELLO, "stream": True,
+               "stream_options": {"include_usage": include_usage}}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=payload, timeout=10) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
+        body = r.read()
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]" and body.count(b"[DONE]") == 1
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    finished = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finished) == 1
+    usage = [c for c in chunks if not c["choices"]]
+    assert len(usage) == (1 if include_usage else 0)

@@ -16,7 +16,7 @@ from llmkit.errors import (
 )
 from llmkit.gateway import Gateway
 from llmkit.providers.base import Call
-from llmkit.types import ChatRequest, Message
+from llmkit.types import ChatRequest, Message, decode_events
 
 
 def request(**fields: object) -> Call:
@@ -36,7 +36,8 @@ async def test_demo_is_deterministic_and_stream_matches_json() -> None:
     text = first.choices[0].message.content
     assert text == again.choices[0].message.content != other.choices[0].message.content
     target, chunks = await gateway.stream(request(seed=1, stream=True))
-    parts = [c.choices[0].delta.content async for c in chunks if c.choices]
+    chunks_seen = [c for events in [e async for e in chunks] for c in decode_events(events)]
+    parts = [c.choices[0].delta.content for c in chunks_seen if c.choices]
     assert target.provider.name == "demo" and "".join(p for p in parts if p) == text
 
 

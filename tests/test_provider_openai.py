@@ -20,7 +20,7 @@ from llmkit.errors import (
 from llmkit.providers.azure import AzureAdapter
 from llmkit.providers.base import Call, Provider, Target
 from llmkit.providers.openai import OpenAIAdapter
-from llmkit.types import ChatRequest, EmbeddingRequest
+from llmkit.types import ChatRequest, EmbeddingRequest, decode_events
 from llmkit.upstream import Upstream
 from tests.mocks.base import Fault
 from tests.mocks.openai import OpenAIMock
@@ -160,3 +160,32 @@ def test_mock_speaks_what_the_openai_sdk_parses(mock: OpenAIMock) -> None:
     assert parts[-1].usage is not None and parts[-1].choices == []
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=mock.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+async def test_frames_pass_events_through_and_keep_usage_apart(
+    mock: OpenAIMock, upstream: Upstream
+) -> None:
+    adapter = OpenAIAdapter(upstream)
+    wanted = call(stream=True, stream_options={"include_usage": True})
+    frames = [f async for f in adapter.frames(wanted, target(mock))]
+    chunks = [c async for c in adapter.stream(wanted, target(mock))]
+    events = b"".join(f.events for f in frames)
+    assert all(e.startswith(b"data: {") for e in events.split(b"\n\n") if e)
+    passed = decode_events(events)
+    usage_chunks = [c for c in chunks if not c.choices]
+    assert [c.choices for c in passed] == [c.choices for c in chunks if c.choices]
+    [usage_frames] = [f for f in frames if f.usage_event]
+    assert decode_events(usage_frames.usage_event)[0].usage == usage_chunks[0].usage
+    assert usage_frames.usage == usage_chunks[0].usage and frames[-1] is usage_frames
+
+
+@pytest.mark.parametrize("kind", ["reset", "malformed"])
+async def test_broken_passthrough_raises_after_what_arrived(
+    mock: OpenAIMock, upstream: Upstream, kind: str
+) -> None:
+    mock.faults.append(Fault(kind, after_chunks=2))
+    events = b""
+    with pytest.raises(BadUpstreamResponseError):
+        async for frames in OpenAIAdapter(upstream).frames(call(stream=True), target(mock)):
+            events += frames.events
+    assert len(decode_events(events)) == 2

@@ -39,8 +39,8 @@ from llmkit.errors import (
 )
 from llmkit.gateway import Gateway
 from llmkit.observability import Metrics, ShmCollector
-from llmkit.providers.base import PROPAGATED_HEADERS, Target
-from llmkit.types import ChatCompletionChunk, encoder
+from llmkit.providers.base import PROPAGATED_HEADERS, SSE_DONE, Target
+from llmkit.types import encoder
 from shm import WorkerSlot
 
 log = logging.getLogger("llmkit.http")
@@ -48,7 +48,6 @@ log = logging.getLogger("llmkit.http")
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 JSON_TYPE = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-DONE = b"data: [DONE]\n\n"
 CLIENT_GONE = 499
 OTHER_ROUTE = observability.route_index("other")
 CLIENT_GONE_KEY = web.ResponseKey("llmkit.client_gone", bool)
@@ -154,8 +153,11 @@ class HttpSurface:
     async def embeddings(self, request: web.BaseRequest) -> web.StreamResponse:
         body = await self._read_body(request)
         key = self._gateway.authenticate(request.headers.get("Authorization"))
-        target, result = await self._gateway.embed(self._gateway.decode_embeddings(body), key)
-        response = web.Response(body=encoder.encode(result), headers=JSON_TYPE)
+        headers = dict(JSON_TYPE)
+        target, result = await self._gateway.embed(
+            self._gateway.decode_embeddings(body), key, headers
+        )
+        response = web.Response(body=encoder.encode(result), headers=headers)
         _target_headers(response, target)
         return response
 
@@ -206,27 +208,41 @@ class HttpSurface:
         self,
         request: web.BaseRequest,
         target: Target,
-        chunks: AsyncIterator[ChatCompletionChunk],
+        chunks: AsyncIterator[bytes],
         headers: dict[str, str],
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+        response = _EventStream(headers={**SSE_HEADERS, **headers})
         response.headers["x-request-id"] = request[REQUEST_ID]
         _target_headers(response, target)
+        tail = SSE_DONE
         try:
             await response.prepare(request)
-            async for chunk in chunks:
-                await response.write(b"data: " + encoder.encode(chunk) + b"\n\n")
-            await response.write(DONE)
+            async for events in chunks:
+                if events.endswith(SSE_DONE):  # the end came with these: one write for both
+                    tail = b""
+                    await response.write_eof(events)
+                else:
+                    await response.write(events)
         except LLMKitError as exc:
             # Headers are gone already: the error becomes the stream's last event.
-            await response.write(b"data: " + encoder.encode(exc.body()) + b"\n\n")
+            tail = b"data: " + encoder.encode(exc.body()) + b"\n\n"
         except ConnectionResetError:
             response[CLIENT_GONE_KEY] = True
             return response
         finally:
             await _close(chunks)
-        await response.write_eof()
+        await response.write_eof(tail)
         return response
+
+
+class _EventStream(web.StreamResponse):
+    """An SSE response whose headers leave with its first events, in one write.
+
+    A stream is prepared only once its first chunk is in hand, so holding the headers
+    back delays nothing; aiohttp's plain ``Response`` does the same.
+    """
+
+    _send_headers_immediately = False
 
 
 async def _answer(handler: Handler, request: web.BaseRequest) -> web.StreamResponse:
@@ -301,7 +317,7 @@ def _target_headers(response: web.StreamResponse, target: Target) -> None:
     response.headers["x-llmkit-deployment"] = target.deployment
 
 
-async def _close(chunks: AsyncIterator[ChatCompletionChunk]) -> None:
+async def _close(chunks: AsyncIterator[bytes]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()

@@ -31,12 +31,13 @@ from llmkit.frames import (
 )
 from llmkit.gateway import Gateway
 from llmkit.observability import Metrics
-from llmkit.types import ChatCompletionChunk
+from llmkit.providers.base import SSE_DONE
 from shm import WorkerSlot
 
 log = logging.getLogger("llmkit.uds")
 
 HELLO_TIMEOUT_S = 10.0
+DONE_EVENT = SSE_DONE.rstrip()  # the client's stream ends with the End frame instead
 CLIENT_GONE = 499
 ROUTES = {op: observability.route_index(op) for op in ("chat", "embeddings", "models", "health")}
 
@@ -200,19 +201,18 @@ class FrameConnection:
             self._send(Result(id=rid, body=frames.encode_body(health)))
         await self._writer.drain()
 
-    async def _stream(self, rid: int, chunks: AsyncIterator[ChatCompletionChunk]) -> None:
-        usage = None
+    async def _stream(self, rid: int, chunks: AsyncIterator[bytes]) -> None:
         try:
-            async for chunk in chunks:
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                self._send(Chunk(id=rid, body=frames.encode_body(chunk)))
+            async for events in chunks:
+                for event in events.split(b"\n\n"):
+                    if event and event != DONE_EVENT:  # "data: <json>": the frame carries the JSON
+                        self._send(Chunk(id=rid, json=event[6:]))
                 await self._writer.drain()
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
-        self._send(End(id=rid, usage=None if usage is None else frames.encode_body(usage)))
+        self._send(End(id=rid))
 
 
 def _error_frame(rid: int, exc: LLMKitError) -> frames.Error:

@@ -14,7 +14,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import msgspec
 
@@ -31,6 +31,8 @@ from llmkit.types import (
     ChatRequest,
     EmbeddingRequest,
     EmbeddingResponse,
+    Usage,
+    encoder,
     json_decoder,
 )
 from llmkit.upstream import Upstream, retry_after_from
@@ -102,6 +104,29 @@ class Call:
     response_headers: dict[str, str] = field(default_factory=dict)
 
 
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class Frames(NamedTuple):
+    """What one upstream read became: OpenAI SSE events, ready to write as they are.
+
+    ``events`` is zero or more whole ``data: <chunk json>\n\n`` events. The usage-only
+    chunk (empty ``choices``) is never in ``events``: it travels in ``usage_event`` so
+    each consumer can show it or not, and its ``usage`` settles the request's tokens.
+    ``last`` says the upstream has ended the stream in this read, so the consumer can
+    send its end with these events, in one write.
+    """
+
+    events: bytes
+    usage: Usage | None = None
+    usage_event: bytes = b""
+    last: bool = False
+
+
+def sse_event(chunk: ChatCompletionChunk) -> bytes:
+    return b"data: " + encoder.encode(chunk) + b"\n\n"
+
+
 class Adapter(ABC):
     """Translates OpenAI-shaped calls to one wire format and back."""
 
@@ -119,6 +144,18 @@ class Adapter(ABC):
         """Chunks in OpenAI's order: role delta, content or tool-call deltas, a chunk with
         ``finish_reason``, then (if ``stream_options.include_usage``) a usage chunk with
         empty ``choices``. Errors after the first chunk raise from the iterator."""
+
+    async def frames(self, call: Call, target: Target) -> AsyncIterator[Frames]:
+        """The stream as the client will receive it, one ``Frames`` per chunk.
+
+        Wires whose upstream already speaks OpenAI's SSE override this to pass the
+        upstream's bytes through, one ``Frames`` per upstream read.
+        """
+        async for chunk in self.stream(call, target):
+            if chunk.usage is not None and not chunk.choices:
+                yield Frames(b"", chunk.usage, sse_event(chunk))
+            else:
+                yield Frames(sse_event(chunk), chunk.usage)
 
     async def embed(self, request: EmbeddingRequest, target: Target) -> EmbeddingResponse:
         """Embeddings; providers without them answer 400."""

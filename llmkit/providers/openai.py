@@ -8,16 +8,19 @@ validated. This is the hot path for most deployments, so it does as little as it
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import aiohttp
 import msgspec
 
-from llmkit.errors import BadUpstreamResponseError, UpstreamError
+from llmkit.errors import BadUpstreamResponseError, LLMKitError, UpstreamError
 from llmkit.providers.base import (
     JSON_HEADERS,
     SSE_HEADERS,
     Adapter,
     Call,
+    Frames,
     Target,
     decode_upstream,
     error_message,
@@ -27,12 +30,60 @@ from llmkit.types import (
     ChatCompletionChunk,
     EmbeddingRequest,
     EmbeddingResponse,
+    Usage,
     chunk_decoder,
     completion_decoder,
     embedding_response_decoder,
     encoder,
 )
-from llmkit.upstream import iter_sse
+from llmkit.upstream import iter_sse, iter_sse_data
+
+
+class _ChoiceShape(msgspec.Struct):
+    index: int
+    finish_reason: str | None = None
+
+
+class _ChunkShape(msgspec.Struct):
+    """What passthrough checks of an upstream chunk: its shape, its finish, its usage."""
+
+    id: str
+    choices: list[_ChoiceShape]
+    usage: Usage | None = None
+
+
+_shape_decoder = msgspec.json.Decoder(_ChunkShape)
+
+
+def _pass_through(
+    batch: list[bytes], target: Target
+) -> tuple[Frames | None, bool, bool, LLMKitError | None]:
+    """One read's events as ``Frames``, whether a choice finished, whether ``[DONE]``
+    came, and the error that cut the read short (after the events that preceded it)."""
+    events: list[bytes] = []
+    usage, usage_event, finished, done, error = None, b"", False, False, None
+    for data in batch:
+        if data == b"[DONE]":
+            done = True
+            break
+        try:
+            if data.startswith(b'{"error"'):
+                raise UpstreamError(error_message(data) or "upstream error")
+            shape = decode_upstream(_shape_decoder, data, target)
+        except LLMKitError as exc:
+            error = exc
+            break
+        finished = finished or any(c.finish_reason for c in shape.choices)
+        if shape.usage is not None:
+            usage = shape.usage
+            if not shape.choices:
+                usage_event = b"data: " + data + b"\n\n"
+                continue
+        events += (b"data: ", data, b"\n\n")
+    frames = None
+    if events or usage_event or done:
+        frames = Frames(b"".join(events), usage, usage_event, last=done)
+    return frames, finished, done, error
 
 
 class OpenAIAdapter(Adapter):
@@ -47,12 +98,7 @@ class OpenAIAdapter(Adapter):
 
     async def stream(self, call: Call, target: Target) -> AsyncIterator[ChatCompletionChunk]:
         provider = target.provider
-        async with self.upstream.open(
-            "POST", self.url(target, "chat/completions"),
-            headers=self.request_headers(target, call, SSE_HEADERS),
-            body=self.chat_body(call, target, True), timeout_s=provider.timeout_s,
-            stream=True, on_error=self.map_error, provider=provider.name,
-        ) as response:  # fmt: skip
+        async with self._open_stream(call, target) as response:
             finished = False
             async for event in iter_sse(response, provider.name):
                 if event.data == "[DONE]":
@@ -64,6 +110,38 @@ class OpenAIAdapter(Adapter):
                 yield chunk
         if not finished:  # a clean end without [DONE] is fine once a choice has finished
             raise BadUpstreamResponseError(f"{provider.name} ended the stream before finishing")
+
+    async def frames(self, call: Call, target: Target) -> AsyncIterator[Frames]:
+        """The upstream's events passed through as bytes, one ``Frames`` per read.
+
+        Each chunk is checked for its shape (a 502 otherwise) but never re-encoded, so
+        fields LLMKit does not model reach the client as the upstream sent them.
+        """
+        provider = target.provider
+        async with self._open_stream(call, target) as response:
+            finished = False
+            async for batch in iter_sse_data(response, provider.name):
+                frames, batch_finished, done, error = _pass_through(batch, target)
+                finished = finished or batch_finished
+                if frames is not None:
+                    yield frames
+                if error is not None:
+                    raise error
+                if done:
+                    return
+        if not finished:
+            raise BadUpstreamResponseError(f"{provider.name} ended the stream before finishing")
+
+    def _open_stream(
+        self, call: Call, target: Target
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        provider = target.provider
+        return self.upstream.open(
+            "POST", self.url(target, "chat/completions"),
+            headers=self.request_headers(target, call, SSE_HEADERS),
+            body=self.chat_body(call, target, True), timeout_s=provider.timeout_s,
+            stream=True, on_error=self.map_error, provider=provider.name,
+        )  # fmt: skip
 
     async def embed(self, request: EmbeddingRequest, target: Target) -> EmbeddingResponse:
         payload = encoder.encode(msgspec.structs.replace(request, model=target.model))
