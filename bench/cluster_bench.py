@@ -240,46 +240,97 @@ def overshoot(redis: RedisServer, quick: bool) -> list[dict[str, Any]]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """Every measurement; figures in a dict (the report is built from it)."""
+    """The suite's entry (``python -m bench cluster``): every measurement, as report data."""
     with tempfile.TemporaryDirectory(prefix="llmkit-cluster-bench-") as tmp:
         with RedisServer(Path(tmp)) as redis:
-            return {
+            figures = {
                 "machine": machine(),
                 "quick": quick,
                 "hot_path": hot_path(redis.url, quick),
                 "end_to_end": end_to_end(redis, quick),
                 "overshoot": overshoot(redis, quick),
             }
+    hot, e2e = figures["hot_path"], figures["end_to_end"]
+    return {
+        "title": "cluster mode: hot-path cost, Redis operations, overshoot vs batch size",
+        "summary": [
+            f"limiter work per request, cluster on / off: {hot['ratio']:.3f} (in process)",
+            f"llmkit-serve time per request, cluster on / off: {e2e['cost_ratio']:.3f}",
+            f"Redis round trips per 1,000 requests: {e2e['round_trips_per_1000_requests']:.2f}",
+        ],
+        "tables": _tables(figures),
+        "metrics": [
+            {"name": "hot_path.on_off", "value": hot["ratio"], "unit": "x", "better": "lower"},
+            {"name": "e2e.on_off", "value": e2e["cost_ratio"], "unit": "x", "better": "lower"},
+            {
+                "name": "redis.round_trips_per_1000",
+                "unit": "ops",
+                "value": e2e["round_trips_per_1000_requests"],
+                "better": "lower",
+            },
+        ],  # fmt: skip
+        "commands": ["python bench/cluster_bench.py" + (" --quick" if quick else "")],
+        "raw": figures,
+    }
+
+
+def _tables(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    hot, e2e = figures["hot_path"], figures["end_to_end"]
+    cost = {
+        "title": "Hot-path cost, cluster off vs on (medians, alternating repetitions)",
+        "columns": ["measurement", "cluster off", "cluster on", "on / off"],
+        "rows": [
+            [
+                "limiter work per request, in process (ns)",
+                round(hot["off_ns"]),
+                round(hot["on_ns"]),
+                round(hot["ratio"], 3),
+            ],
+            [
+                "llmkit-serve --workers 1 under wrk (requests/s)",
+                round(e2e["off_rps"]),
+                round(e2e["on_rps"]),
+                f"{e2e['cost_ratio']:.3f} (time per request)",
+            ],
+        ],  # fmt: skip
+    }
+    redis = {
+        "title": "Redis operations (INFO commandstats deltas, cluster-on server under wrk)",
+        "columns": ["figure", "value"],
+        "rows": [
+            ["requests served", e2e["requests"]],
+            ["round trips per 1,000 requests", round(e2e["round_trips_per_1000_requests"], 2)],
+            [
+                "commands per 1,000 requests, incl. inside scripts",
+                round(e2e["commands_per_1000_requests"], 1),
+            ],
+            ["round trips per second under load", round(e2e["round_trips_per_s_loaded"], 1)],
+            ["round trips per second idle", round(e2e["round_trips_per_s_idle"], 1)],
+        ],  # fmt: skip
+        "note": f"commands: {e2e['redis_commands']}",
+    }
+    burst = {
+        "title": "Overshoot vs batch size (3 hosts, 600 requests/min, 2 s burst)",
+        "columns": ["batch fraction", "batch", "admitted", "refill in burst", "overshoot",
+                    "bound 3 x batch"],
+        "rows": [
+            [r["batch_fraction"], r["batch"], r["admitted"], round(r["refill"]),
+             round(r["overshoot"]), r["bound"]]
+            for r in figures["overshoot"]
+        ],
+    }  # fmt: skip
+    return [cost, redis, burst]
 
 
 def report(result: dict[str, Any]) -> str:
-    hot, e2e = result["hot_path"], result["end_to_end"]
-    lines = [
-        f"Machine: {result['machine']}{' (quick)' if result['quick'] else ''}",
-        "",
-        "| measurement | cluster off | cluster on | on / off |",
-        "|---|---|---|---|",
-        f"| limiter work per request, in process (ns, median) | {hot['off_ns']:,.0f} | "
-        f"{hot['on_ns']:,.0f} | {hot['ratio']:.3f} |",
-        f"| llmkit-serve --workers 1 under wrk (requests/s, median) | {e2e['off_rps']:,.0f} | "
-        f"{e2e['on_rps']:,.0f} | {e2e['cost_ratio']:.3f} (time per request) |",
-        "",
-        f"Redis round trips: {e2e['round_trips_per_1000_requests']:.2f} per 1,000 requests "
-        f"({e2e['requests']:,} requests; {e2e['round_trips_per_s_loaded']:.1f}/s under load, "
-        f"{e2e['round_trips_per_s_idle']:.1f}/s idle); commands run, counting those inside "
-        f"the scripts: {e2e['commands_per_1000_requests']:.1f} per 1,000 requests: "
-        f"{e2e['redis_commands']}",
-        "",
-        "Overshoot vs batch size (3 hosts, 600 requests/min, 2 s burst):",
-        "",
-        "| batch fraction | batch | admitted | refill in burst | overshoot | bound 3 x batch |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in result["overshoot"]:
-        lines.append(
-            f"| {row['batch_fraction']:g} | {row['batch']} | {row['admitted']} | "
-            f"{row['refill']:.0f} | {row['overshoot']:.0f} | {row['bound']} |"
-        )
+    """The tables as Markdown."""
+    lines = [f"Machine: {result['raw']['machine']}{' (quick)' if result['raw']['quick'] else ''}"]
+    for table in result["tables"]:
+        lines += ["", table["title"], "", "| " + " | ".join(table["columns"]) + " |"]
+        lines.append("|" + "---|" * len(table["columns"]))
+        lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in table["rows"]]
+        if table.get("note"):
+            lines += ["", table["note"]]
     return "\n".join(lines)
 
 
