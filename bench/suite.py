@@ -68,7 +68,7 @@ REGISTRY: list[Entry] = [
           "circuit_breaker_bench"),
     Entry("smart_router", "smart_router_bench", "Smart router vs LiteLLM's Router",
           "smart_router_bench"),
-    Entry("multiplexer", "multiplexer_bench", "Streaming multiplexer",
+    Entry("multiplexer", "streaming_multiplexer_bench", "Streaming multiplexer",
           "streaming_multiplexer_bench"),
     Entry("observability", "observability_bench", "Observability overhead",
           "observability_bench"),

@@ -248,10 +248,7 @@ class TrackedStream:
 
     async def __anext__(self) -> bytes:
         while True:
-            frames = self._next if self._next is not None else await self._pull()
-            self._next = None
-            if frames.usage is not None:
-                self._usage = frames.usage
+            frames = await self.next_frames()
             events = frames.events
             if frames.usage_event and not self._strip_usage:
                 events += frames.usage_event
@@ -259,6 +256,15 @@ class TrackedStream:
                 events += SSE_DONE
             if events:
                 return events
+
+    async def next_frames(self) -> Frames:
+        """The next upstream read with its usage event apart, for a reader that decides
+        per subscriber whether to show it (the multiplexer); settles like iteration."""
+        frames = self._next if self._next is not None else await self._pull()
+        self._next = None
+        if frames.usage is not None:
+            self._usage = frames.usage
+        return frames
 
     async def _pull(self) -> Frames:
         if self._closed:

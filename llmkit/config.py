@@ -207,9 +207,17 @@ class BreakerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
 
 
 class MultiplexerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """``[multiplexer]``: sharing identical in-flight upstream requests."""
+    """``[multiplexer]``: sharing identical in-flight upstream requests.
+
+    ``eligible``: "deterministic" shares requests with temperature 0 or a seed (and
+    those sent with ``x-llmkit-dedup: on``); "all" shares every identical request.
+    ``table_slots``: the cross-worker in-flight table's size in shm (64 bytes each).
+    """
 
     enabled: bool = True
+    eligible: Literal["deterministic", "all"] = "deterministic"
+    cross_worker: bool = True
+    table_slots: Annotated[int, Meta(ge=8, le=1 << 20)] = 4096
 
 
 class ObservabilityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):

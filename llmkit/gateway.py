@@ -23,6 +23,7 @@ from llmkit.errors import (
     NotFoundError,
     RateLimitError,
 )
+from llmkit.multiplexer import Multiplexer
 from llmkit.pricing import price_for
 from llmkit.providers.base import Adapter, Call, Provider, Target
 from llmkit.providers.catalog import BY_NAME
@@ -56,9 +57,13 @@ class Gateway:
         config: Config,
         upstream: Upstream | None = None,
         control: ControlPlane | None = None,
+        multiplexer: Multiplexer | None = None,
     ) -> None:
         self.config = config
         self.control = control
+        if multiplexer is None and config.multiplexer.enabled:
+            multiplexer = Multiplexer(config.multiplexer)
+        self.multiplexer = multiplexer
         self.upstream = upstream or Upstream()
         self.providers = build_providers(config)
         self._adapters: dict[str, Adapter] = build_adapters(self.upstream)
@@ -125,24 +130,34 @@ class Gateway:
     # -- operations ---------------------------------------------------------------
 
     async def chat(self, call: Call) -> tuple[Target, ChatCompletion]:
-        """One whole completion, falling back across deployments on retryable failures."""
+        """One whole completion, falling back across deployments on retryable failures;
+        shared with identical calls in flight when the multiplexer allows."""
+        if self.multiplexer is not None and self.multiplexer.eligible(call):
+            return await self.multiplexer.chat(call, self)
+        return await self.complete(call, self.start_run(call, stream=False))
+
+    async def complete(self, call: Call, run: Run) -> tuple[Target, ChatCompletion]:
+        """``chat`` on an admitted ``run``, unshared."""
 
         async def complete(target: Target) -> tuple[ChatCompletion, Usage | None]:
             completion = await self._adapter(target).complete(call, target)
             return completion, completion.usage
 
-        target, completion = await self._first_answer(call, call.request.model, complete)
-        self._limit_headers(call, target)
+        target, completion = await self._first_answer(call, run, complete)
+        self.limit_headers(call, target)
         return target, completion
+
+    def start_run(self, call: Call, stream: bool) -> Run:
+        """Resolve, order and admit ``call`` (404, 400 or 429 before any try)."""
+        return self._run(call, call.request.model, stream)
 
     async def _first_answer(
         self,
         call: Call,
-        model: str,
+        run: Run,
         ask: Callable[[Target], Awaitable[tuple[T, Usage | None]]],
     ) -> tuple[Target, T]:
         """Try the request's deployments in turn until one answers; settle every try."""
-        run = self._run(call, model, stream=False)
         usage: Usage | None = None
         try:
             for attempt in run.tries():
@@ -164,7 +179,8 @@ class Gateway:
             run.close(usage)
 
     async def stream(self, call: Call) -> tuple[Target, AsyncIterator[bytes]]:
-        """Open a stream; falls back until one deployment produces its first chunk.
+        """Open a stream; falls back until one deployment produces its first chunk, or
+        joins an identical stream in flight when the multiplexer allows.
 
         The stream's items are whole OpenAI SSE events (``data: ...\\n\\n``, one or
         more per item), ready to write. The last item may end with ``data: [DONE]``,
@@ -174,12 +190,20 @@ class Gateway:
         a status code; later errors surface from the iterator, and are never retried:
         the client already has part of an answer.
         """
+        if self.multiplexer is not None and self.multiplexer.eligible(call):
+            return await self.multiplexer.stream(call, self)
         strip_usage = not call.request.wants_usage_chunk()
         if strip_usage:  # usage reconciles tokens/min; the client did not ask to see it
             call.request = msgspec.structs.replace(
                 call.request, stream_options=StreamOptions(include_usage=True)
             )
         run = self._run(call, call.request.model, stream=True)
+        return await self.open_stream(call, run, strip_usage)
+
+    async def open_stream(
+        self, call: Call, run: Run, strip_usage: bool
+    ) -> tuple[Target, TrackedStream]:
+        """``stream`` on an admitted ``run``, unshared."""
         try:
             for attempt in run.tries():
                 target = attempt.target
@@ -195,7 +219,7 @@ class Gateway:
                     attempt.abandoned()
                     raise
                 attempt.first_byte()
-                self._limit_headers(call, target)
+                self.limit_headers(call, target)
                 return target, TrackedStream(run, attempt, first, chunks, strip_usage)
             raise run.error()
         except BaseException as exc:
@@ -226,8 +250,9 @@ class Gateway:
                           total_tokens=tokens.total_tokens)  # fmt: skip
             return result, usage
 
-        target, result = await self._first_answer(call, request.model, embed)
-        self._limit_headers(call, target)
+        run = self._run(call, request.model, stream=False)
+        target, result = await self._first_answer(call, run, embed)
+        self.limit_headers(call, target)
         return target, result
 
     def state(self, now_ns: int) -> dict[str, object]:
@@ -259,7 +284,8 @@ class Gateway:
             raise
         return run
 
-    def _limit_headers(self, call: Call, target: Target) -> None:
+    def limit_headers(self, call: Call, target: Target) -> None:
+        """``x-ratelimit-*`` for ``target`` into the call's response headers."""
         if self.control is not None:
             now = time.monotonic_ns()
             call.response_headers.update(self.control.limit_headers(call.key, target, now))
@@ -276,6 +302,8 @@ class Gateway:
         )
 
     async def close(self) -> None:
+        if self.multiplexer is not None:
+            self.multiplexer.close()
         for adapter in self._adapters.values():
             await adapter.close()
         await self.upstream.close()

@@ -6,8 +6,11 @@ from the same configuration, and the segment header's hash proves they agree.
 
 from __future__ import annotations
 
-from llmkit import cluster, control, observability
+from llmkit import cluster, control, multiplexer, observability
 from llmkit.config import Config, resolve_workers
+from llmkit.multiplexer import Multiplexer
+from llmkit.mux_link import link_path
+from llmkit.mux_table import MuxTable
 from shm import Layout, LayoutBuilder, Segment
 
 MIN_WORKER_SLOTS = 64
@@ -28,6 +31,7 @@ def build_layout(config: Config) -> Layout:
     slots = worker_slots(config)
     observability.declare(builder, slots)
     control.declare(builder, config, slots)
+    multiplexer.declare(builder, config.multiplexer)
     if config.cluster.enabled:
         cluster.declare(builder)
     return builder.build()
@@ -54,6 +58,18 @@ class SharedState:
     def control(self, config: Config, worker_slot: int) -> control.ControlPlane:
         """The limiter, breakers and router over this segment, for one worker slot."""
         return control.ControlPlane(self.segment.atomics, self.layout, config, worker_slot)
+
+    def multiplexer(self, config: Config, worker_slot: int, shm_name: str) -> Multiplexer:
+        """The multiplexer of one worker, sharing in-flight calls with the others."""
+        counters = multiplexer.Counters(self.segment, self.layout)
+        incarnation = self.metrics.workers[worker_slot].incarnation
+        peers = multiplexer.Peers(
+            self.mux_table(), worker_slot, incarnation, lambda slot: link_path(shm_name, slot)
+        )
+        return Multiplexer(config.multiplexer, counters, peers)
+
+    def mux_table(self) -> MuxTable:
+        return MuxTable(self.segment.atomics, self.layout)
 
     def close(self) -> None:
         self.segment.close()

@@ -199,7 +199,8 @@ def test_reset_mid_stream_ends_with_error_event(server: Server, mock: OpenAIMock
 def test_stream_passes_upstream_events_through_and_ends_once(
     server: Server, mock: OpenAIMock, include_usage: bool
 ) -> None:
-    payload = {"model": "gpt", "messages": HELLO, "stream": True,
+    # A direct provider/model: the fault tests above have opened the alias's breaker.
+    payload = {"model": "openai/gpt-4o-mini", "messages": HELLO, "stream": True,
                "stream_options": {"include_usage": include_usage}}  # fmt: skip
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=payload, timeout=10) as r:
         assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"

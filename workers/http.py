@@ -38,6 +38,7 @@ from llmkit.errors import (
     PermissionDeniedError,
 )
 from llmkit.gateway import Gateway
+from llmkit.multiplexer import HEADER as DEDUP_HEADER
 from llmkit.observability import Metrics, ShmCollector
 from llmkit.providers.base import PROPAGATED_HEADERS, SSE_DONE, Target
 from llmkit.types import encoder
@@ -68,6 +69,8 @@ class HttpSurface:
         self._request_ids = (f"{prefix}{n:08x}" for n in itertools.count())
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(ShmCollector(metrics))
+        if gateway.multiplexer is not None:
+            self._registry.register(gateway.multiplexer.collector())
         self._table = self._routes()
 
     def server(self, **kwargs: object) -> web.Server:
@@ -136,7 +139,7 @@ class HttpSurface:
         call.key = key
         call.profile = request.headers.get("x-llmkit-route-profile")
         call.headers["x-request-id"] = request[REQUEST_ID]
-        for name in PROPAGATED_HEADERS:
+        for name in (*PROPAGATED_HEADERS, DEDUP_HEADER):
             if name in request.headers:
                 call.headers[name] = request.headers[name]
         if call.request.stream:

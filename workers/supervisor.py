@@ -28,6 +28,7 @@ import msgspec
 
 from llmkit.config import Config, ConfigError, load_config, resolve_workers, shm_name_for
 from llmkit.gateway import check_secrets
+from llmkit.mux_link import link_path
 from llmkit.state import SharedState, build_layout
 from shm import SegmentError, WorkerSlot
 from workers import worker
@@ -212,6 +213,9 @@ class Supervisor:
         reclaimed = self._control.limiter.reclaim(record.slot)
         if reclaimed:
             log.info("reclaimed %d concurrency slots of worker pid %d", reclaimed, record.pid)
+        # Its shared calls ended with it: identical requests must lead afresh.
+        self._state.mux_table().reclaim(record.pid)
+        _unlink_quietly(link_path(self._shm_name, record.slot))
         code = os.waitstatus_to_exitcode(status)
         if record.retiring or self._stopping:
             return

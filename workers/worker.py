@@ -60,7 +60,11 @@ def run(spec: WorkerSpec) -> int:
     signal.set_wakeup_fd(-1)
     try:
         state = SharedState.attach(spec.shm_name, spec.config)
-        gateway = Gateway(spec.config, control=state.control(spec.config, spec.slot))
+        control = state.control(spec.config, spec.slot)
+        mux = None
+        if spec.config.multiplexer.enabled:
+            mux = state.multiplexer(spec.config, spec.slot, spec.shm_name)
+        gateway = Gateway(spec.config, control=control, multiplexer=mux)
     except Exception as exc:
         print(f"llmkit: worker {spec.slot} failed to boot: {exc}", file=sys.stderr, flush=True)
         return WORKER_BOOT_ERROR
@@ -115,6 +119,8 @@ class Worker:
         await web.SockSite(runner, self._spec.tcp, backlog=2048).start()
         if self._spec.uds is not None:
             await self._frames.start(self._spec.uds)
+        if self._gateway.multiplexer is not None:
+            await self._gateway.multiplexer.start()
         return runner
 
     async def _heartbeat(self) -> None:

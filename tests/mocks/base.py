@@ -66,6 +66,7 @@ class MockUpstream:
     delay_s: float = 0.0  # added to every answer: a steadily slow upstream
     in_flight: int = 0
     max_in_flight: int = 0  # the most requests it was ever answering at once
+    disconnects: int = 0  # answers cut short because the client went away
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -100,6 +101,9 @@ class MockUpstream:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
                 return await play(request)
+            except (ConnectionResetError, asyncio.CancelledError):
+                self.disconnects += 1
+                raise
             finally:
                 self.in_flight -= 1
 

@@ -1,0 +1,310 @@
+"""Streaming multiplexer benchmark (the seed suite's ``streaming_multiplexer_bench``).
+
+Usage: ``python bench/streaming_multiplexer_bench.py [--quick] [--json PATH]``
+
+Measured, each comparison inside one run:
+
+- deduplication on the seed workload (30% unique, 70% duplicate requests, all
+  concurrent): upstream calls the mock saw, multiplexer on vs off; in-process and end
+  to end over ``llmkit-serve --workers 2``;
+- fan-out: SSE frames delivered per second to 100 subscribers of one stream, in one
+  event loop (in-process) and to 100 HTTP clients (end to end);
+- memory per subscriber: tracemalloc growth per extra subscriber of a finished
+  stream, against the stream's payload size (no per-subscriber payload copies);
+- overhead on unshared streams: CPU per request with the multiplexer on vs off
+  (``enabled = false``), demo provider in-process, alternating rounds, medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp  # noqa: E402
+import msgspec  # noqa: E402
+
+from bench._harness import LLMKitServer  # noqa: E402
+from llmkit.config import Config, MultiplexerConfig, load_config  # noqa: E402
+from llmkit.gateway import Gateway  # noqa: E402
+from llmkit.mux_entry import Entry, Subscription  # noqa: E402
+from llmkit.providers.base import Call  # noqa: E402
+from llmkit.types import ChatRequest  # noqa: E402
+from tests.mocks.openai import OpenAIMock  # noqa: E402
+
+
+def request(prompt: str, stream: bool = True, seed: int = 1) -> Call:
+    body = {"model": "local/m", "seed": seed, "stream": stream,
+            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+    return Call(msgspec.convert(body, ChatRequest))
+
+
+def workload(total: int, rng: random.Random) -> list[str]:
+    """30% unique prompts, 70% repeats of them, shuffled."""
+    unique = [f"question {i}" for i in range(int(total * 0.3))]
+    prompts = unique + [rng.choice(unique) for _ in range(total - len(unique))]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def gateway_for(mock: OpenAIMock, enabled: bool = True) -> Gateway:
+    config = load_config(None)
+    providers = [{"name": "local", "base_url": f"{mock.url}/v1"}]
+    raw = msgspec.to_builtins(config)
+    raw["providers"] = providers
+    raw["multiplexer"]["enabled"] = enabled
+    return Gateway(msgspec.convert(raw, Config))
+
+
+async def drain(stream: Any) -> int:
+    return sum([1 async for _ in stream])
+
+
+async def dedup_in_process(total: int, enabled: bool) -> dict[str, float]:
+    with OpenAIMock(key=None) as mock:
+        mock.delay_s = 0.3
+        gateway = gateway_for(mock, enabled)
+        prompts = workload(total, random.Random(5))
+        try:
+            opened = await asyncio.gather(*(gateway.stream(request(p)) for p in prompts))
+            await asyncio.gather(*(drain(s) for _, s in opened))
+        finally:
+            await gateway.close()
+        calls = len(mock.requests)
+    return {"requests": total, "upstream_calls": calls, "avoided": 1 - calls / total}
+
+
+async def dedup_end_to_end(total: int) -> dict[str, float]:
+    with OpenAIMock(key=None) as mock:
+        mock.delay_s = 0.5
+        config = f'[[providers]]\nname = "local"\nbase_url = "{mock.url}/v1"\n'
+        prompts = workload(total, random.Random(6))
+        with LLMKitServer(2, config) as server:
+            connector = aiohttp.TCPConnector(limit=total)
+            async with aiohttp.ClientSession(server.url, connector=connector) as session:
+
+                async def one(prompt: str) -> None:
+                    body = {"model": "local/m", "seed": 1, "stream": True,
+                            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+                    async with session.post("/v1/chat/completions", json=body) as r:
+                        await r.read()
+
+                await asyncio.gather(*(one(p) for p in prompts))
+        calls = len(mock.requests)
+    return {"requests": total, "upstream_calls": calls, "avoided": 1 - calls / total}
+
+
+async def fan_out_in_process(subscribers: int, frames: int) -> float:
+    """Frames delivered per second to ``subscribers`` readers of one live stream."""
+    entry = Entry(b"bench")
+    payload = [b'data: {"choices":[{"index":0,"delta":{"content":" tok%d"}}]}\n\n' % i
+               for i in range(frames)]  # fmt: skip
+    subs = [Subscription(entry, wants_usage=False) for _ in range(subscribers)]
+    for _ in subs:
+        entry.join()
+    readers = [asyncio.ensure_future(drain(s)) for s in subs]
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    for i, frame in enumerate(payload):
+        entry.append(frame)
+        if i % 16 == 15:
+            await asyncio.sleep(0)  # a live source yields between upstream reads
+    entry.finish()
+    delivered = sum(await asyncio.gather(*readers))
+    return delivered / (time.perf_counter() - started)
+
+
+async def fan_out_end_to_end(clients: int, words: int) -> dict[str, float]:
+    with OpenAIMock(key=None) as mock:
+        mock.delay_s = 1.0  # everyone joins before the first chunk
+        config = f'[[providers]]\nname = "local"\nbase_url = "{mock.url}/v1"\n'
+        prompt = " ".join(f"w{i}" for i in range(words))
+        with LLMKitServer(2, config) as server:
+            connector = aiohttp.TCPConnector(limit=clients)
+            async with aiohttp.ClientSession(server.url, connector=connector) as session:
+
+                async def one() -> tuple[int, float]:
+                    body = {"model": "local/m", "seed": 1, "stream": True,
+                            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+                    first, count = 0.0, 0
+                    async with session.post("/v1/chat/completions", json=body) as r:
+                        async for piece in r.content.iter_any():
+                            first = first or time.perf_counter()
+                            count += piece.count(b"\n\n")
+                    return count, first
+
+                results = await asyncio.gather(*(one() for _ in range(clients)))
+                ended = time.perf_counter()
+        calls = len(mock.requests)
+    delivered = sum(c for c, _ in results)
+    firsts = [f for _, f in results]
+    return {
+        "upstream_calls": calls,
+        "frames_delivered": delivered,
+        "frames_per_s": delivered / (ended - min(firsts)),
+        "first_chunk_spread_ms": (max(firsts) - min(firsts)) * 1000,
+    }
+
+
+async def memory_per_subscriber(frames: int, subscribers: int) -> dict[str, float]:
+    entry = Entry(b"mem")
+    for i in range(frames):
+        entry.append(b"data: " + b"x" * 200 + b" %06d\n\n" % i)
+    entry.finish()
+    payload = sum(len(f) for f in entry.frames)
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    subs = [Subscription(entry, wants_usage=False) for _ in range(subscribers)]
+    got = [[f async for f in s] for s in subs]
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    # The lists in ``got`` hold references (8 bytes each), not copies: that is the point.
+    references = subscribers * frames * 8
+    assert all(a is b for a, b in zip(got[-1], entry.frames, strict=True))
+    return {
+        "payload_bytes": payload,
+        "bytes_per_subscriber": grown / subscribers,
+        "of_which_test_reference_lists": references / subscribers,
+    }
+
+
+def demo_call(seed: int) -> Call:
+    body = {"model": "demo/x", "seed": seed, "stream": True,
+            "messages": [{"role": "user", "content": "hello there"}]}  # fmt: skip
+    return Call(msgspec.convert(body, ChatRequest))
+
+
+async def overhead(rounds: int, requests: int) -> dict[str, float]:
+    """CPU seconds per unshared streamed request, multiplexer on vs off (demo provider)."""
+    gateways = {
+        on: Gateway(Config(multiplexer=MultiplexerConfig(enabled=on))) for on in (True, False)
+    }
+    samples: dict[bool, list[float]] = {True: [], False: []}
+    seed = 0
+    for _ in range(rounds):
+        for on in (True, False):
+            # Every request distinct: nothing to share, only the cost of looking.
+            calls = [demo_call(seed + i) for i in range(requests)]
+            seed += requests
+            started = time.process_time()
+            for call in calls:
+                _, stream = await gateways[on].stream(call)
+                await drain(stream)
+            samples[on].append((time.process_time() - started) / requests)
+    for gateway in gateways.values():
+        await gateway.close()
+    on, off = statistics.median(samples[True]), statistics.median(samples[False])
+    return {"cpu_us_on": on * 1e6, "cpu_us_off": off * 1e6, "overhead": on / off - 1}
+
+
+def worker_cpu_s(server: LLMKitServer) -> float:
+    """User + system CPU seconds of the server's worker processes so far."""
+    pid = server.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for child in children:
+        fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def overhead_end_to_end(rounds: int, requests: int) -> dict[str, float]:
+    """Worker CPU per unshared streamed request over HTTP, multiplexer on vs off."""
+    servers = {on: LLMKitServer(1, f"[multiplexer]\nenabled = {str(on).lower()}\n")
+               for on in (True, False)}  # fmt: skip
+    samples: dict[bool, list[float]] = {True: [], False: []}
+    seed = 0
+    try:
+        for _ in range(rounds):
+            for on, server in servers.items():
+                async with aiohttp.ClientSession(server.url) as session:
+
+                    async def one(seed: int, session: aiohttp.ClientSession = session) -> None:
+                        body = {"model": "demo/x", "seed": seed, "stream": True,
+                                "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
+                        async with session.post("/v1/chat/completions", json=body) as r:
+                            await r.read()
+
+                    before = worker_cpu_s(server)
+                    for start in range(0, requests, 8):
+                        await asyncio.gather(*(one(seed + start + i) for i in range(8)))
+                    seed += requests
+                    samples[on].append((worker_cpu_s(server) - before) / requests)
+    finally:
+        for server in servers.values():
+            server.__exit__(None, None, None)
+    on, off = statistics.median(samples[True]), statistics.median(samples[False])
+    return {"cpu_us_on": on * 1e6, "cpu_us_off": off * 1e6, "overhead": on / off - 1}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Every measurement; ``quick`` shrinks the sizes for a smoke run."""
+    n = 300 if quick else 2000
+    return {
+        "dedup_in_process_on": asyncio.run(dedup_in_process(n, True)),
+        "dedup_in_process_off": asyncio.run(dedup_in_process(n, False)),
+        "dedup_end_to_end": asyncio.run(dedup_end_to_end(150 if quick else 600)),
+        "fan_out_in_process_frames_per_s": statistics.median(
+            asyncio.run(fan_out_in_process(100, 500 if quick else 2000)) for _ in range(3)
+        ),
+        "fan_out_end_to_end": asyncio.run(fan_out_end_to_end(100, 200 if quick else 1000)),
+        "memory": asyncio.run(memory_per_subscriber(1000, 100)),
+        "overhead": asyncio.run(overhead(5 if quick else 15, 100 if quick else 300)),
+        "overhead_end_to_end": asyncio.run(
+            overhead_end_to_end(3 if quick else 7, 400 if quick else 2000)
+        ),
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    on, off = results["dedup_in_process_on"], results["dedup_in_process_off"]
+    e2e, fan = results["dedup_end_to_end"], results["fan_out_end_to_end"]
+    mem, cpu, http = results["memory"], results["overhead"], results["overhead_end_to_end"]
+    rows = [
+        ("dedup, in-process, 30% unique (mux on)",
+         f"{on['upstream_calls']} calls / {on['requests']} req, {on['avoided']:.1%} avoided"),
+        ("dedup, in-process (mux off)",
+         f"{off['upstream_calls']} calls / {off['requests']} req, {off['avoided']:.1%} avoided"),
+        ("dedup, end to end, 2 workers",
+         f"{e2e['upstream_calls']} calls / {e2e['requests']} req, {e2e['avoided']:.1%} avoided"),
+        ("fan-out, 100 subscribers, one loop",
+         f"{results['fan_out_in_process_frames_per_s']:,.0f} frames/s"),
+        ("fan-out, 100 HTTP clients, 2 workers",
+         f"{fan['frames_per_s']:,.0f} frames/s ({fan['upstream_calls']} upstream call, "
+         f"first-chunk spread {fan['first_chunk_spread_ms']:.1f} ms)"),
+        ("memory per subscriber",
+         f"{mem['bytes_per_subscriber']:,.0f} B (payload {mem['payload_bytes']:,} B; "
+         f"{mem['of_which_test_reference_lists']:,.0f} B are the reader's own list)"),
+        ("CPU per unshared stream, in-process, on vs off",
+         f"{cpu['cpu_us_on']:.0f} us vs {cpu['cpu_us_off']:.0f} us ({cpu['overhead']:+.1%})"),
+        ("worker CPU per unshared stream over HTTP",
+         f"{http['cpu_us_on']:.0f} us vs {http['cpu_us_off']:.0f} us ({http['overhead']:+.1%})"),
+    ]  # fmt: skip
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--json", type=Path, default=None, help="also save results here")
+    args = parser.parse_args(argv)
+    results = run(args.quick)
+    print(table(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

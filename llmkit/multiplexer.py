@@ -1,0 +1,469 @@
+"""The streaming multiplexer: one upstream call for identical in-flight requests.
+
+Where it sits (DESIGN.md §3): after decode and authentication, before the router and
+the adapter. An eligible request computes its key; if an identical call is in flight
+(in this worker, or in another one) it joins as a *follower*, else it *leads*: it is
+admitted and routed as usual and its upstream call runs in a task of its own, feeding
+an ``Entry`` that every subscriber (the leader's own caller included) reads.
+
+Key. blake2b-128 of the canonical request: the resolved deployments' ``provider/model``
+labels (so an alias and the same model asked for directly share), then the request
+with ``model``, ``stream``, ``stream_options`` and ``user`` cleared (``user`` is an
+abuse-monitoring tag that does not change the output), then the extra top-level fields
+passed through to providers. msgspec's deterministic order sorts dict keys, so JSON key
+order in the body does not matter. Everything else (messages and all their parts,
+tools, tool_choice, response_format, temperature, top_p, stop, max tokens, seed, n)
+is in the key: two requests differing in any of them never share.
+
+Eligibility. ``x-llmkit-dedup: off`` opts out, ``on`` opts in; otherwise a request is
+eligible when its output is deterministic by intent (``temperature`` 0 or a ``seed``),
+or always with ``[multiplexer] eligible = "all"``. ``n > 1`` shares only with the same
+``n`` (it is in the key), so the upstream call is the same.
+
+Shape. The shared upstream call is made the way its leader asked (streamed or not):
+the leader's request reaches the provider exactly as without the multiplexer, which
+keeps the overhead on unshared requests to one dict lookup and one key hash. A
+non-streaming follower of a stream gets the completion assembled from its frames; a
+streaming follower of a whole completion gets it as chunks (both computed once per
+entry). A streamed shared call always asks the provider for the usage chunk; each
+subscriber passes it on only if its own request asked for it.
+
+Lifetime. The upstream call runs while at least one subscriber (local, or a follower
+worker's link) remains; when the last leaves, its task is cancelled, which closes the
+upstream connection. Entries leave the table as soon as their call ends: this is not
+a cache.
+
+Accounting. Every subscriber is a request: the HTTP surface counts it, and a follower
+is admitted at the global and key levels for requests/min and concurrency, with no
+tokens, since it causes no upstream tokens. The leader is admitted as usual and its
+tokens are reconciled with the upstream's usage once. Responses carry
+``x-llmkit-dedup: leader|follower``. Counters in shm: leaders, followers and upstream
+calls avoided (``llmkit_multiplexer_*_total``).
+
+Across workers. ``llmkit.mux_table`` documents the shm table (key hash -> owning
+worker, claimed by CAS) and ``llmkit.mux_link`` the attach protocol over each worker's
+private Unix socket. A follower worker mirrors the owner's entry into its own table,
+so its further identical requests join locally over the one link. Owner death: the
+link drops, the mirror fails with a 503 error event to its callers (or, before any
+output, they start over); the follower evicts the dead owner's slot when its socket
+refuses, and the supervisor clears every slot of a reaped worker, so a new identical
+request leads afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llmkit.attempts import Run, TrackedStream
+from llmkit.config import MultiplexerConfig
+from llmkit.control import ControlPlane
+from llmkit.errors import InternalError, LLMKitError
+from llmkit.limiter import Admission
+from llmkit.mux_entry import Entry, Subscription
+from llmkit.mux_link import LinkServer, Opened, OwnerGone, Retry, connect, mirror_remote
+from llmkit.mux_table import FULL, TAKEN, MuxTable, Owner, pack_owner, tag_of
+from llmkit.providers.base import Call, Target
+from llmkit.types import ChatCompletion, StreamOptions
+from shm import Counter, Layout, LayoutBuilder, Segment
+
+log = logging.getLogger("llmkit.multiplexer")
+
+HEADER = "x-llmkit-dedup"
+COUNTERS = "mux_counters"
+LEADERS, FOLLOWERS, AVOIDED = range(3)
+JOIN_TRIES = 3
+_key_encoder = msgspec.json.Encoder(order="deterministic")
+
+
+class Leading(Protocol):
+    """What the multiplexer needs from the gateway to lead a call."""
+
+    control: ControlPlane | None
+
+    def resolve(self, model: str) -> list[Target]: ...
+
+    def start_run(self, call: Call, stream: bool) -> Run: ...
+
+    async def open_stream(
+        self, call: Call, run: Run, strip_usage: bool
+    ) -> tuple[Target, TrackedStream]: ...
+
+    async def complete(self, call: Call, run: Run) -> tuple[Target, ChatCompletion]: ...
+
+    def limit_headers(self, call: Call, target: Target) -> None: ...
+
+
+def dedup_key(call: Call, targets: list[Target]) -> bytes:
+    """The 16-byte digest of everything in ``call`` that can change the output."""
+    request = msgspec.structs.replace(
+        call.request, model="", stream=False, stream_options=None, user=None
+    )
+    labels = sorted({t.label for t in targets})
+    canonical = _key_encoder.encode([labels, request, call.extras])
+    return hashlib.blake2b(canonical, digest_size=16).digest()
+
+
+def eligible(call: Call, config: MultiplexerConfig) -> bool:
+    """Whether ``call`` may share an upstream call (see the module docstring)."""
+    asked = call.headers.get(HEADER, "").lower()
+    if asked == "off" or not config.enabled:
+        return False
+    if asked == "on" or config.eligible == "all":
+        return True
+    request = call.request
+    return request.temperature == 0 or request.seed is not None
+
+
+# -- shared memory: counters and the peers of this worker -------------------------------
+
+
+def declare(builder: LayoutBuilder, config: MultiplexerConfig) -> None:
+    """Add the multiplexer's counters and in-flight table to a layout being built."""
+    from llmkit import mux_table
+
+    builder.add(COUNTERS, Counter.KIND, 3, Counter.SIZE)
+    mux_table.declare(builder, config.table_slots)
+
+
+class Counters:
+    """Leaders, followers and upstream calls avoided: in shm when given, always local."""
+
+    def __init__(self, segment: Segment | None = None, layout: Layout | None = None) -> None:
+        self.local = [0, 0, 0]
+        self._cells: list[Counter] = []
+        if segment is not None and layout is not None:
+            region = layout[COUNTERS]
+            self._cells = [Counter(segment.atomics, region.offset_of(i)) for i in range(3)]
+
+    def inc(self, which: int) -> None:
+        self.local[which] += 1
+        if self._cells:
+            self._cells[which].inc()
+
+    def value(self, which: int) -> int:
+        return self._cells[which].value() if self._cells else self.local[which]
+
+
+@dataclass
+class Peers:
+    """This worker's place among the others: the shm table and the attach sockets."""
+
+    table: MuxTable
+    worker_slot: int
+    incarnation: int
+    path_of: Callable[[int], str]
+    pid: int = 0
+
+    def __post_init__(self) -> None:
+        self.pid = self.pid or os.getpid()
+        self.owner = pack_owner(self.worker_slot, self.incarnation)
+
+
+class MuxCollector(Collector):
+    """The multiplexer's counters for ``/metrics``, read from shm."""
+
+    def __init__(self, counters: Counters, table: MuxTable | None) -> None:
+        self._counters = counters
+        self._table = table
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        names = (
+            ("leaders", "Requests that made the upstream call others shared."),
+            ("followers", "Requests that joined an identical call already in flight."),
+            ("upstream_calls_avoided", "Upstream calls saved by joining one in flight."),
+        )
+        for which, (name, text) in enumerate(names):
+            family = CounterMetricFamily(f"llmkit_multiplexer_{name}", text)
+            family.add_metric((), self._counters.value(which))
+            yield family
+        if self._table is not None:
+            yield GaugeMetricFamily(
+                "llmkit_multiplexer_shared_calls",
+                "Upstream calls in flight that other workers can join.",
+                value=self._table.in_use(),
+            )
+
+
+# -- the multiplexer --------------------------------------------------------------------
+
+
+class Multiplexer:
+    """The in-flight table of one worker, and the join-or-lead decision."""
+
+    def __init__(
+        self,
+        config: MultiplexerConfig,
+        counters: Counters | None = None,
+        peers: Peers | None = None,
+    ) -> None:
+        self.config = config
+        self.counters = counters or Counters()
+        self._peers = peers if config.cross_worker else None
+        self._entries: dict[bytes, Entry] = {}
+        self._claims: dict[Entry, int] = {}
+        self._tasks: dict[Entry, asyncio.Task[None]] = {}
+        self._live: set[Entry] = set()  # entries whose task has started
+        self._link = LinkServer(self._entries.get)
+
+    def eligible(self, call: Call) -> bool:
+        return eligible(call, self.config)
+
+    def collector(self) -> MuxCollector:
+        return MuxCollector(self.counters, self._peers.table if self._peers else None)
+
+    def in_flight(self) -> int:
+        return len(self._entries)
+
+    async def start(self) -> None:
+        """Listen for followers on other workers (when there are peers)."""
+        if self._peers is not None:
+            await self._link.start(self._peers.path_of(self._peers.worker_slot))
+
+    def close(self) -> None:
+        self._link.close()
+
+    # -- the two operations -------------------------------------------------------
+
+    async def stream(self, call: Call, gateway: Leading) -> tuple[Target, AsyncIterator[bytes]]:
+        """Join or lead a streamed call; SSE frames for this caller."""
+        wants_usage = call.request.wants_usage_chunk()
+        if not wants_usage:
+            call.request = msgspec.structs.replace(
+                call.request, stream_options=StreamOptions(include_usage=True)
+            )
+        entry, target, on_leave = await self._join(call, gateway, streamed=True)
+        return target, Subscription(entry, wants_usage, on_leave)
+
+    async def chat(self, call: Call, gateway: Leading) -> tuple[Target, ChatCompletion]:
+        """Join or lead a whole completion."""
+        entry, target, on_leave = await self._join(call, gateway, streamed=False)
+        try:
+            return target, await entry.wait_whole()
+        finally:
+            entry.leave()
+            if on_leave is not None:
+                on_leave()
+
+    # -- join or lead -------------------------------------------------------------
+
+    async def _join(
+        self, call: Call, gateway: Leading, streamed: bool
+    ) -> tuple[Entry, Target, Callable[[], None] | None]:
+        digest = dedup_key(call, gateway.resolve(call.request.model))
+        for _ in range(JOIN_TRIES):
+            entry = self._entries.get(digest)
+            if entry is not None and entry.done:
+                entry = None  # finished a moment ago: not a cache
+            found = self._find_owner(digest) if entry is None else None
+            if entry is None and found is None:
+                entry = self._lead(digest, call, gateway, streamed)
+                if entry is None:
+                    await asyncio.sleep(0.001)  # another worker is publishing its claim
+                    continue
+                target = await self._subscribe(entry)
+                self.counters.inc(LEADERS)
+                call.response_headers[HEADER] = "leader"
+                return entry, target, None
+            admission = self._admit_follower(call, gateway)  # 429 before joining anything
+            if entry is None and found is not None:
+                entry = self._mirror(digest, found, call, gateway)
+            assert entry is not None
+            try:
+                target = await self._subscribe(entry)
+            except Retry:
+                self._settle(gateway, admission, cancel=True)
+                continue
+            except BaseException:
+                self._settle(gateway, admission)
+                raise
+            self.counters.inc(FOLLOWERS)
+            call.response_headers[HEADER] = "follower"
+            gateway.limit_headers(call, target)
+            return entry, target, self._follower_done(gateway, admission)
+        return await self._alone(call, gateway, streamed)
+
+    async def _subscribe(self, entry: Entry) -> Target:
+        entry.join()
+        try:
+            return await entry.wait_open()
+        except BaseException:
+            entry.leave()
+            raise
+
+    async def _alone(
+        self, call: Call, gateway: Leading, streamed: bool
+    ) -> tuple[Entry, Target, Callable[[], None] | None]:
+        """Sharing kept failing (owners dying as we joined): an entry nobody else sees."""
+        entry = Entry(b"")
+        run = gateway.start_run(call, streamed)
+        self._start(entry, self._pump(entry, gateway, call, run, streamed))
+        return entry, await self._subscribe(entry), None
+
+    def _lead(self, digest: bytes, call: Call, gateway: Leading, streamed: bool) -> Entry | None:
+        """Claim the key (locally and in shm) and start the upstream call; None if
+        another worker's claim for it is not published yet."""
+        peers, claim = self._peers, FULL
+        if peers is not None:
+            claim = peers.table.claim(tag_of(digest), peers.owner, peers.pid)
+            if claim == TAKEN:
+                return None
+        try:
+            run = gateway.start_run(call, streamed)  # 404/429 reach this caller only
+        except BaseException:
+            if peers is not None and claim >= 0:
+                peers.table.release(claim, tag_of(digest), peers.owner)
+            raise
+        entry = Entry(digest)
+        self._entries[digest] = entry
+        if claim >= 0:
+            self._claims[entry] = claim
+        self._start(entry, self._pump(entry, gateway, call, run, streamed))
+        return entry
+
+    def _find_owner(self, digest: bytes) -> Owner | None:
+        """Another worker's published claim for ``digest``, if there is one."""
+        peers = self._peers
+        if peers is None:
+            return None
+        tag = tag_of(digest)
+        found = peers.table.find(tag)
+        if found is not None and found.pid == peers.pid:  # ours, not in flight: stale
+            peers.table.evict(found, tag)
+            return None
+        return found
+
+    def _mirror(self, digest: bytes, found: Owner, call: Call, gateway: Leading) -> Entry:
+        """A local entry filled from the owner's over its attach socket."""
+        assert self._peers is not None
+        peers, tag, model = self._peers, tag_of(digest), call.request.model
+        entry = Entry(digest)
+        self._entries[digest] = entry
+
+        async def mirror() -> None:
+            self._live.add(entry)
+            try:
+                reader, writer = await connect(peers.path_of(found.worker_slot), digest)
+            except OwnerGone:
+                peers.table.evict(found, tag)
+                entry.fail(Retry("the owner is gone"))
+                return
+            try:
+                await mirror_remote(entry, reader, lambda o: _target_for(gateway, model, o))
+            finally:
+                writer.close()
+
+        self._start(entry, mirror())
+        return entry
+
+    def _start(self, entry: Entry, source: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(source)
+        self._tasks[entry] = task
+        entry.on_idle = self._abandon
+        entry.on_done = self._forget  # the table holds calls in flight, never results
+        task.add_done_callback(lambda _: self._forget(entry))
+
+    def _abandon(self, entry: Entry) -> None:
+        """The last subscriber left: stop the upstream call."""
+        task = self._tasks.get(entry)
+        started = entry in self._live
+        entry.fail(Retry("every subscriber left"))  # a task not started yet sees this
+        self._forget(entry)
+        if task is not None and started:
+            task.cancel()
+
+    def _forget(self, entry: Entry) -> None:
+        if self._entries.get(entry.digest) is entry:
+            del self._entries[entry.digest]
+        self._tasks.pop(entry, None)
+        self._live.discard(entry)
+        claim = self._claims.pop(entry, None)
+        if claim is not None and self._peers is not None:
+            self._peers.table.release(claim, tag_of(entry.digest), self._peers.owner)
+
+    async def _pump(
+        self, entry: Entry, gateway: Leading, call: Call, run: Run, streamed: bool
+    ) -> None:
+        """The upstream call of a leader, feeding ``entry``."""
+        self._live.add(entry)
+        if entry.done:  # abandoned before this task ever ran
+            run.close(None)
+            return
+        try:
+            if streamed:
+                await _pump_stream(entry, gateway, call, run)
+            else:
+                target, completion = await gateway.complete(call, run)
+                entry.open(target, streamed=False)
+                entry.complete(completion)
+        except LLMKitError as exc:
+            entry.fail(exc)
+        except asyncio.CancelledError:
+            entry.fail(Retry("cancelled"))
+            raise
+        except Exception:
+            log.exception("shared upstream call failed")
+            entry.fail(InternalError("internal error; see the server log"))
+
+    # -- follower accounting ------------------------------------------------------
+
+    def _admit_follower(self, call: Call, gateway: Leading) -> Admission | None:
+        """A follower's request costs requests/min and a concurrency slot, no tokens."""
+        control = gateway.control
+        if control is None:
+            return None
+        return control.admit_request(call.key, 0, time.monotonic_ns())
+
+    def _settle(self, gateway: Leading, admission: Admission | None, cancel: bool = False) -> None:
+        control = gateway.control
+        if control is None or admission is None:
+            return
+        if cancel:
+            control.limiter.cancel(admission)
+        else:
+            control.limiter.release(admission)
+
+    def _follower_done(self, gateway: Leading, admission: Admission | None) -> Callable[[], None]:
+        def done() -> None:
+            self.counters.inc(AVOIDED)
+            self._settle(gateway, admission)
+
+        return done
+
+
+async def _pump_stream(entry: Entry, gateway: Leading, call: Call, run: Run) -> None:
+    target, chunks = await gateway.open_stream(call, run, strip_usage=False)
+    try:
+        entry.open(target, streamed=True)
+        while True:
+            try:
+                frames = await chunks.next_frames()
+            except StopAsyncIteration:
+                break
+            if frames.events:
+                entry.append(frames.events)
+            if frames.usage_event:
+                entry.append(frames.usage_event, usage=True)
+        entry.finish()
+    finally:
+        await chunks.aclose()
+
+
+def _target_for(gateway: Leading, model: str, opened: Opened) -> Target:
+    """This worker's ``Target`` for the deployment the owner's call went to."""
+    targets = gateway.resolve(model)
+    label = f"{opened.provider}/{opened.model}"
+    for target in targets:
+        if target.deployment == opened.deployment and target.label == label:
+            return target
+    return next((t for t in targets if t.label == label), targets[0])

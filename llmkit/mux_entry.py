@@ -1,0 +1,318 @@
+"""One shared upstream call (``Entry``) and the subscriptions that read it.
+
+An entry stores what its source produced once: a stream's SSE frames as immutable
+``bytes`` in a list, or a whole ``ChatCompletion``. A subscription is an index into that
+list, so a slow reader costs nothing to the others, a late joiner starts at frame 0, and
+no payload is copied per subscriber. Conversions between the two shapes (a streaming
+caller joining a whole completion, a non-streaming caller joining a stream) are computed
+once per entry and cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Callable
+
+import msgspec
+
+from llmkit.errors import LLMKitError
+from llmkit.providers.base import Target, sse_event
+from llmkit.types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChunkChoice,
+    Delta,
+    FunctionCall,
+    FunctionCallDelta,
+    ResponseMessage,
+    ToolCall,
+    ToolCallDelta,
+    chunk_decoder,
+)
+
+FRAME_PREFIX = b"data: "
+FRAME_SUFFIX = b"\n\n"
+
+
+class Entry:
+    """One in-flight upstream call: its target, its output so far, and who reads it.
+
+    ``frames[usage_at]`` is the usage-only chunk (-1: none yet); each subscription
+    passes it on only if its caller asked for usage. ``subscribers`` counts readers;
+    when it drops to 0 before the end, ``on_idle`` cancels the source.
+    """
+
+    __slots__ = (
+        "_assembled",
+        "_chunked",
+        "_waiters",
+        "completion",
+        "digest",
+        "done",
+        "error",
+        "frames",
+        "on_done",
+        "on_idle",
+        "opened",
+        "streamed",
+        "subscribers",
+        "target",
+        "usage_at",
+    )
+
+    def __init__(self, digest: bytes) -> None:
+        self.digest = digest
+        self.target: Target | None = None
+        self.streamed = True
+        self.frames: list[bytes] = []
+        self.usage_at = -1
+        self.completion: ChatCompletion | None = None
+        self.error: LLMKitError | None = None
+        self.opened = False
+        self.done = False
+        self.subscribers = 0
+        self.on_idle: Callable[[Entry], None] | None = None
+        self.on_done: Callable[[Entry], None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._assembled: ChatCompletion | None = None
+        self._chunked = False
+
+    # -- the source's side --------------------------------------------------------
+
+    def open(self, target: Target, streamed: bool) -> None:
+        self.target, self.streamed, self.opened = target, streamed, True
+        self._notify()
+
+    def append(self, frame: bytes, usage: bool = False) -> None:
+        if usage:
+            self.usage_at = len(self.frames)
+        self.frames.append(frame)
+        if self._waiters:
+            self._notify()
+
+    def complete(self, completion: ChatCompletion) -> None:
+        """A whole (non-streamed) answer arrived: the entry is done."""
+        self.completion = completion
+        self.finish()
+
+    def finish(self) -> None:
+        self.done = True
+        self._notify()
+        if self.on_done is not None:
+            self.on_done(self)
+
+    def fail(self, error: LLMKitError) -> None:
+        if self.done:
+            return
+        self.error = error
+        self.finish()
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- the readers' side --------------------------------------------------------
+
+    async def changed(self) -> None:
+        """Wait for the next append, open, finish or failure."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def join(self) -> None:
+        self.subscribers += 1
+
+    def leave(self) -> None:
+        self.subscribers -= 1
+        if self.subscribers <= 0 and not self.done and self.on_idle is not None:
+            self.on_idle(self)
+
+    async def wait_open(self) -> Target:
+        """The target once the source produced its first output; its error if it failed."""
+        while not self.opened:
+            if self.done:
+                raise self.raised()
+            await self.changed()
+        assert self.target is not None
+        return self.target
+
+    async def wait_whole(self) -> ChatCompletion:
+        """The whole answer, assembled from the frames if the source streamed."""
+        while not self.done:
+            await self.changed()
+        if self.error is not None:
+            raise self.raised()
+        if self.completion is not None:
+            return self.completion
+        if self._assembled is None:
+            self._assembled = assemble(self.frames)
+        return self._assembled
+
+    def stream_frames(self) -> list[bytes]:
+        """The frames so far; a whole answer becomes frames once it is done (none
+        before)."""
+        if not self.streamed and self.completion is not None and not self._chunked:
+            self._chunked = True
+            frames = completion_frames(self.completion)
+            self.usage_at = len(frames) - 1 if self.completion.usage is not None else -1
+            self.frames = frames
+        return self.frames
+
+    def raised(self) -> LLMKitError:
+        """A copy of the error for one subscriber: its headers are its own."""
+        assert self.error is not None
+        error = copy.copy(self.error)
+        error.headers = {}
+        return error
+
+
+class Subscription:
+    """One streaming caller's view of an entry: SSE frames from index 0, at its own pace.
+
+    A class rather than an async generator so that ``aclose()`` leaves the entry even
+    when the caller never iterated (it went away before the first write).
+    """
+
+    __slots__ = ("_entry", "_index", "_left", "_on_leave", "_wants_usage")
+
+    def __init__(
+        self, entry: Entry, wants_usage: bool, on_leave: Callable[[], None] | None = None
+    ) -> None:
+        self._entry = entry
+        self._index = 0
+        self._wants_usage = wants_usage
+        self._on_leave = on_leave
+        self._left = False
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> bytes:
+        entry = self._entry
+        while True:
+            frames = entry.frames if entry.streamed else entry.stream_frames()
+            index = self._index
+            if index < len(frames):
+                self._index = index + 1
+                if index == entry.usage_at and not self._wants_usage:
+                    continue
+                return frames[index]
+            if entry.done:
+                self._leave()
+                if entry.error is not None:
+                    raise entry.raised()
+                raise StopAsyncIteration
+            await entry.changed()
+
+    async def aclose(self) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if self._left:
+            return
+        self._left = True
+        self._entry.leave()
+        if self._on_leave is not None:
+            self._on_leave()
+
+
+# -- shape conversions --------------------------------------------------------------
+
+
+def completion_frames(completion: ChatCompletion) -> list[bytes]:
+    """A whole completion as the stream OpenAI would have sent: per choice a delta with
+    everything and a finish chunk, then the usage chunk if there is usage."""
+    head = ChatCompletionChunk(
+        id=completion.id, created=completion.created, model=completion.model, choices=[],
+        system_fingerprint=completion.system_fingerprint,
+    )  # fmt: skip
+    frames = []
+    for choice in completion.choices:
+        message = choice.message
+        delta = Delta(role="assistant", content=message.content)
+        if message.tool_calls:
+            delta.tool_calls = [
+                ToolCallDelta(index=i, id=call.id, type="function",
+                              function=FunctionCallDelta(name=call.function.name,
+                                                         arguments=call.function.arguments))
+                for i, call in enumerate(message.tool_calls)
+            ]  # fmt: skip
+        if message.refusal is not None:
+            delta.refusal = message.refusal
+        frames.append(_frame(head, [ChunkChoice(index=choice.index, delta=delta)]))
+        finish = ChunkChoice(index=choice.index, delta=Delta(), finish_reason=choice.finish_reason)
+        frames.append(_frame(head, [finish]))
+    if completion.usage is not None:
+        frames.append(sse_event(msgspec.structs.replace(head, usage=completion.usage)))
+    return frames
+
+
+def _frame(head: ChatCompletionChunk, choices: list[ChunkChoice]) -> bytes:
+    return sse_event(msgspec.structs.replace(head, choices=choices))
+
+
+class _Assembly:
+    __slots__ = ("content", "finish", "refusal", "tools")
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.refusal: list[str] = []
+        self.tools: dict[int, list[str]] = {}  # index -> [id, name, arguments...]
+        self.finish: str | None = None
+
+
+def assemble(frames: list[bytes]) -> ChatCompletion:
+    """The ``ChatCompletion`` a stream of SSE frames adds up to."""
+    events = b"".join(frames).split(FRAME_SUFFIX)
+    chunks = [chunk_decoder.decode(e[len(FRAME_PREFIX) :]) for e in events if e]
+    choices: dict[int, _Assembly] = {}
+    usage = None
+    for chunk in chunks:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            parts = choices.setdefault(choice.index, _Assembly())
+            _add_delta(parts, choice.delta)
+            parts.finish = choice.finish_reason or parts.finish
+    first = chunks[0]
+    return ChatCompletion(
+        id=first.id,
+        created=first.created,
+        model=first.model,
+        system_fingerprint=first.system_fingerprint,
+        usage=usage,
+        choices=[_choice(i, parts) for i, parts in sorted(choices.items())],
+    )
+
+
+def _add_delta(parts: _Assembly, delta: Delta) -> None:
+    if isinstance(delta.content, str):
+        parts.content.append(delta.content)
+    if isinstance(delta.refusal, str):
+        parts.refusal.append(delta.refusal)
+    if isinstance(delta.tool_calls, list):
+        for call in delta.tool_calls:
+            slot = parts.tools.setdefault(call.index, ["", ""])
+            if isinstance(call.id, str):
+                slot[0] = call.id
+            if isinstance(call.function, FunctionCallDelta):
+                if isinstance(call.function.name, str):
+                    slot[1] = call.function.name
+                if isinstance(call.function.arguments, str):
+                    slot.append(call.function.arguments)
+
+
+def _choice(index: int, parts: _Assembly) -> Choice:
+    message = ResponseMessage(
+        content="".join(parts.content) if parts.content or not parts.tools else None,
+        refusal="".join(parts.refusal) if parts.refusal else None,
+    )
+    if parts.tools:
+        message.tool_calls = [
+            ToolCall(id=slot[0], function=FunctionCall(name=slot[1], arguments="".join(slot[2:])))
+            for _, slot in sorted(parts.tools.items())
+        ]
+    return Choice(index=index, message=message, finish_reason=parts.finish)
