@@ -321,6 +321,38 @@ class Breakers:
         """
         self._a.max_i64(self._cells[index] + BreakerCell.COOLDOWN, until_ns)
 
+    def force_open(self, index: int, until_ns: int, now_ns: int) -> bool:
+        """Another host's breaker for this deployment opened: open here too, so that
+        the first probe is due at ``until_ns``. True if this call opened it.
+
+        Only a closed breaker is forced (an open or half-open one is already deciding on
+        its own), and the local ``opened`` count is left alone: it counts this host's
+        own trips, which are what gets published.
+        """
+        off = self._cells[index]
+        word = self._load(off)
+        if word & 3 != CLOSED or until_ns <= now_ns:
+            return False
+        since_ms = (until_ns // _NS_PER_MS) - self._open_ms
+        seen = BreakerWord.unpack(word)
+        new = BreakerWord.pack(OPEN, seen.generation + 1, min(since_ms, now_ns // _NS_PER_MS))
+        return self._a.cas_i64(off + BreakerCell.WORD, word, new)
+
+    def trips(self, index: int) -> int:
+        """How many times this host's own records opened the breaker."""
+        return self._load(self._cells[index] + BreakerCell.OPENED)
+
+    def open_left_ns(self, index: int, now_ns: int) -> int:
+        """Time until an open breaker's first probe is due; 0 unless open."""
+        state, _, since_ms = BreakerWord.unpack(self._load(self._cells[index]))
+        if state != OPEN:
+            return 0
+        return max(0, (since_ms + self._open_ms) * _NS_PER_MS - now_ns)
+
+    def cooldown_until(self, index: int) -> int:
+        """The cooldown deadline (CLOCK_MONOTONIC ns; 0 = never set)."""
+        return self._load(self._cells[index] + BreakerCell.COOLDOWN)
+
     def cooling_s(self, index: int, now_ns: int) -> float:
         """Seconds left of this deployment's cooldown (0.0 when none)."""
         deadline = self._load(self._cells[index] + BreakerCell.COOLDOWN)

@@ -28,6 +28,7 @@ from msgspec import Meta
 
 __all__ = [
     "BreakerConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "DemoConfig",
@@ -241,6 +242,46 @@ class DemoConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     seed: int = 0
 
 
+ClusterLevel = Literal["global", "keys", "providers", "deployments"]
+_REDIS_URL = r"^((redis|rediss|unix)://\S+)?$"
+_PATTERN_HELP[_REDIS_URL] = '"" or a redis://, rediss:// or unix:// URL'
+
+
+class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """``[cluster]``: limits and breaker state shared with other hosts through Redis.
+
+    Off while ``redis_url`` is "". The requests- and tokens-per-minute limits of the
+    levels in ``levels`` hold cluster-wide; concurrency stays per host.
+    """
+
+    redis_url: Annotated[str, Meta(pattern=_REDIS_URL)] = ""  # no password in it:
+    password_env: _OptionalEnvName = ""  # the Redis password's environment variable
+    name: Annotated[str, Meta(pattern=_NAME)] = "default"  # several clusters, one Redis
+    sync_interval_s: Annotated[float, Meta(ge=0.005, le=10)] = 0.05
+    failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
+    levels: tuple[ClusterLevel, ...] = ("global", "keys", "providers", "deployments")
+    # A host holds at most this fraction of a limit (at least one request): the
+    # global overshoot or stranded budget is at most one such batch per host.
+    batch_fraction: Annotated[float, Meta(gt=0, le=1)] = 0.05
+    hosts: _NonNegInt = 0  # fail_open share = limit / hosts; 0 = hosts seen in Redis
+    redis_timeout_s: _PosFloat = 0.5  # slower than this counts as down
+    max_backoff_s: _PosFloat = 2.0  # reconnect attempts back off up to this
+    share_breakers: bool = True
+
+    def __post_init__(self) -> None:
+        userinfo = self.redis_url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        if ":" in userinfo:
+            raise _FieldError(
+                "redis_url",
+                "credentials do not belong in the config; set password_env to the name of "
+                "an environment variable holding the Redis password",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """The whole configuration file."""
 
@@ -254,6 +295,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
     multiplexer: MultiplexerConfig = msgspec.field(default_factory=MultiplexerConfig)
     observability: ObservabilityConfig = msgspec.field(default_factory=ObservabilityConfig)
     demo: DemoConfig = msgspec.field(default_factory=DemoConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         _check_unique("keys", "name", "key name", (key.name for key in self.keys))

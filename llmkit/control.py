@@ -54,6 +54,26 @@ class Plan:
         deployments = {label: n for n, (label, _) in enumerate(labels)}
         return cls(specs, keys, providers, deployments, [entities[label] for label, _ in labels])
 
+    def leased(self, config: Config) -> list[tuple[int, int]]:
+        """The ``(entity, dimension)`` limits held cluster-wide: requests (0) and tokens
+        (1) per minute of the ``[cluster] levels``; none without ``[cluster]``."""
+        if not config.cluster.enabled:
+            return []
+        levels = set(config.cluster.levels)
+        entities = [0] if "global" in levels else []
+        for level, numbers in (
+            ("keys", self.keys), ("providers", self.providers),
+            ("deployments", {str(d): e for d, e in enumerate(self.deployment_entity)}),
+        ):  # fmt: skip
+            if level in levels:
+                entities += numbers.values()
+        return [
+            (entity, dimension)
+            for entity in sorted(entities)
+            for dimension, limit in enumerate((self.specs[entity].rpm, self.specs[entity].tpm))
+            if limit
+        ]
+
 
 def _spec(name: str, limits: LimitsConfig) -> LimitSpec:
     return LimitSpec(limits.rpm, limits.tpm, limits.max_concurrency, name)
@@ -72,7 +92,7 @@ def _numbered(
 def declare(builder: LayoutBuilder, config: Config, worker_slots: int) -> None:
     """Add the limiter's and the breakers' regions to a layout being built."""
     plan = Plan.of(config)
-    declare_limiter(builder, len(plan.specs), worker_slots)
+    declare_limiter(builder, len(plan.specs), worker_slots, leases=config.cluster.enabled)
     declare_breakers(builder, len(plan.deployment_entity))
 
 
@@ -91,7 +111,9 @@ class ControlPlane:
         self.plan = Plan.of(config)
         self.metrics = metrics
         self._levels = level_of([spec.name for spec in self.plan.specs])
-        self.limiter = Limiter(atomics, layout, self.plan.specs, worker_slot)
+        self.limiter = Limiter(
+            atomics, layout, self.plan.specs, worker_slot, set(self.plan.leased(config))
+        )
         self.breakers = Breakers(atomics, layout, config.breaker, len(self.plan.deployment_entity))
         self.rng = random.Random()
         self.router = Router(config.router.profile, self.rng)

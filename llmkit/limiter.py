@@ -52,11 +52,20 @@ subtract exactly what it held, before the slot is given to a new worker.
 The counter is taken with one fetch-add (not a load + CAS loop): a request that finds
 the counter at the limit undoes its increment. Until it does, a concurrent request
 may see the counter one too high and be refused, never admitted over the limit.
+
+Leased dimensions (``[cluster]``, DESIGN.md §6): a requests- or tokens-per-minute
+limit that holds across hosts is not a GCRA bucket here but a ``LeaseCell``: a count
+of units this host leased from Redis and has not spent. A charge is one fetch-add of
+``-cost``; finding fewer than ``cost`` units, the request adds them back and is
+refused, noting the cost so the supervisor's sync task (``llmkit.cluster_sync``)
+leases more. The same undo-on-refusal caveat as concurrency applies: a racing request
+may be refused spuriously, never admitted beyond the lease. Only that task adds
+units, so this host admits at most what it leased.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, NoReturn
 
@@ -71,6 +80,8 @@ __all__ = [
     "Admission",
     "EntityCell",
     "HeldRow",
+    "LeaseBudget",
+    "LeaseCell",
     "LimitSpec",
     "Limiter",
     "declare",
@@ -85,6 +96,10 @@ _UNBOUNDED_NS = 2**63 - 1
 
 ENTITIES = "limiter.entities"
 HELD = "limiter.held"
+LEASES = "limiter.leases"
+# A refusal for an empty lease retries no sooner than this: new budget comes at the
+# next sync, and Retry-After is whole seconds anyway.
+LEASE_RETRY_NS = 1_000_000_000
 
 _REQUESTS, _TOKENS, _CONCURRENCY = 0, 1, 2
 _DIMENSIONS = ("requests per minute", "tokens per minute", "concurrent requests")
@@ -142,12 +157,85 @@ class HeldRow:
         return 8 * entities
 
 
-def declare(builder: LayoutBuilder, entities: int, worker_slots: int) -> None:
-    """Add the limiter's regions: one cell per entity, one held row per worker slot."""
+class LeaseCell:
+    """One leased dimension (requests or tokens of one entity), 48 bytes, own line.
+
+    Layout: ``+0 int64`` budget: units leased and not yet spent (workers subtract what
+    they admit, may go below zero only by reconciling extra tokens; the sync task
+    adds leases and takes back unused units with a CAS); ``+8 int64`` units refused
+    for lack of budget, ever (workers fetch-add); ``+16 int64`` largest single cost
+    refused since the sync task last looked (workers max, the task CASes it to 0);
+    ``+24 int64`` CLOCK_MONOTONIC ns before which a retry is pointless (the task);
+    ``+32 int64`` units the cluster bucket had free at the last sync; ``+40 int64``
+    CLOCK_MONOTONIC ns when it will be full again (both for ``x-ratelimit-*``).
+    Cell ``2 * entity + dimension`` (requests 0, tokens 1) of region ``LEASES``.
+    """
+
+    SIZE = 48
+    KIND = "limiter_lease"
+    BUDGET = 0
+    REFUSED = 8
+    LARGEST = 16
+    RETRY_AT = 24
+    CLUSTER_FREE = 32
+    CLUSTER_FULL_AT = 40
+
+
+def declare(builder: LayoutBuilder, entities: int, worker_slots: int, leases: bool = False) -> None:
+    """Add the limiter's regions: one cell per entity, one held row per worker slot,
+    and with ``leases`` two lease cells per entity."""
     if entities < 1 or worker_slots < 1:
         raise ValueError(f"need >= 1 entity and worker slot, got {entities}, {worker_slots}")
     builder.add(ENTITIES, EntityCell.KIND, entities, EntityCell.SIZE)
     builder.add(HELD, HeldRow.KIND, worker_slots, HeldRow.size_for(entities))
+    if leases:
+        builder.add(LEASES, LeaseCell.KIND, 2 * entities, LeaseCell.SIZE)
+
+
+class LeaseBudget:
+    """The sync task's view of one ``LeaseCell``: add and take back units, read demand."""
+
+    __slots__ = ("_a", "_off")
+
+    def __init__(self, atomics: Atomics, offset: int) -> None:
+        self._a = atomics
+        self._off = offset
+
+    def budget(self) -> int:
+        return self._a.load_i64(self._off + LeaseCell.BUDGET)
+
+    def credit(self, units: int) -> int:
+        """Add ``units`` (leased, or given back); returns the budget right after."""
+        return self._a.add_i64(self._off + LeaseCell.BUDGET, units) + units
+
+    def take_back(self, keep: int) -> int:
+        """Lower the budget to ``keep`` if it is above; returns the units taken."""
+        off = self._off + LeaseCell.BUDGET
+        while True:
+            budget = self._a.load_i64(off)
+            if budget <= keep:
+                return 0
+            if self._a.cas_i64(off, budget, keep):
+                return budget - keep
+
+    def refused(self) -> int:
+        """Units refused for lack of budget since the segment was created."""
+        return self._a.load_i64(self._off + LeaseCell.REFUSED)
+
+    def take_largest_refused(self) -> int:
+        """The largest single refused cost since the last call (then forgotten)."""
+        off = self._off + LeaseCell.LARGEST
+        while True:
+            largest = self._a.load_i64(off)
+            if not largest or self._a.cas_i64(off, largest, 0):
+                return largest
+
+    def publish(self, retry_at_ns: int, cluster_free: int, cluster_full_at_ns: int) -> None:
+        """What the last sync learnt: when to retry, and the cluster bucket's fill."""
+        store = self._a.store_i64
+        store(self._off + LeaseCell.RETRY_AT, retry_at_ns)
+        store(self._off + LeaseCell.CLUSTER_FREE, cluster_free)
+        store(self._off + LeaseCell.CLUSTER_FULL_AT, cluster_full_at_ns)
 
 
 class Admission(msgspec.Struct, gc=False):
@@ -175,6 +263,8 @@ class _Plan(NamedTuple):
     in_flight_off: int
     concurrency_limit: int
     held_off: int
+    requests_lease: int  # LeaseCell offset, 0 = a local GCRA bucket
+    tokens_lease: int
 
 
 def _gcra(limit: int) -> tuple[int, int]:
@@ -185,14 +275,14 @@ def _gcra(limit: int) -> tuple[int, int]:
     return interval, interval * limit
 
 
-def _plan(spec: LimitSpec, cell: int, held_row: int, entity: int) -> _Plan:
+def _plan(spec: LimitSpec, cell: int, held_row: int, entity: int, leases: tuple[int, int]) -> _Plan:
     requests_interval, requests_capacity = _gcra(spec.rpm)
     tokens_interval, tokens_capacity = _gcra(spec.tpm)
     return _Plan(
         cell + EntityCell.REQUESTS_TAT, requests_interval, requests_capacity,
         cell + EntityCell.TOKENS_TAT, tokens_interval, tokens_capacity, spec.tpm,
         cell + EntityCell.IN_FLIGHT, spec.max_concurrency,
-        held_row + 8 * entity,
+        held_row + 8 * entity, *leases,
     )  # fmt: skip
 
 
@@ -201,13 +291,20 @@ class Limiter:
 
     ``worker_slot`` is the caller's worker slot: its concurrency holdings are recorded
     in that slot's row. The supervisor, which only calls ``reclaim`` and
-    ``snapshot``, may pass any slot.
+    ``snapshot``, may pass any slot. ``leased`` names the ``(entity, dimension)``
+    pairs (requests 0, tokens 1) that spend a ``LeaseCell`` instead of a GCRA bucket;
+    the layout must then have the ``LEASES`` region.
     """
 
     __slots__ = ("_a", "_acquire", "_add", "_held", "_names", "_plans", "_specs", "refused")
 
     def __init__(
-        self, atomics: Atomics, layout: Layout, specs: Sequence[LimitSpec], worker_slot: int
+        self,
+        atomics: Atomics,
+        layout: Layout,
+        specs: Sequence[LimitSpec],
+        worker_slot: int,
+        leased: Collection[tuple[int, int]] = (),
     ) -> None:
         cells, held = layout[ENTITIES], layout[HELD]
         if len(specs) != cells.count:
@@ -219,9 +316,26 @@ class Limiter:
         self._held = held
         self._specs = tuple(specs)
         self._names = tuple(s.name or f"entity {i}" for i, s in enumerate(specs))
-        self._plans = tuple(_plan(s, cells.offset_of(i), row, i) for i, s in enumerate(specs))
         # (entity, dimension) of the last refusal, read by the metrics right after it.
         self.refused = (0, 0)
+
+        def lease(entity: int, dimension: int) -> int:
+            if (entity, dimension) not in leased:
+                return 0
+            return layout[LEASES].offset_of(2 * entity + dimension)
+
+        self._plans = tuple(
+            _plan(s, cells.offset_of(i), row, i, (lease(i, _REQUESTS), lease(i, _TOKENS)))
+            for i, s in enumerate(specs)
+        )
+
+    def lease_budget(self, entity: int, dimension: int) -> LeaseBudget:
+        """The lease cell of one leased dimension, for the sync task."""
+        plan = self._plans[entity]
+        off = plan.requests_lease if dimension == _REQUESTS else plan.tokens_lease
+        if not off:
+            raise ValueError(f"{self._names[entity]} dimension {dimension} is not leased")
+        return LeaseBudget(self._a, off)
 
     @property
     def specs(self) -> tuple[LimitSpec, ...]:
@@ -236,15 +350,26 @@ class Limiter:
         acquire, add, plans = self._acquire, self._add, self._plans
         for entity in chain:
             (rq_off, rq_interval, rq_capacity, tk_off, tk_interval, tk_capacity, _,
-             in_flight_off, concurrency_limit, held_off) = plans[entity]  # fmt: skip
+             in_flight_off, concurrency_limit, held_off, rq_lease,
+             tk_lease) = plans[entity]  # fmt: skip
             if rq_interval:
-                wait = acquire(rq_off, now_ns, rq_interval, rq_capacity)
-                if wait:
-                    self._refuse(chain, entity, _REQUESTS, tokens, wait)
+                if rq_lease:
+                    if add(rq_lease, -1) < 1:
+                        add(rq_lease, 1)
+                        self._refuse_leased(chain, entity, _REQUESTS, tokens, 1, now_ns)
+                else:
+                    wait = acquire(rq_off, now_ns, rq_interval, rq_capacity)
+                    if wait:
+                        self._refuse(chain, entity, _REQUESTS, tokens, wait)
             if tk_interval and tokens:
-                wait = acquire(tk_off, now_ns, tk_interval, tk_capacity, tokens)
-                if wait:
-                    self._refuse(chain, entity, _TOKENS, tokens, wait)
+                if tk_lease:
+                    if add(tk_lease, -tokens) < tokens:
+                        add(tk_lease, tokens)
+                        self._refuse_leased(chain, entity, _TOKENS, tokens, tokens, now_ns)
+                else:
+                    wait = acquire(tk_off, now_ns, tk_interval, tk_capacity, tokens)
+                    if wait:
+                        self._refuse(chain, entity, _TOKENS, tokens, wait)
             if concurrency_limit:
                 if add(in_flight_off, 1) >= concurrency_limit:
                     add(in_flight_off, -1)
@@ -291,14 +416,18 @@ class Limiter:
         acquire, plans = self._acquire, self._plans
         for entity in chain:
             plan = plans[entity]
-            if plan.tokens_interval:
+            if plan.tokens_lease:
+                self._add(plan.tokens_lease, -extra)  # a debt the next lease repays
+            elif plan.tokens_interval:
                 acquire(plan.tokens_off, now_ns, plan.tokens_interval, _UNBOUNDED_NS, extra)
 
     def _refund_tokens(self, chain: Sequence[int], unused: int) -> None:
         refund, plans = self._a.gcra_refund, self._plans
         for entity in chain:
             plan = plans[entity]
-            if plan.tokens_interval:
+            if plan.tokens_lease:
+                self._add(plan.tokens_lease, unused)
+            elif plan.tokens_interval:
                 refund(plan.tokens_off, unused * plan.tokens_interval)
 
     # -- refusals -----------------------------------------------------------------
@@ -314,14 +443,37 @@ class Limiter:
         self.refused = (entity, dimension)
         raise self._refusal(entity, dimension, tokens, wait_ns)
 
+    def _refuse_leased(
+        self,
+        chain: Sequence[int],
+        entity: int,
+        dimension: int,
+        tokens: int,
+        cost: int,
+        now_ns: int,
+    ) -> NoReturn:
+        """An empty lease: note the demand for the sync task, then refuse."""
+        plan = self._plans[entity]
+        off = plan.requests_lease if dimension == _REQUESTS else plan.tokens_lease
+        self._add(off + LeaseCell.REFUSED, cost)
+        self._a.max_i64(off + LeaseCell.LARGEST, cost)
+        wait = max(LEASE_RETRY_NS, self._a.load_i64(off + LeaseCell.RETRY_AT) - now_ns)
+        self._refuse(chain, entity, dimension, tokens, wait)
+
     def _refund_entity(self, entity: int, before: int, tokens: int) -> None:
         """Undo the charges of ``entity``'s dimensions numbered below ``before``."""
         plan = self._plans[entity]
         refund = self._a.gcra_refund
         if before > _REQUESTS and plan.requests_interval:
-            refund(plan.requests_off, plan.requests_interval)
+            if plan.requests_lease:
+                self._add(plan.requests_lease, 1)
+            else:
+                refund(plan.requests_off, plan.requests_interval)
         if before > _TOKENS and plan.tokens_interval and tokens:
-            refund(plan.tokens_off, tokens * plan.tokens_interval)
+            if plan.tokens_lease:
+                self._add(plan.tokens_lease, tokens)
+            else:
+                refund(plan.tokens_off, tokens * plan.tokens_interval)
         if before > _CONCURRENCY and plan.concurrency_limit:
             self._add(plan.held_off, -1)
             self._add(plan.in_flight_off, -1)
@@ -380,15 +532,21 @@ class Limiter:
         """(remaining units, ns until full again, limit) of one GCRA bucket; None if off."""
         plan, spec = self._plans[entity], self._specs[entity]
         if dimension == _REQUESTS:
-            off, interval, capacity, limit = (
-                plan.requests_off, plan.requests_interval, plan.requests_capacity, spec.rpm
+            off, interval, capacity, limit, lease = (
+                plan.requests_off, plan.requests_interval, plan.requests_capacity, spec.rpm,
+                plan.requests_lease,
             )  # fmt: skip
         else:
-            off, interval, capacity, limit = (
-                plan.tokens_off, plan.tokens_interval, plan.tokens_capacity, spec.tpm
+            off, interval, capacity, limit, lease = (
+                plan.tokens_off, plan.tokens_interval, plan.tokens_capacity, spec.tpm,
+                plan.tokens_lease,
             )  # fmt: skip
         if not interval:
             return None
+        if lease:
+            load = self._a.load_i64
+            free = max(0, load(lease + LeaseCell.BUDGET)) + load(lease + LeaseCell.CLUSTER_FREE)
+            return min(free, limit), max(0, load(lease + LeaseCell.CLUSTER_FULL_AT) - now_ns), limit
         used = max(0, self._a.load_i64(off) - now_ns)
         remaining = max(0, capacity - used) // interval
         return min(remaining, limit), used, limit

@@ -6,7 +6,7 @@ from the same configuration, and the segment header's hash proves they agree.
 
 from __future__ import annotations
 
-from llmkit import control, multiplexer, observability
+from llmkit import cluster, control, multiplexer, observability
 from llmkit.collector import MetricSource
 from llmkit.config import Config, resolve_workers
 from llmkit.multiplexer import Multiplexer
@@ -16,7 +16,7 @@ from shm import Layout, LayoutBuilder, Segment
 
 MIN_WORKER_SLOTS = 64
 # Regions other modules declare and /metrics exports (see llmkit.collector.MetricSource).
-METRIC_SOURCES: tuple[MetricSource, ...] = (multiplexer.METRICS,)
+METRIC_SOURCES: tuple[MetricSource, ...] = (multiplexer.METRICS, cluster.METRICS)
 
 
 def worker_slots(config: Config) -> int:

@@ -4,6 +4,11 @@ Signal handlers only enqueue (``handle_signal``); the main loop wakes on a self-
 (``signal.set_wakeup_fd``) or every 250 ms, and then reaps, checks heartbeats and
 manages workers. Exit codes: 0 after a clean stop, 2 for a configuration error, 3 when
 a worker could not boot (the supervisor stops instead of crash-looping).
+
+With ``[cluster]``, one more child runs ``llmkit.cluster_sync`` (the host's Redis sync
+task). It is forked like a worker, respawned after ``SYNC_RESPAWN_S`` if it dies,
+restarted on reload, and stopped last, after the workers, so it can give back what
+they left unspent. The supervisor itself never imports a Redis client.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ EXIT_BOOT = 3
 TICK_S = 0.25
 FAST_DEATH_S = 1.0
 MAX_BACKOFF_S = 5.0
+SYNC_RESPAWN_S = 1.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -66,6 +72,8 @@ class Supervisor:
         self._fast_deaths = 0
         self._next_spawn = 0.0
         self._announced = False
+        self._sync_pid = 0
+        self._next_sync_spawn = 0.0
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -94,13 +102,17 @@ class Supervisor:
             self._dispatch_signals()
             self.reap_workers()
             if self._stopping:
-                if not self._workers:
+                if not self._workers and not self._sync_pid:
                     return
                 if time.monotonic() > self._stop_deadline:
                     self.kill_workers(signal.SIGKILL)
+                    self._signal_sync(signal.SIGKILL)
+                elif not self._workers:
+                    self._signal_sync(signal.SIGTERM)
                 continue
             self.check_heartbeats()
             self.manage_workers()
+            self.manage_sync()
             self._announce_when_ready()
 
     def _wait(self, wake: int) -> None:
@@ -164,6 +176,7 @@ class Supervisor:
         self.config = config
         self._control = self._state.control(config, 0)
         self._generation += 1
+        self._signal_sync(signal.SIGTERM)  # manage_sync starts it again on the new config
 
     # -- workers ----------------------------------------------------------------
 
@@ -187,6 +200,9 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if pid == self._sync_pid:
+                self._sync_exited(status)
+                continue
             record = self._workers.pop(pid, None)
             if record is not None:
                 self._worker_exited(record, status)
@@ -220,6 +236,36 @@ class Supervisor:
         self._fast_deaths += 1
         delay = min(0.1 * 2 ** (self._fast_deaths - 1), MAX_BACKOFF_S)
         self._next_spawn = time.monotonic() + delay
+
+    # -- the cluster sync task ----------------------------------------------------
+
+    def manage_sync(self) -> None:
+        """Keep one sync task running while ``[cluster]`` is on."""
+        if self._sync_pid or not self.config.cluster.enabled:
+            return
+        if time.monotonic() >= self._next_sync_spawn:
+            self.spawn_sync()
+
+    def spawn_sync(self) -> None:
+        pid = os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            from llmkit import cluster_sync  # only this child ever loads redis
+
+            cluster_sync.main(self.config, self._shm_name)
+        self._sync_pid = pid
+        log.debug("spawned the cluster sync task, pid %d", pid)
+
+    def _signal_sync(self, sig: int) -> None:
+        if self._sync_pid:  # never 0: os.kill(0, ...) would signal the whole group
+            _kill(self._sync_pid, sig)
+
+    def _sync_exited(self, status: int) -> None:
+        pid, self._sync_pid = self._sync_pid, 0
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and not self._stopping:
+            log.warning("cluster sync task pid %d died (code %d); restarting it", pid, code)
+            self._next_sync_spawn = time.monotonic() + SYNC_RESPAWN_S
 
     def check_heartbeats(self) -> None:
         limit_ns = int(self.config.server.heartbeat_timeout_s * 1e9)
