@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench._harness import cpu_name
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 LITELLM_PYTHON = "/opt/litellm-venv/bin/python"
@@ -196,14 +198,7 @@ def _version(line: str, pattern: str) -> str:
 
 def environment() -> dict[str, Any]:
     """Machine and versions, for the report's header."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     memory = ""
     try:
         kb = int(Path("/proc/meminfo").read_text().split()[1])
