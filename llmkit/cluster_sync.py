@@ -87,9 +87,12 @@ class Ledger:
         self._refused_seen = budget.refused()
         self._share = 0.0
 
-    def plan(self, fresh: bool) -> BucketRequest:
-        """Measure demand since the last sync; ``fresh``: ask for a whole target, as
-        the local budget is about to be dropped. Units to give back leave shm now."""
+    def plan(self, drop: bool) -> BucketRequest:
+        """Measure demand since the last sync; ``drop``: ask for a whole target, as
+        the local budget is about to be dropped (fail_open's unleased share). Otherwise
+        what shm still holds counts, also what a sync task that died left there, so a
+        respawned task does not lease a second batch on top of it. Units to give back
+        leave shm now."""
         budget = self._budget.budget()
         refused = self._budget.refused()
         demand = max(0, self._after - budget) + refused - self._refused_seen
@@ -99,7 +102,7 @@ class Ledger:
         target = max(min(max(2 * demand, self._reserve), self.batch), largest)
         target = min(target, self.limit.limit)
         want = give = 0
-        if fresh:
+        if drop:
             want = target
         elif budget < target:
             want = target - budget
@@ -297,7 +300,7 @@ class Syncer:
         """One round trip; on failure, the failure policy."""
         drop_local = self.mode == FAIL_OPEN
         fresh = self.mode != SYNCED
-        requests = [ledger.plan(fresh) for ledger in self.ledgers]
+        requests = [ledger.plan(drop_local) for ledger in self.ledgers]
         now = self._clock()
         if not fresh and now < self._idle_until and not any(r.want or r.give for r in requests):
             self._next_sync = now + round(self._cluster.sync_interval_s * 1e9)
