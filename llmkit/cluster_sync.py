@@ -8,9 +8,9 @@ It attaches the segment like a worker and runs one asyncio loop:
 - every ``sync_interval_s``, one Redis round trip (``RedisLink.sync``): for every
   cluster-wide limit, lease what local demand needs and give back what it no longer
   does, mark this host alive, and read the other hosts' breaker news;
-- every tick (``TICK_S``, at most the sync interval), look for local breaker openings
-  and upstream cooldowns and publish them at once (rare, one round trip each); a
-  subscriber applies the other hosts' news as it arrives, and each sync re-reads the
+- every tick (half the sync interval, at least ``TICK_S`` and at most the interval),
+  look for local breaker openings and upstream cooldowns and publish them at once
+  (rare, one round trip each); a subscriber applies the other hosts' news as it arrives, and each sync re-reads the
   shared hash in case a message was missed while disconnected;
 - when Redis fails or is slower than ``redis_timeout_s``, apply the failure policy and
   retry with exponential backoff. Requests never wait for any of it.
@@ -67,7 +67,7 @@ from llmkit.state import SharedState
 
 log = logging.getLogger("llmkit.cluster")
 
-TICK_S = 0.01
+TICK_S = 0.01  # the shortest tick: a host's own wakeups are its idle cost
 IDLE_SYNC_S = 1.0  # with nothing to lease or give back, sync only this often
 RESERVE_FRACTION = 4  # idle hosts keep a quarter batch
 NS_PER_MS = 1_000_000
@@ -258,7 +258,8 @@ class Syncer:
         """Sync until ``stop`` is set, then give every unspent unit back."""
         io: asyncio.Task[None] | None = None
         publishing: asyncio.Task[None] | None = None
-        tick_s = min(TICK_S, self._cluster.sync_interval_s)
+        interval = self._cluster.sync_interval_s
+        tick_s = min(max(TICK_S, interval / 2), interval)
         last = self._clock()
         listening = asyncio.create_task(self.listen()) if self._health is not None else None
         while not stop.is_set():
@@ -273,10 +274,7 @@ class Syncer:
                 for ledger in self.ledgers:
                     ledger.credit_share(self._share_hosts(), now - last)
             last = now
-            try:
-                await asyncio.wait_for(stop.wait(), tick_s)
-            except TimeoutError:
-                pass
+            await asyncio.sleep(tick_s)  # cheaper than waiting on ``stop`` with a timeout
         if listening is not None:
             listening.cancel()
         for task in (io, publishing):
