@@ -10,8 +10,9 @@ It attaches the segment like a worker and runs one asyncio loop:
   does, mark this host alive, and read the other hosts' breaker news;
 - every tick (half the sync interval, at least ``TICK_S`` and at most the interval),
   look for local breaker openings and upstream cooldowns and publish them at once
-  (rare, one round trip each); a subscriber applies the other hosts' news as it arrives, and each sync re-reads the
-  shared hash in case a message was missed while disconnected;
+  (rare, one round trip each); a subscriber applies the other hosts' news as it
+  arrives, and each sync re-reads the shared hash in case a message was missed while
+  disconnected;
 - when Redis fails or is slower than ``redis_timeout_s``, apply the failure policy and
   retry with exponential backoff. Requests never wait for any of it.
 
