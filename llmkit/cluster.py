@@ -13,6 +13,7 @@ cluster lives in one Redis Cluster slot and one Lua script may touch them all.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -30,6 +31,23 @@ STATUS: Final = "cluster.status"
 MODES: Final = ("starting", "synced", "fail_open", "fail_closed")
 STARTING, SYNCED, FAIL_OPEN, FAIL_CLOSED = range(4)
 DIMENSIONS: Final = ("requests", "tokens")
+# The sync task's process name (``/proc/<pid>/comm``, ``ps``, ``top``): what tells it
+# apart from the workers, which are forked from the same supervisor image.
+SYNC_PROCESS_NAME: Final = "llmkit-sync"
+_PR_SET_NAME: Final = 15
+
+
+def name_process(name: str) -> bool:
+    """Set this process's name (Linux ``prctl(PR_SET_NAME)``, at most 15 bytes).
+
+    Only the calling thread is renamed, so call it first thing after ``fork``, while
+    the child has one thread. Returns False where the call is unavailable.
+    """
+    try:
+        libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them
+        return bool(libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
 def key_prefix(cluster_name: str) -> str:

@@ -8,10 +8,11 @@ It attaches the segment like a worker and runs one asyncio loop:
 - every ``sync_interval_s``, one Redis round trip (``RedisLink.sync``): for every
   cluster-wide limit, lease what local demand needs and give back what it no longer
   does, mark this host alive, and read the other hosts' breaker news;
-- every tick (``TICK_S``, at most the sync interval), look for local breaker openings
-  and upstream cooldowns and publish them at once (rare, one round trip each); a
-  subscriber applies the other hosts' news as it arrives, and each sync re-reads the
-  shared hash in case a message was missed while disconnected;
+- every tick (half the sync interval, at least ``TICK_S`` and at most the interval),
+  look for local breaker openings and upstream cooldowns and publish them at once
+  (rare, one round trip each); a subscriber applies the other hosts' news as it
+  arrives, and each sync re-reads the shared hash in case a message was missed while
+  disconnected;
 - when Redis fails or is slower than ``redis_timeout_s``, apply the failure policy and
   retry with exponential backoff. Requests never wait for any of it.
 
@@ -67,7 +68,7 @@ from llmkit.state import SharedState
 
 log = logging.getLogger("llmkit.cluster")
 
-TICK_S = 0.01
+TICK_S = 0.01  # the shortest tick: a host's own wakeups are its idle cost
 IDLE_SYNC_S = 1.0  # with nothing to lease or give back, sync only this often
 RESERVE_FRACTION = 4  # idle hosts keep a quarter batch
 NS_PER_MS = 1_000_000
@@ -87,9 +88,12 @@ class Ledger:
         self._refused_seen = budget.refused()
         self._share = 0.0
 
-    def plan(self, fresh: bool) -> BucketRequest:
-        """Measure demand since the last sync; ``fresh``: ask for a whole target, as
-        the local budget is about to be dropped. Units to give back leave shm now."""
+    def plan(self, drop: bool) -> BucketRequest:
+        """Measure demand since the last sync; ``drop``: ask for a whole target, as
+        the local budget is about to be dropped (fail_open's unleased share). Otherwise
+        what shm still holds counts, also what a sync task that died left there, so a
+        respawned task does not lease a second batch on top of it. Units to give back
+        leave shm now."""
         budget = self._budget.budget()
         refused = self._budget.refused()
         demand = max(0, self._after - budget) + refused - self._refused_seen
@@ -99,7 +103,7 @@ class Ledger:
         target = max(min(max(2 * demand, self._reserve), self.batch), largest)
         target = min(target, self.limit.limit)
         want = give = 0
-        if fresh:
+        if drop:
             want = target
         elif budget < target:
             want = target - budget
@@ -255,7 +259,8 @@ class Syncer:
         """Sync until ``stop`` is set, then give every unspent unit back."""
         io: asyncio.Task[None] | None = None
         publishing: asyncio.Task[None] | None = None
-        tick_s = min(TICK_S, self._cluster.sync_interval_s)
+        interval = self._cluster.sync_interval_s
+        tick_s = min(max(TICK_S, interval / 2), interval)
         last = self._clock()
         listening = asyncio.create_task(self.listen()) if self._health is not None else None
         while not stop.is_set():
@@ -270,10 +275,7 @@ class Syncer:
                 for ledger in self.ledgers:
                     ledger.credit_share(self._share_hosts(), now - last)
             last = now
-            try:
-                await asyncio.wait_for(stop.wait(), tick_s)
-            except TimeoutError:
-                pass
+            await asyncio.sleep(tick_s)  # cheaper than waiting on ``stop`` with a timeout
         if listening is not None:
             listening.cancel()
         for task in (io, publishing):
@@ -297,7 +299,7 @@ class Syncer:
         """One round trip; on failure, the failure policy."""
         drop_local = self.mode == FAIL_OPEN
         fresh = self.mode != SYNCED
-        requests = [ledger.plan(fresh) for ledger in self.ledgers]
+        requests = [ledger.plan(drop_local) for ledger in self.ledgers]
         now = self._clock()
         if not fresh and now < self._idle_until and not any(r.want or r.give for r in requests):
             self._next_sync = now + round(self._cluster.sync_interval_s * 1e9)

@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llmkit.cluster import SYNC_PROCESS_NAME
+
 READY = re.compile(r"llmkit: serving http://([\d.]+):(\d+) with (\d+) workers \(pid (\d+)")
 _counter = itertools.count()
 
@@ -69,9 +71,26 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def worker_pids(self) -> set[int]:
+    def children(self) -> dict[int, str]:
+        """The supervisor's child processes, pid -> process name (``/proc/<pid>/comm``)."""
         path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        return {int(p) for p in path.read_text().split()}
+        names = {}
+        for pid in map(int, path.read_text().split()):
+            try:
+                names[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # exited between the two reads
+        return names
+
+    def worker_pids(self) -> set[int]:
+        """The workers only: not the cluster sync task, which is a child too."""
+        return {pid for pid, name in self.children().items() if name != SYNC_PROCESS_NAME}
+
+    def sync_pid(self) -> int | None:
+        """The cluster sync task's pid, if one is running."""
+        pids = [pid for pid, name in self.children().items() if name == SYNC_PROCESS_NAME]
+        assert len(pids) <= 1, f"more than one sync task: {pids}"
+        return pids[0] if pids else None
 
     def wait_workers(
         self, count: int, exclude: frozenset[int] | set[int] = frozenset(), timeout: float = 10

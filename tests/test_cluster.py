@@ -160,6 +160,24 @@ async def test_unused_budget_goes_back(redis_server: RedisServer, hosts: MakeHos
     assert 600 - 7 - 7 <= tokens <= 600 - 7 + 1  # 7 spent, 7 held
 
 
+async def test_a_respawned_sync_task_counts_what_shm_still_holds(
+    redis_server: RedisServer, hosts: MakeHosts
+) -> None:
+    config = cluster_config(redis_server.url, {}, limits={"rpm": 600})  # batch 30, reserve 7
+    (a,) = hosts(config, 1)
+    await a.syncer.sync()
+    assert a.budget() == 7
+    # The supervisor's replacement for a sync task that died: same segment, new state.
+    respawned = Syncer(config, a.state, a.link, "host-0-respawned")
+    await respawned.sync()
+    assert respawned.mode == SYNCED
+    assert a.budget() == 7  # the reserve the dead task leased is still there: no more
+    assert a.status(ClusterStatus.LEASED) == 7
+    a.admit(7)
+    await respawned.sync()
+    assert a.budget() >= 7  # and it leases again as demand comes
+
+
 async def test_tokens_are_leased_and_reconciled(
     redis_server: RedisServer, hosts: MakeHosts
 ) -> None:

@@ -209,3 +209,94 @@ def test_redis_down_then_back(start_server: StartServer, redis_server: RedisServ
     print(f"after Redis came back: {dict(recovered)}")
     # The restarted Redis has a full bucket again: 600 cluster-wide, not 2 x 150.
     assert 600 <= recovered[200] <= 600 + 2 * 30 + refill
+
+
+# -- the sync task as a process -------------------------------------------------------
+
+
+def test_the_sync_task_is_not_counted_as_a_worker(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    server = start_server("[limits]\nrpm = 600\n" + cluster_section(redis_server), workers=2)
+    wait_metric([server], 'llmkit_cluster_mode{mode="synced"}', 1)
+    children = server.children()
+    sync = server.sync_pid()
+    assert len(children) == 3 and sync is not None  # two workers and the sync task
+    assert Path(f"/proc/{sync}/comm").read_text().strip() == "llmkit-sync"
+    workers = server.wait_workers(2)
+    assert workers == server.worker_pids() == set(children) - {sync}
+    # Replacing a worker is seen as such, with the sync task still running beside it.
+    victim = min(workers)
+    os.kill(victim, 9)
+    replaced = server.wait_workers(2, exclude={victim}, timeout=20)
+    assert victim not in replaced and sync not in replaced
+    assert server.sync_pid() == sync
+
+
+def test_a_killed_sync_task_is_respawned_and_leases_resume(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    config = "[limits]\nrpm = 600\n" + cluster_section(redis_server)  # batch 30
+    server = start_server(config, workers=2)
+    wait_metric([server], 'llmkit_cluster_mode{mode="synced"}', 1)
+    workers = server.wait_workers(2)
+    first = server.sync_pid()
+    assert first is not None
+    leased_name = 'llmkit_cluster_leased_units_total{dimension="requests"}'
+    os.kill(first, 9)
+    deadline = time.monotonic() + 20
+    while (second := server.sync_pid()) in (None, first):
+        assert time.monotonic() < deadline, "the sync task was not respawned"
+        time.sleep(0.02)
+    assert "cluster sync task pid" in server.log()
+    wait_metric([server], 'llmkit_cluster_mode{mode="synced"}', 1)
+    leased = metric(server, leased_name)
+    # More than one batch: only new leases from the new task can admit them all.
+    counts = spread([server], 200, concurrency=8)
+    assert counts[200] + counts[429] == 200
+    assert counts[200] >= 60, dict(counts)
+    assert metric(server, leased_name) >= leased + counts[200] - 30
+    assert server.sync_pid() == second and server.worker_pids() == workers  # no worker lost
+
+
+def _bucket(redis: RedisServer, key: str) -> tuple[float, int]:
+    """A cluster bucket as (tokens, µs of its last change); a missing key is full."""
+    tokens, stamp = redis.client().hmget(key, "t", "ts")
+    assert tokens is not None and stamp is not None, f"{key} is full or missing"
+    return float(tokens), int(stamp)
+
+
+def test_sigterm_gives_unused_budget_back(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    # batch 300, reserve 75, refill 10 a second: the held budget is large enough to see
+    # in Redis, and the bucket stays far from full (a full bucket is deleted).
+    name = f"drain{os.getpid()}-{next(_names)}"
+    config = (
+        "[limits]\nrpm = 600\n"
+        f'[cluster]\nredis_url = "{redis_server.url}"\nname = "{name}"\nbatch_fraction = 0.5\n'
+    )
+    server = start_server(config, workers=2)
+    wait_metric([server], 'llmkit_cluster_mode{mode="synced"}', 1)
+    admitted = spread([server], 400, concurrency=16)[200]
+    assert admitted >= 300
+    key = f"{{llmkit:{name}}}:limit:global:requests"
+    # Idle again, the sync task settles between the reserve and twice it, then stops
+    # writing the bucket.
+    last, quiet_since = _bucket(redis_server, key), time.monotonic()
+    while time.monotonic() - quiet_since < 1.0:
+        time.sleep(0.1)
+        now = _bucket(redis_server, key)
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+    leased = metric(server, 'llmkit_cluster_leased_units_total{dimension="requests"}')
+    returned = metric(server, 'llmkit_cluster_returned_units_total{dimension="requests"}')
+    held = leased - returned - admitted
+    assert 75 <= held <= 150, (leased, returned, admitted)
+    before, before_us = last
+    assert server.stop() == 0
+    after, after_us = _bucket(redis_server, key)
+    refill = (after_us - before_us) / 1e6 * 10
+    given = after - before - refill
+    print(f"\nheld {held:.0f} units at SIGTERM; Redis got {given:.3f} back")
+    assert abs(given - held) < 0.01

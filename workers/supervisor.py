@@ -6,9 +6,10 @@ manages workers. Exit codes: 0 after a clean stop, 2 for a configuration error, 
 a worker could not boot (the supervisor stops instead of crash-looping).
 
 With ``[cluster]``, one more child runs ``llmkit.cluster_sync`` (the host's Redis sync
-task). It is forked like a worker, respawned after ``SYNC_RESPAWN_S`` if it dies,
-restarted on reload, and stopped last, after the workers, so it can give back what
-they left unspent. The supervisor itself never imports a Redis client.
+task, named ``llmkit-sync`` in ``ps``). It is forked like a worker, respawned after
+``SYNC_RESPAWN_S`` if it dies, restarted on reload, and stopped last, after the
+workers, so it can give back what they left unspent.
+The supervisor itself never imports a Redis client.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from llmkit.cluster import SYNC_PROCESS_NAME, name_process
 from llmkit.config import Config, ConfigError, load_config, resolve_workers, shm_name_for
 from llmkit.gateway import check_secrets
 from llmkit.mux_link import link_path
@@ -249,6 +251,7 @@ class Supervisor:
     def spawn_sync(self) -> None:
         pid = os.fork()
         if pid == 0:
+            name_process(SYNC_PROCESS_NAME)  # not a worker, to ps and to the tests
             signal.set_wakeup_fd(-1)
             from llmkit import cluster_sync  # only this child ever loads redis
 
