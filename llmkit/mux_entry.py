@@ -49,6 +49,7 @@ class Entry:
         "_assembled",
         "_chunked",
         "_waiters",
+        "claim",
         "completion",
         "digest",
         "done",
@@ -66,6 +67,7 @@ class Entry:
 
     def __init__(self, digest: bytes) -> None:
         self.digest = digest
+        self.claim = -2  # its slot in the shm table (mux_table.FULL: none)
         self.target: Target | None = None
         self.streamed = True
         self.frames: list[bytes] = []
@@ -92,6 +94,16 @@ class Entry:
         if usage:
             self.usage_at = len(self.frames)
         self.frames.append(frame)
+        if self._waiters:
+            self._notify()
+
+    def add(self, frames: Frames) -> None:
+        """One upstream read: its events, then its usage event apart."""
+        if frames.events:
+            self.frames.append(frames.events)
+        if frames.usage_event:
+            self.usage_at = len(self.frames)
+            self.frames.append(frames.usage_event)
         if self._waiters:
             self._notify()
 
@@ -243,7 +255,11 @@ class LeadSubscription(Subscription):
         chunks: TrackedStream,
         hand_off: Callable[[Entry, TrackedStream], None],
     ) -> None:
-        super().__init__(entry, wants_usage)
+        self._entry = entry
+        self._index = 0
+        self._wants_usage = wants_usage
+        self._on_leave: Callable[[], None] | None = None
+        self._left = False
         self._chunks: TrackedStream | None = chunks
         self._hand_off = hand_off
         self._pulling = False
@@ -266,12 +282,26 @@ class LeadSubscription(Subscription):
     async def __anext__(self) -> bytes:
         entry = self._entry
         while True:
-            frames = entry.frames
-            index = self._index
-            if index == len(frames) and self._chunks is not None and not entry.done:
-                ending = await self._read()  # alone and caught up: read the upstream ourselves
-                if ending is not None:
-                    return ending
+            frames, index, chunks = entry.frames, self._index, self._chunks
+            if chunks is not None and index == len(frames) and not entry.done:
+                # Alone and caught up: read the upstream ourselves.
+                self._pulling = True
+                try:
+                    read = await pull_into(entry, chunks)
+                except BaseException:  # cancelled mid-read: the call ends for all
+                    entry.fail(_gone(entry))
+                    raise
+                finally:
+                    self._pulling = False
+                if read is None:
+                    self._chunks = None
+                    await chunks.aclose()
+                elif entry.subscribers > 1:
+                    self._give_away()  # read the entry like everyone else from now on
+                else:
+                    events = self._took(read)
+                    if events:
+                        return events
                 continue
             if index < len(frames):
                 self._index = index + 1
@@ -285,33 +315,13 @@ class LeadSubscription(Subscription):
                 raise StopAsyncIteration
             await entry.changed()
 
-    async def _read(self) -> bytes | None:
-        """One upstream read into the entry; hands the stream off if others joined.
-
-        When the read ends the stream and nobody else reads the entry, it returns the
-        read's events with the end of the stream, for the caller to send in one write
-        (the entry keeps the frames for a late joiner, who ends on its own).
-        """
-        chunks, entry = self._chunks, self._entry
-        assert chunks is not None
-        self._pulling = True
-        try:
-            frames = await pull_into(entry, chunks)
-        except BaseException:  # cancelled mid-read: the call ends for all
-            entry.fail(_gone(entry))
-            raise
-        finally:
-            self._pulling = False
-        if frames is None:
-            self._chunks = None
-            await chunks.aclose()
-        elif entry.subscribers > 1:
-            self._give_away()
-        elif frames.last:
-            self._index = len(entry.frames)
-            usage = frames.usage_event if self._wants_usage else b""
-            return frames.events + usage + SSE_DONE
-        return None
+    def _took(self, read: Frames) -> bytes:
+        """What this caller, alone, gets of a read the entry keeps for late joiners:
+        the events as they came, with the end of the stream if it came with them (for
+        the surface to send in one write)."""
+        self._index = len(self._entry.frames)
+        events = read.events + read.usage_event if self._wants_usage else read.events
+        return events + SSE_DONE if read.last else events
 
     async def aclose(self) -> None:
         if self._chunks is not None and self._entry.subscribers > 1 and not self._entry.done:
@@ -334,10 +344,7 @@ async def pull_into(entry: Entry, chunks: TrackedStream) -> Frames | None:
     except LLMKitError as exc:
         entry.fail(exc)
         return None
-    if frames.events:
-        entry.append(frames.events)
-    if frames.usage_event:
-        entry.append(frames.usage_event, usage=True)
+    entry.add(frames)
     return frames
 
 
