@@ -88,7 +88,8 @@ class Entry:
 
     def open(self, target: Target, streamed: bool) -> None:
         self.target, self.streamed, self.opened = target, streamed, True
-        self._notify()
+        if self._waiters:
+            self._notify()
 
     def append(self, frame: bytes, usage: bool = False) -> None:
         if usage:
@@ -114,7 +115,8 @@ class Entry:
 
     def finish(self) -> None:
         self.done = True
-        self._notify()
+        if self._waiters:
+            self._notify()
         if self.on_done is not None:
             self.on_done(self)
 
@@ -309,7 +311,11 @@ class LeadSubscription(Subscription):
                     continue
                 return frames[index]
             if entry.done:
-                await self.aclose()
+                if self._chunks is None:
+                    entry.on_join = None
+                    self._leave()
+                else:
+                    await self.aclose()
                 if entry.error is not None:
                     raise entry.raised()
                 raise StopAsyncIteration

@@ -93,17 +93,16 @@ class MuxTable:
         then (usually) one CAS."""
         a, start = self._a, tag % self._size
         load, window = a.load_i64, self._ring[start : start + self._probes]
-        free = -1
-        for position, off in enumerate(window):
-            held = load(off + TAG)
-            if held == tag:
-                word = load(off + OWNER)
-                if not word:
-                    return TAKEN
-                return Owner((start + position) % self._size, (word & 0xFFFF) - 1,
-                             load(off + PID), word)  # fmt: skip
-            if not held and free < 0:
-                free = position
+        tags = [load(off + TAG) for off in window]
+        if tag in tags:
+            position = tags.index(tag)
+            off = window[position]
+            word = load(off + OWNER)
+            if not word:
+                return TAKEN
+            return Owner((start + position) % self._size, (word & 0xFFFF) - 1,
+                         load(off + PID), word)  # fmt: skip
+        free = tags.index(0) if 0 in tags else -1
         for position in range(free, len(window) if free >= 0 else 0):
             off = window[position]
             if not a.cas_i64(off + TAG, 0, tag):
