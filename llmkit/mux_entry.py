@@ -283,51 +283,36 @@ class LeadSubscription(Subscription):
 
     async def __anext__(self) -> bytes:
         entry = self._entry
-        while True:
-            frames, index, chunks = entry.frames, self._index, self._chunks
-            if chunks is not None and index == len(frames) and not entry.done:
-                # Alone and caught up: read the upstream ourselves.
-                self._pulling = True
-                try:
-                    read = await pull_into(entry, chunks)
-                except BaseException:  # cancelled mid-read: the call ends for all
-                    entry.fail(_gone(entry))
-                    raise
-                finally:
-                    self._pulling = False
-                if read is None:
-                    self._chunks = None
-                    await chunks.aclose()
-                elif entry.subscribers > 1:
-                    self._give_away()  # read the entry like everyone else from now on
-                else:
-                    events = self._took(read)
-                    if events:
-                        return events
-                continue
-            if index < len(frames):
-                self._index = index + 1
-                if index == entry.usage_at and not self._wants_usage:
-                    continue
-                return frames[index]
-            if entry.done:
-                if self._chunks is None:
-                    entry.on_join = None
-                    self._leave()
-                else:
-                    await self.aclose()
-                if entry.error is not None:
-                    raise entry.raised()
-                raise StopAsyncIteration
-            await entry.changed()
-
-    def _took(self, read: Frames) -> bytes:
-        """What this caller, alone, gets of a read the entry keeps for late joiners:
-        the events as they came, with the end of the stream if it came with them (for
-        the surface to send in one write)."""
-        self._index = len(self._entry.frames)
-        events = read.events + read.usage_event if self._wants_usage else read.events
-        return events + SSE_DONE if read.last else events
+        while (chunks := self._chunks) is not None and not entry.done:
+            # Alone and caught up (a read that others joined during hands off): read
+            # the upstream ourselves, keep the read in the entry for late joiners.
+            self._pulling = True
+            try:
+                read = await chunks.next_frames()
+            except StopAsyncIteration:
+                entry.finish()
+                break
+            except LLMKitError as exc:
+                entry.fail(exc)
+                break
+            except BaseException:  # cancelled mid-read: the call ends for all
+                entry.fail(_gone(entry))
+                raise
+            finally:
+                self._pulling = False
+            entry.add(read)
+            if entry.subscribers > 1:
+                self._give_away()  # from now on, read the entry like everyone else
+                break
+            self._index = len(entry.frames)
+            events = read.events + read.usage_event if self._wants_usage else read.events
+            if read.last:
+                return events + SSE_DONE  # the end with the last events: one write
+            if events:
+                return events
+        if self._chunks is not None:
+            await self.aclose()  # the stream ended (or failed): release the upstream
+        return await super().__anext__()
 
     async def aclose(self) -> None:
         if self._chunks is not None and self._entry.subscribers > 1 and not self._entry.done:

@@ -93,7 +93,7 @@ class MuxTable:
         then (usually) one CAS."""
         a, start = self._a, tag % self._size
         load, window = a.load_i64, self._ring[start : start + self._probes]
-        tags = [load(off + TAG) for off in window]
+        tags = list(map(load, window))  # TAG is at +0
         if tag in tags:
             position = tags.index(tag)
             off = window[position]
