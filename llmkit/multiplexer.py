@@ -22,7 +22,9 @@ or always with ``[multiplexer] eligible = "all"``. ``n > 1`` shares only with th
 
 Shape. The shared upstream call is made the way its leader asked (streamed or not):
 the leader's request reaches the provider exactly as without the multiplexer, which
-keeps the overhead on unshared requests to one dict lookup and one key hash. A
+keeps the overhead on unshared requests to one key hash, one dict lookup, one pass
+over the shm table's probe window (find-or-claim) and one release; the leader's
+caller reads its own upstream stream inline until someone joins. A
 non-streaming follower of a stream gets the completion assembled from its frames; a
 streaming follower of a whole completion gets it as chunks (both computed once per
 entry). A streamed shared call always asks the provider for the usage chunk; each
