@@ -300,11 +300,17 @@ class LeadSubscription(Subscription):
                 raise
             finally:
                 self._pulling = False
-            entry.add(read)
             if entry.subscribers > 1:
+                entry.add(read)  # and wake the followers
                 self._give_away()  # from now on, read the entry like everyone else
                 break
-            self._index = len(entry.frames)
+            frames = entry.frames  # alone: nobody waits, so no need to wake anyone
+            if read.events:
+                frames.append(read.events)
+            if read.usage_event:
+                entry.usage_at = len(frames)
+                frames.append(read.usage_event)
+            self._index = len(frames)
             events = read.events + read.usage_event if self._wants_usage else read.events
             if read.last:
                 return events + SSE_DONE  # the end with the last events: one write
