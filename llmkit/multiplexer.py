@@ -22,7 +22,9 @@ or always with ``[multiplexer] eligible = "all"``. ``n > 1`` shares only with th
 
 Shape. The shared upstream call is made the way its leader asked (streamed or not):
 the leader's request reaches the provider exactly as without the multiplexer, which
-keeps the overhead on unshared requests to one dict lookup and one key hash. A
+keeps the overhead on unshared requests to one key hash, one dict lookup, one pass
+over the shm table's probe window (find-or-claim) and one release; the leader's
+caller reads its own upstream stream inline until someone joins. A
 non-streaming follower of a stream gets the completion assembled from its frames; a
 streaming follower of a whole completion gets it as chunks (both computed once per
 entry). A streamed shared call always asks the provider for the usage chunk; each
@@ -53,6 +55,7 @@ request leads afresh.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -110,8 +113,8 @@ def dedup_key(call: Call, targets: list[Target]) -> bytes:
     request = msgspec.structs.replace(
         call.request, model="", stream=False, stream_options=None, user=None
     )
-    labels = sorted({t.label for t in targets})
-    canonical = _key_encoder.encode([labels, request, call.extras])
+    labels = [targets[0].label] if len(targets) == 1 else sorted({t.label for t in targets})
+    canonical = _key_encoder.encode((labels, request, call.extras))
     return hashlib.blake2b(canonical, digest_size=16).digest()
 
 
@@ -146,11 +149,13 @@ class Counters:
         if segment is not None and layout is not None:
             region = layout[COUNTERS]
             self._cells = [Counter(segment.atomics, region.offset_of(i)) for i in range(3)]
+            self._add = segment.atomics.add_i64
+            self._offsets = [cell.offset for cell in self._cells]
 
     def inc(self, which: int) -> None:
         self.local[which] += 1
         if self._cells:
-            self._cells[which].inc()
+            self._add(self._offsets[which], 1)
 
     def value(self, which: int) -> int:
         return self._cells[which].value() if self._cells else self.local[which]
@@ -211,13 +216,11 @@ class Multiplexer:
         self.counters = counters or Counters()
         self._peers = peers if config.cross_worker else None
         self._entries: dict[bytes, Entry] = {}
-        self._claims: dict[Entry, int] = {}
         self._tasks: dict[Entry, asyncio.Task[None]] = {}
         self._live: set[Entry] = set()  # entries whose task has started
         self._link = LinkServer(self._entries.get)
-
-    def eligible(self, call: Call) -> bool:
-        return eligible(call, self.config)
+        # Whether a call may share (the module function, bound: one call per request).
+        self.eligible: Callable[[Call], bool] = functools.partial(eligible, config=config)
 
     def in_flight(self) -> int:
         return len(self._entries)
@@ -257,29 +260,22 @@ class Multiplexer:
     # -- join or lead -------------------------------------------------------------
 
     async def _join(self, call: Call, gateway: Leading, streamed: bool) -> Joined:
-        """Join an identical call in flight, or lead one.
-
-        A leader makes the upstream call in its own task (``_lead_inline``): an unshared
-        call then costs no extra task and no wake-ups. Followers read what it appends.
-        """
+        """Join an identical call in flight (in this worker or another), or lead one
+        (``_lead``); followers read what the leader's call appends to the entry."""
         digest = dedup_key(call, gateway.resolve(call.request.model))
         for _ in range(JOIN_TRIES):
             entry = self._entries.get(digest)
-            if entry is not None and entry.done:
-                entry = None  # finished a moment ago: not a cache
-            found = self._find_owner(digest) if entry is None else None
-            if entry is None and found is None:
-                led = self._lead(digest, call, gateway, streamed)
-                if led is None:
+            found: Owner | None = None
+            if entry is None or entry.done:  # done a moment ago: not a cache
+                claim = self._claim(digest)
+                if claim == TAKEN:
                     await asyncio.sleep(0.001)  # another worker is publishing its claim
                     continue
-                entry, run = led
-                target, chunks = await _lead_inline(entry, gateway, call, run, streamed)
-                self.counters.inc(LEADERS)
-                _role(call, "leader")
-                return entry, target, None, chunks
+                if not isinstance(claim, Owner):
+                    return await self._lead(digest, claim, call, gateway, streamed)
+                found = claim
             admission = self._admit_follower(call, gateway)  # 429 before joining anything
-            if entry is None and found is not None:
+            if found is not None:
                 entry = self._mirror(digest, found, call, gateway)
             assert entry is not None
             try:
@@ -311,41 +307,64 @@ class Multiplexer:
         self._start(entry, self._pump(entry, gateway, call, run, streamed))
         return entry, await self._subscribe(entry), None, None
 
-    def _lead(
-        self, digest: bytes, call: Call, gateway: Leading, streamed: bool
-    ) -> tuple[Entry, Run] | None:
-        """Claim the key (locally and in shm) and admit the call; None if another
-        worker's claim for it is not published yet."""
-        peers, claim = self._peers, FULL
-        if peers is not None:
-            claim = peers.table.claim(tag_of(digest), peers.owner, peers.pid)
-            if claim == TAKEN:
-                return None
+    def _claim(self, digest: bytes) -> int | Owner:
+        """Another worker's published call for ``digest``, else this worker's claim on
+        it: a slot index, ``FULL`` (no room, or no peers: lead unpublished) or ``TAKEN``
+        (another worker's claim is being published)."""
+        peers = self._peers
+        if peers is None:
+            return FULL
+        tag = tag_of(digest)
+        found = peers.table.acquire(tag, peers.owner, peers.pid)
+        if isinstance(found, Owner) and found.pid == peers.pid:  # ours, not in flight: stale
+            peers.table.evict(found, tag)
+            found = peers.table.acquire(tag, peers.owner, peers.pid)
+        return found
+
+    async def _lead(
+        self, digest: bytes, claim: int, call: Call, gateway: Leading, streamed: bool
+    ) -> Joined:
+        """Admit and make the call in this caller's own task, holding ``claim``: an
+        unshared call then costs no extra task and no wake-ups.
+
+        Its errors reach the leader as raised and every follower as the same error; if
+        the leader goes away first (cancelled), followers start over.
+        """
         try:
             run = gateway.start_run(call, streamed)  # 404/429 reach this caller only
         except BaseException:
-            if peers is not None and claim >= 0:
-                peers.table.release(claim, tag_of(digest), peers.owner)
+            self._release(digest, claim)
             raise
         entry = Entry(digest)
-        self._entries[digest] = entry
-        if claim >= 0:
-            self._claims[entry] = claim
+        entry.claim = claim
         entry.on_idle = self._abandon
         entry.on_done = self._forget  # the table holds calls in flight, never results
-        return entry, run
+        entry.subscribers = 1
+        self._entries[digest] = entry
+        chunks = None
+        try:
+            if streamed:
+                target, chunks = await gateway.open_stream(call, run, strip_usage=False)
+                entry.open(target, streamed=True)
+            else:
+                target, completion = await gateway.complete(call, run)
+                entry.open(target, streamed=False)
+                entry.complete(completion)
+        except BaseException as exc:
+            gone = Retry("the leading request went away")
+            entry.fail(exc if isinstance(exc, LLMKitError) else gone)
+            entry.leave()
+            raise
+        self.counters.inc(LEADERS)
+        call.response_headers[HEADER] = "leader"
+        if call.obs is not None:
+            call.obs.multiplexer_role("leader")
+        return entry, target, None, chunks
 
-    def _find_owner(self, digest: bytes) -> Owner | None:
-        """Another worker's published claim for ``digest``, if there is one."""
+    def _release(self, digest: bytes, claim: int) -> None:
         peers = self._peers
-        if peers is None:
-            return None
-        tag = tag_of(digest)
-        found = peers.table.find(tag)
-        if found is not None and found.pid == peers.pid:  # ours, not in flight: stale
-            peers.table.evict(found, tag)
-            return None
-        return found
+        if peers is not None and claim >= 0:
+            peers.table.release(claim, tag_of(digest), peers.owner)
 
     def _mirror(self, digest: bytes, found: Owner, call: Call, gateway: Leading) -> Entry:
         """A local entry filled from the owner's over its attach socket."""
@@ -410,11 +429,11 @@ class Multiplexer:
     def _forget(self, entry: Entry) -> None:
         if self._entries.get(entry.digest) is entry:
             del self._entries[entry.digest]
-        self._tasks.pop(entry, None)
-        self._live.discard(entry)
-        claim = self._claims.pop(entry, None)
-        if claim is not None and self._peers is not None:
-            self._peers.table.release(claim, tag_of(entry.digest), self._peers.owner)
+        if self._tasks or self._live:  # none for a leader reading inline
+            self._tasks.pop(entry, None)
+            self._live.discard(entry)
+        claim, entry.claim = entry.claim, FULL
+        self._release(entry.digest, claim)
 
     async def _pump(
         self, entry: Entry, gateway: Leading, call: Call, run: Run, streamed: bool
@@ -469,34 +488,6 @@ class Multiplexer:
 Joined = tuple[Entry, Target, Callable[[], None] | None, TrackedStream | None]
 """What joining gave: the entry, its target, a follower's settle hook, and for a
 streaming leader the upstream stream it reads itself."""
-
-
-async def _lead_inline(
-    entry: Entry, gateway: Leading, call: Call, run: Run, streamed: bool
-) -> tuple[Target, TrackedStream | None]:
-    """The leader's own task makes the call: a whole answer, or a stream's first chunk.
-
-    Its errors reach the leader as raised and every follower as the same error; if the
-    leader goes away first (cancelled), followers start over.
-    """
-    entry.join()
-    try:
-        if streamed:
-            target, chunks = await gateway.open_stream(call, run, strip_usage=False)
-            entry.open(target, streamed=True)
-            return target, chunks
-        target, completion = await gateway.complete(call, run)
-        entry.open(target, streamed=False)
-        entry.complete(completion)
-        return target, None
-    except LLMKitError as exc:
-        entry.fail(exc)
-        entry.leave()
-        raise
-    except BaseException:
-        entry.fail(Retry("the leading request went away"))
-        entry.leave()
-        raise
 
 
 async def _pump_stream(entry: Entry, gateway: Leading, call: Call, run: Run) -> None:

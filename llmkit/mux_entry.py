@@ -49,6 +49,7 @@ class Entry:
         "_assembled",
         "_chunked",
         "_waiters",
+        "claim",
         "completion",
         "digest",
         "done",
@@ -66,6 +67,7 @@ class Entry:
 
     def __init__(self, digest: bytes) -> None:
         self.digest = digest
+        self.claim = -2  # its slot in the shm table (mux_table.FULL: none)
         self.target: Target | None = None
         self.streamed = True
         self.frames: list[bytes] = []
@@ -86,12 +88,23 @@ class Entry:
 
     def open(self, target: Target, streamed: bool) -> None:
         self.target, self.streamed, self.opened = target, streamed, True
-        self._notify()
+        if self._waiters:
+            self._notify()
 
     def append(self, frame: bytes, usage: bool = False) -> None:
         if usage:
             self.usage_at = len(self.frames)
         self.frames.append(frame)
+        if self._waiters:
+            self._notify()
+
+    def add(self, frames: Frames) -> None:
+        """One upstream read: its events, then its usage event apart."""
+        if frames.events:
+            self.frames.append(frames.events)
+        if frames.usage_event:
+            self.usage_at = len(self.frames)
+            self.frames.append(frames.usage_event)
         if self._waiters:
             self._notify()
 
@@ -102,7 +115,8 @@ class Entry:
 
     def finish(self) -> None:
         self.done = True
-        self._notify()
+        if self._waiters:
+            self._notify()
         if self.on_done is not None:
             self.on_done(self)
 
@@ -243,7 +257,11 @@ class LeadSubscription(Subscription):
         chunks: TrackedStream,
         hand_off: Callable[[Entry, TrackedStream], None],
     ) -> None:
-        super().__init__(entry, wants_usage)
+        self._entry = entry
+        self._index = 0
+        self._wants_usage = wants_usage
+        self._on_leave: Callable[[], None] | None = None
+        self._left = False
         self._chunks: TrackedStream | None = chunks
         self._hand_off = hand_off
         self._pulling = False
@@ -265,53 +283,42 @@ class LeadSubscription(Subscription):
 
     async def __anext__(self) -> bytes:
         entry = self._entry
-        while True:
-            frames = entry.frames
-            index = self._index
-            if index == len(frames) and self._chunks is not None and not entry.done:
-                ending = await self._read()  # alone and caught up: read the upstream ourselves
-                if ending is not None:
-                    return ending
-                continue
-            if index < len(frames):
-                self._index = index + 1
-                if index == entry.usage_at and not self._wants_usage:
-                    continue
-                return frames[index]
-            if entry.done:
-                await self.aclose()
-                if entry.error is not None:
-                    raise entry.raised()
-                raise StopAsyncIteration
-            await entry.changed()
-
-    async def _read(self) -> bytes | None:
-        """One upstream read into the entry; hands the stream off if others joined.
-
-        When the read ends the stream and nobody else reads the entry, it returns the
-        read's events with the end of the stream, for the caller to send in one write
-        (the entry keeps the frames for a late joiner, who ends on its own).
-        """
-        chunks, entry = self._chunks, self._entry
-        assert chunks is not None
-        self._pulling = True
-        try:
-            frames = await pull_into(entry, chunks)
-        except BaseException:  # cancelled mid-read: the call ends for all
-            entry.fail(_gone(entry))
-            raise
-        finally:
-            self._pulling = False
-        if frames is None:
-            self._chunks = None
-            await chunks.aclose()
-        elif entry.subscribers > 1:
-            self._give_away()
-        elif frames.last:
-            self._index = len(entry.frames)
-            usage = frames.usage_event if self._wants_usage else b""
-            return frames.events + usage + SSE_DONE
-        return None
+        while (chunks := self._chunks) is not None and not entry.done:
+            # Alone and caught up (a read that others joined during hands off): read
+            # the upstream ourselves, keep the read in the entry for late joiners.
+            self._pulling = True
+            try:
+                read = await chunks.next_frames()
+            except StopAsyncIteration:
+                entry.finish()
+                break
+            except LLMKitError as exc:
+                entry.fail(exc)
+                break
+            except BaseException:  # cancelled mid-read: the call ends for all
+                entry.fail(_gone(entry))
+                raise
+            finally:
+                self._pulling = False
+            if entry.subscribers > 1:
+                entry.add(read)  # and wake the followers
+                self._give_away()  # from now on, read the entry like everyone else
+                break
+            frames = entry.frames  # alone: nobody waits, so no need to wake anyone
+            if read.events:
+                frames.append(read.events)
+            if read.usage_event:
+                entry.usage_at = len(frames)
+                frames.append(read.usage_event)
+            self._index = len(frames)
+            events = read.events + read.usage_event if self._wants_usage else read.events
+            if read.last:
+                return events + SSE_DONE  # the end with the last events: one write
+            if events:
+                return events
+        if self._chunks is not None:
+            await self.aclose()  # the stream ended (or failed): release the upstream
+        return await super().__anext__()
 
     async def aclose(self) -> None:
         if self._chunks is not None and self._entry.subscribers > 1 and not self._entry.done:
@@ -334,10 +341,7 @@ async def pull_into(entry: Entry, chunks: TrackedStream) -> Frames | None:
     except LLMKitError as exc:
         entry.fail(exc)
         return None
-    if frames.events:
-        entry.append(frames.events)
-    if frames.usage_event:
-        entry.append(frames.usage_event, usage=True)
+    entry.add(frames)
     return frames
 
 

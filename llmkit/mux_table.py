@@ -12,12 +12,14 @@ Slot layout (one 64-byte line each, all int64, native-endian):
 +24   claimed_ns   CLOCK_MONOTONIC ns of the claim (for ``snapshot``)
 ====  ===========  ==============================================================
 
-Claim: CAS ``tag`` 0 -> hash on the first free slot of the window, then store ``pid``
-and ``claimed_ns``, then ``owner`` last: a reader that sees the tag with ``owner`` 0
-knows the claim is a few instructions from being published. Two workers claiming the
-same hash at once both see each other when they re-scan the window right after their
-CAS; the claim nearer the window's start wins and the other gives its slot back and
-attaches to the winner, so even a race ends with one upstream call.
+Acquire (every eligible request, one pass over the window): a slot holding the tag
+with ``owner`` set is the owner to attach to; one holding it with ``owner`` 0 is a claim
+a few instructions from being published (``TAKEN``: look again shortly). Otherwise CAS
+``tag`` 0 -> hash on the first free slot seen, then store ``pid`` and ``claimed_ns``,
+then ``owner`` last. Two workers claiming the same hash at once both see each other
+when they re-check the window's slots before their own right after their CAS; the
+claim nearer the window's start wins and the other gives its slot back and attaches to
+the winner, so even a race ends with one upstream call.
 
 Release (owner, when its call ends): store ``owner`` 0, then CAS ``tag`` hash -> 0.
 Reclaim (supervisor, after reaping a worker; or a worker that found the owner's socket
@@ -71,42 +73,47 @@ class MuxTable:
         self._a = atomics
         self._offsets = [region.offset_of(i) for i in range(region.count)]
         self._size = region.count
-
-    def _window(self, tag: int) -> list[int]:
-        start = tag % self._size
-        return [(start + i) % self._size for i in range(min(PROBES, self._size))]
+        self._probes = min(PROBES, region.count)
+        self._ring = self._offsets + self._offsets[: self._probes]  # windows never wrap
 
     def find(self, tag: int) -> Owner | None:
         """The published owner of ``tag``; None if nobody holds it (or not published yet)."""
-        load = self._a.load_i64
-        for index in self._window(tag):
-            off = self._offsets[index]
-            if load(off + TAG) != tag:
-                continue
-            owner = load(off + OWNER)
+        load, start = self._a.load_i64, tag % self._size
+        for position, off in enumerate(self._ring[start : start + self._probes]):
+            owner = load(off + OWNER) if load(off + TAG) == tag else 0
             if owner:
-                return Owner(index, (owner & 0xFFFF) - 1, load(off + PID), owner)
+                return Owner((start + position) % self._size, (owner & 0xFFFF) - 1,
+                             load(off + PID), owner)  # fmt: skip
         return None
 
-    def claim(self, tag: int, owner: int, pid: int) -> int:
-        """Take a slot for ``tag``: its index; ``TAKEN`` when another worker holds (or
-        won the race for) the same tag; ``FULL`` when the probe window has no room."""
-        a = self._a
-        window = self._window(tag)
-        if any(a.load_i64(self._offsets[i] + TAG) == tag for i in window):
-            return TAKEN
-        for position, index in enumerate(window):
-            off = self._offsets[index]
+    def acquire(self, tag: int, owner: int, pid: int) -> int | Owner:
+        """``tag``'s published owner if there is one, else a slot claimed for ``owner``
+        (its index); ``TAKEN`` while another worker's claim is being published or won
+        the race, ``FULL`` when the probe window has no room. One pass over the window,
+        then (usually) one CAS."""
+        a, start = self._a, tag % self._size
+        load, window = a.load_i64, self._ring[start : start + self._probes]
+        tags = list(map(load, window))  # TAG is at +0
+        if tag in tags:
+            position = tags.index(tag)
+            off = window[position]
+            word = load(off + OWNER)
+            if not word:
+                return TAKEN
+            return Owner((start + position) % self._size, (word & 0xFFFF) - 1,
+                         load(off + PID), word)  # fmt: skip
+        free = tags.index(0) if 0 in tags else -1
+        for position in range(free, len(window) if free >= 0 else 0):
+            off = window[position]
             if not a.cas_i64(off + TAG, 0, tag):
                 continue
-            earlier = window[:position]
-            if any(a.load_i64(self._offsets[i] + TAG) == tag for i in earlier):
+            if position and any(load(earlier + TAG) == tag for earlier in window[:position]):
                 a.store_i64(off + TAG, 0)  # lost the race to a claim nearer the start
                 return TAKEN
             a.store_i64(off + PID, pid)
             a.store_i64(off + CLAIMED, time.monotonic_ns())
             a.store_i64(off + OWNER, owner)
-            return index
+            return (start + position) % self._size
         return FULL
 
     def release(self, index: int, tag: int, owner: int) -> None:

@@ -22,7 +22,7 @@ from llmkit.errors import ServiceUnavailableError
 from llmkit.gateway import Gateway
 from llmkit.multiplexer import dedup_key, eligible
 from llmkit.mux_entry import Entry, Subscription, assemble, completion_frames
-from llmkit.mux_table import FULL, TAKEN, MuxTable, declare, pack_owner, tag_of
+from llmkit.mux_table import FULL, OWNER, TAKEN, MuxTable, declare, pack_owner, tag_of
 from llmkit.providers.base import Call
 from llmkit.types import ChatRequest, chunk_decoder
 from shm import Atomics, LayoutBuilder
@@ -379,33 +379,71 @@ def table(slots: int = 16) -> MuxTable:
 def test_the_table_claims_finds_releases_and_reclaims() -> None:
     t = table()
     tag, owner = tag_of(b"\x01" * 16), pack_owner(3, 7)
-    slot = t.claim(tag, owner, 1234)
+    slot = t.acquire(tag, owner, 1234)
     assert slot >= 0
     found = t.find(tag)
     assert found is not None and (found.worker_slot, found.pid) == (3, 1234)
-    assert t.claim(tag, pack_owner(4, 1), 999) == TAKEN
+    assert t.acquire(tag, pack_owner(4, 1), 999) == found  # held: its owner, no claim
+    assert t.in_use() == 1
     t.release(slot, tag, pack_owner(4, 1))  # not the owner: nothing happens
     assert t.find(tag) is not None
     t.release(slot, tag, owner)
     assert t.find(tag) is None and t.in_use() == 0
-    t.claim(tag, owner, 1234)
-    t.claim(tag_of(b"\x02" * 16), owner, 1234)
+    t.acquire(tag, owner, 1234)
+    t.acquire(tag_of(b"\x02" * 16), owner, 1234)
     assert t.reclaim(1234) == 2 and t.in_use() == 0
 
 
 def test_a_full_probe_window_refuses_and_tags_are_never_zero() -> None:
     t = table(8)
     tags = [8 * i + 5 for i in range(1, 9)]  # all start at the same slot
-    assert all(t.claim(tag, pack_owner(0, 1), 1) >= 0 for tag in tags)
-    assert t.claim(8 * 99 + 5, pack_owner(0, 1), 1) == FULL
+    assert all(t.acquire(tag, pack_owner(0, 1), 1) >= 0 for tag in tags)
+    assert t.acquire(8 * 99 + 5, pack_owner(0, 1), 1) == FULL
     assert tag_of(bytes(16)) != 0
 
 
 def test_racing_claims_for_one_tag_leave_one_owner() -> None:
     t = table()
     tag = tag_of(b"\x07" * 16)
-    # A claim nearer the window's start wins: simulate the loser claiming later.
-    first = t.claim(tag, pack_owner(0, 1), 100)
+    first = t.acquire(tag, pack_owner(0, 1), 100)
     assert first >= 0
-    assert t.claim(tag, pack_owner(1, 1), 200) == TAKEN
+    assert t.acquire(tag, pack_owner(1, 1), 200) == t.find(tag)
     assert t.find(tag).pid == 100  # type: ignore[union-attr]
+
+
+def test_an_unpublished_claim_makes_others_wait() -> None:
+    t = table()
+    tag = tag_of(b"\x08" * 16)
+    slot = t.acquire(tag, pack_owner(0, 1), 100)
+    assert isinstance(slot, int)
+    t._a.store_i64(t._offsets[slot] + OWNER, 0)  # the claimer is between CAS and publish
+    assert t.acquire(tag, pack_owner(1, 1), 200) == TAKEN
+    assert t.in_use() == 1
+
+
+class _Interleaved:
+    """Atomics that let another worker claim ``tag`` at ``slot`` just before our CAS."""
+
+    def __init__(self, atomics: Atomics, offset: int, tag: int) -> None:
+        self._a, self._offset, self._tag = atomics, offset, tag
+
+    def cas_i64(self, offset: int, expected: int, value: int) -> bool:
+        if self._tag:
+            self._a.store_i64(self._offset, self._tag)  # the rival's CAS, nearer the start
+            self._tag = 0
+        return self._a.cas_i64(offset, expected, value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._a, name)
+
+
+def test_a_racing_claim_nearer_the_window_start_wins() -> None:
+    t = table()
+    tag = tag_of(b"\x09" * 16)
+    first = t._offsets[tag % 16]
+    t._a.store_i64(first, 12345)  # another key holds the window's first slot
+    # We see it taken and claim the second; meanwhile that key leaves and a rival
+    # claims ours in the first slot: our CAS succeeds, but we must give the slot back.
+    t._a = _Interleaved(t._a, first, tag)  # type: ignore[assignment]
+    assert t.acquire(tag, pack_owner(1, 1), 200) == TAKEN
+    assert t.in_use() == 1 and t._a.load_i64(first) == tag
