@@ -1,32 +1,67 @@
-"""Sampled OpenTelemetry tracing: the head-sampling decision, W3C ``traceparent``, spans.
+"""Sampled tracing: the head-sampling decision, W3C ``traceparent``, spans as plain data.
 
 Sampling is decided once per request, at the start, with one call to a seeded
 ``random.Random``: an incoming ``traceparent`` decides by its sampled flag (what OTel's
 ``ParentBased`` sampler does), otherwise ``random() < trace_sample_rate``. A request
-that is not sampled creates no span object at all, and with tracing off (rate 0, or no
-exporter configured) nothing here runs past one attribute check. The OpenTelemetry SDK
-is imported only when tracing is on, so it is an optional extra (``llmkit[tracing]``).
+that is not sampled records nothing, and with tracing off (rate 0, or no exporter
+configured) nothing here runs past one attribute check.
 
-Spans are started with explicit timestamps, so a stage can be timed with two clock
-reads and turned into a span only when the request is sampled.
+The request path never touches the OpenTelemetry SDK: a sampled request draws its ids
+from the same RNG, reads ``time.time_ns()`` at span edges, and appends each finished
+span as one ``SpanData`` tuple to a deque. An export thread drains the deque, turns the
+tuples into the SDK's ``ReadableSpan`` and hands batches to the exporter (OTLP/HTTP, or
+the one a test passes). The SDK is imported only by that thread's setup, so it stays an
+optional extra (``llmkit[tracing]``). Measured in ``bench/observability_bench.py``:
+building spans with the SDK's tracer cost ~250 µs per trace on the event loop; a tuple
+per span costs a few µs.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from llmkit.config import ConfigError, ObservabilityConfig
 
 if TYPE_CHECKING:
-    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.export import SpanExporter
-    from opentelemetry.trace import Span, Tracer
 
 TRACEPARENT = "traceparent"
 _HEX = frozenset("0123456789abcdef")
+INTERNAL, SERVER, CLIENT = 0, 1, 2  # opentelemetry.trace.SpanKind values
+BATCH = 512  # spans per export call; a full batch wakes the export thread early
+EXPORT_INTERVAL_S = 1.0
+MAX_QUEUED = 16 * 1024  # spans kept when the exporter falls behind; the rest are dropped
+
+
+class SpanData(NamedTuple):
+    """One finished span as the request path records it (timestamps in epoch ns;
+    ``parent`` 0 for a root; ``error`` the ``error.type`` of a failed span)."""
+
+    trace_id: int
+    span_id: int
+    parent: int
+    remote_parent: bool
+    name: str
+    kind: int
+    start: int
+    end: int
+    attributes: Mapping[str, Any]
+    error: str | None
+
+
+class TraceContext(NamedTuple):
+    """A sampled request's root span: its ids and its parent's (0: a new trace)."""
+
+    trace_id: int
+    span_id: int
+    parent: int
+    remote_parent: bool
 
 
 def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
@@ -56,93 +91,102 @@ def format_traceparent(trace_id: int, span_id: int, sampled: bool = True) -> str
 
 
 class Tracing:
-    """One worker's tracer. ``enabled`` is False when tracing is off; then ``sample``
-    is never called and no OpenTelemetry module is imported."""
+    """One worker's sampler and span queue. ``enabled`` is False when tracing is off;
+    then ``sample`` is never called and no OpenTelemetry module is imported."""
 
     def __init__(
-        self, rate: float, tracer: Tracer | None, shutdown: Callable[[], None] | None = None,
+        self,
+        rate: float,
+        export: Callable[[Sequence[SpanData]], None] | None,
+        shutdown: Callable[[], None] | None = None,
         rng: random.Random | None = None,
-    ) -> None:  # fmt: skip
-        self.enabled = tracer is not None and rate > 0
+    ) -> None:
+        self.enabled = export is not None and rate > 0
         self.rate = rate
-        self._tracer = tracer
+        rng = rng or random.Random()
+        self._random = rng.random
+        self._bits = rng.getrandbits
+        self._export = export
         self._shutdown = shutdown
-        self._random = (rng or random.Random()).random
+        self._queue: deque[SpanData] = deque(maxlen=MAX_QUEUED)
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # one drain at a time (thread, flush, shutdown)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
     @classmethod
     def off(cls) -> Tracing:
         return cls(0.0, None)
 
-    def sample(self, traceparent: str | None) -> Context | None:
-        """The parent context of a sampled request's root span, or None: not sampled."""
+    # -- request path ---------------------------------------------------------------
+
+    def sample(self, traceparent: str | None) -> TraceContext | None:
+        """The root span of a sampled request, or None: not sampled."""
         if traceparent:
             parent = parse_traceparent(traceparent)
             if parent is not None:
-                return _remote_parent(*parent) if parent[2] else None
+                if not parent[2]:
+                    return None
+                return TraceContext(parent[0], self.span_id(), parent[1], True)
         if self._random() >= self.rate:
             return None
-        from opentelemetry.context import Context
+        return TraceContext(self._bits(128) or 1, self.span_id(), 0, False)
 
-        return Context()  # an empty context: the root span starts a new trace
+    def span_id(self) -> int:
+        return self._bits(64) or 1
 
-    def start(
-        self,
-        name: str,
-        parent: Context,
-        start_ns: int,
-        attributes: Mapping[str, Any],
-        server: bool = False,
-    ) -> Span:
-        """A span started at ``start_ns`` (epoch ns) under ``parent``."""
-        from opentelemetry.trace import SpanKind
+    def record(self, span: SpanData) -> None:
+        """Queue a finished span for export (the export thread starts on first use, so
+        a worker forked after ``build_tracing`` still gets its own)."""
+        queue = self._queue
+        queue.append(span)
+        if len(queue) == BATCH or self._thread is None:
+            self._kick()
 
-        assert self._tracer is not None
-        kind = SpanKind.SERVER if server else SpanKind.INTERNAL
-        return self._tracer.start_span(
-            name, context=parent, kind=kind, attributes=attributes, start_time=start_ns
-        )
+    # -- export ---------------------------------------------------------------------
 
-    def child(
-        self, name: str, parent: Span, start_ns: int, attributes: Mapping[str, Any],
-        client: bool = False,
-    ) -> Span:  # fmt: skip
-        """A span under ``parent``; a CLIENT span when it calls an upstream."""
-        from opentelemetry.trace import SpanKind, set_span_in_context
+    def _kick(self) -> None:
+        if self._thread is None and not self._stopping:
+            self._thread = threading.Thread(
+                target=self._run, name="llmkit-span-export", daemon=True
+            )
+            self._thread.start()
+        self._wake.set()
 
-        assert self._tracer is not None
-        kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
-        return self._tracer.start_span(
-            name, context=set_span_in_context(parent), kind=kind, attributes=attributes,
-            start_time=start_ns,
-        )  # fmt: skip
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(EXPORT_INTERVAL_S)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Export every queued span now (tests; the export thread; shutdown)."""
+        export = self._export
+        if export is None:
+            return
+        with self._lock:
+            queue = self._queue
+            while queue:
+                batch: list[SpanData] = []
+                while queue and len(batch) < BATCH:
+                    batch.append(queue.popleft())
+                export(batch)
 
     def shutdown(self) -> None:
         """Flush and stop the exporter (worker exit)."""
+        self._stopping = True
+        thread = self._thread
+        if thread is not None:
+            self._wake.set()
+            thread.join(timeout=10)
+        self.flush()
         if self._shutdown is not None:
             self._shutdown()
 
 
-def traceparent_of(span: Span) -> str:
-    context = span.get_span_context()
-    return format_traceparent(context.trace_id, context.span_id, True)
-
-
-def ids_of(span: Span) -> tuple[int, int]:
-    context = span.get_span_context()
-    return context.trace_id, context.span_id
-
-
-def _remote_parent(trace_id: int, span_id: int, sampled: bool) -> Context:
-    from opentelemetry.trace import (
-        NonRecordingSpan,
-        SpanContext,
-        TraceFlags,
-        set_span_in_context,
-    )
-
-    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
-    context = SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
-    return set_span_in_context(NonRecordingSpan(context))
+def now_ns() -> int:
+    """Span timestamps: wall-clock epoch nanoseconds, as OpenTelemetry wants them."""
+    return time.time_ns()
 
 
 def build_tracing(
@@ -157,26 +201,49 @@ def build_tracing(
         return Tracing.off()
     try:
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
     except ImportError as exc:
         raise ConfigError(
             "observability.otlp_endpoint needs the OpenTelemetry SDK: pip install 'llmkit[tracing]'"
         ) from exc
-    resource = Resource.create({"service.name": config.service_name})
-    provider = TracerProvider(sampler=ALWAYS_ON, resource=resource)
-    if exporter is not None:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-    else:
+    if exporter is None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        otlp = OTLPSpanExporter(endpoint=config.otlp_endpoint, timeout=5)
-        provider.add_span_processor(BatchSpanProcessor(otlp, schedule_delay_millis=1000))
-    tracer = provider.get_tracer("llmkit")
-    return Tracing(config.trace_sample_rate, tracer, provider.shutdown, rng)
+        exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, timeout=5)
+    to_sdk = sdk_spans(Resource.create({"service.name": config.service_name}))
+    sink = exporter
+
+    def export(batch: Sequence[SpanData]) -> None:
+        sink.export(to_sdk(batch))
+
+    return Tracing(config.trace_sample_rate, export, sink.shutdown, rng)
 
 
-def now_ns() -> int:
-    """Span timestamps: wall-clock epoch nanoseconds, as OpenTelemetry wants them."""
-    return time.time_ns()
+def sdk_spans(resource: Any) -> Callable[[Sequence[SpanData]], list[ReadableSpan]]:
+    """The converter from ``SpanData`` to the SDK's ``ReadableSpan`` (export thread)."""
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+    scope = InstrumentationScope("llmkit")
+    sampled = TraceFlags(TraceFlags.SAMPLED)
+    kinds = {INTERNAL: SpanKind.INTERNAL, SERVER: SpanKind.SERVER, CLIENT: SpanKind.CLIENT}
+    ok, failed = Status(StatusCode.UNSET), Status(StatusCode.ERROR)
+
+    def convert(batch: Sequence[SpanData]) -> list[ReadableSpan]:
+        spans = []
+        for s in batch:
+            context = SpanContext(s.trace_id, s.span_id, False, sampled)
+            parent = None
+            if s.parent:
+                parent = SpanContext(s.trace_id, s.parent, s.remote_parent, sampled)
+            attributes = s.attributes
+            if s.error is not None:
+                attributes = {**attributes, "error.type": s.error}
+            spans.append(ReadableSpan(
+                s.name, context, parent, resource, attributes, kind=kinds[s.kind],
+                status=failed if s.error is not None else ok, start_time=s.start,
+                end_time=s.end, instrumentation_scope=scope,
+            ))  # fmt: skip
+        return spans
+
+    return convert
