@@ -1,14 +1,23 @@
 """What observability costs: worker CPU per request off / metrics / +10% / +100% tracing,
-metric updates per second in one process, and a ``/metrics`` scrape over 1,000 series.
+on two workloads, metric updates per second in one process, and a ``/metrics`` scrape
+over 1,000 series.
 
 Usage: ``python bench/observability_bench.py [--quick] [--json PATH]``
 
-CPU per request is the workers' user+system time (``/proc/<pid>/stat``) over a wrk run,
-divided by the requests wrk completed, on demo-provider chat requests. The four
-configurations run side by side (one worker each) and the repetitions alternate
-between them, so background load smears over all four; figures are medians. Traced
-configurations export over OTLP/HTTP to a local sink in this process (the export's
-CPU in the worker, its batch thread included, is counted; the sink's is not).
+CPU per request is the CPU time of the server's worker processes (every thread, from
+``/proc/<pid>/task/<tid>/schedstat``: nanoseconds, so clock-tick resolution does not
+enter) over a wrk run, divided by the requests the workers answered in it. The loop
+thread is reported apart from the other threads (the span export thread): the first is
+what the request path costs, the second what turning spans into OTLP costs.
+
+Two workloads: ``demo`` (the in-worker demo provider: the cheapest request there is,
+so the worst case for any fixed per-request cost) and ``proxy`` (an OpenAI-wire
+deployment in front of the nginx mock upstream from ``bench/_upstreams.py``, with the
+master key checked, as ``bench/e2e_bench.py`` configures LLMKit). Per workload, the
+four configurations run side by side (one worker each) and every repetition runs all
+four in an order that alternates, so background load smears over all of them; figures
+are medians with the min–max over repetitions. Traced configurations export over
+OTLP/HTTP to a sink in this process (its CPU is not counted).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -30,24 +40,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _harness import LLMKitServer, machine, wrk  # noqa: E402
+from _upstreams import mock_upstream  # noqa: E402
+from e2e_bench import AUTH, JSON_BODY, KEY_ENV, MASTER_ENV, MASTER_KEY, llmkit_config  # noqa: E402
 
-BODY = '{"model":"demo/fast","messages":[{"role":"user","content":"hello"}],"max_tokens":16}'
-TICKS = os.sysconf("SC_CLK_TCK")
+CHAT = "/v1/chat/completions"
+DEMO_BODY = '{"model":"demo/fast","messages":[{"role":"user","content":"hello"}],"max_tokens":16}'
+CONFIGURATIONS = ("off", "metrics only", "metrics + 10% tracing", "metrics + 100% tracing")
 
 
-def configurations(sink: str) -> dict[str, str]:
+@dataclass
+class Workload:
+    name: str
+    config: str  # everything but [observability]
+    body: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def observability_sections(sink: str) -> dict[str, str]:
     traced = f'otlp_endpoint = "{sink}"\n'
-    return {
-        "off": "[observability]\nmetrics = false\ntrace_sample_rate = 0.0\n",
-        "metrics only": "[observability]\ntrace_sample_rate = 0.0\n",
-        "metrics + 10% tracing": f"[observability]\ntrace_sample_rate = 0.1\n{traced}",
-        "metrics + 100% tracing": f"[observability]\ntrace_sample_rate = 1.0\n{traced}",
-    }
+    return dict(zip(CONFIGURATIONS, (
+        "[observability]\nmetrics = false\ntrace_sample_rate = 0.0\n",
+        "[observability]\ntrace_sample_rate = 0.0\n",
+        f"[observability]\ntrace_sample_rate = 0.1\n{traced}",
+        f"[observability]\ntrace_sample_rate = 1.0\n{traced}",
+    ), strict=True))  # fmt: skip
 
 
 class _Sink(BaseHTTPRequestHandler):
+    received = 0  # OTLP export requests
+
     def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        _Sink.received += 1
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -67,50 +91,88 @@ def otlp_sink() -> Iterator[str]:
         httpd.server_close()
 
 
-def worker_cpu_s(server: LLMKitServer) -> float:
-    """User + system CPU seconds of the server's worker processes."""
+def worker_pids(server: LLMKitServer) -> list[int]:
     pid = server.proc.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    total = 0
-    for child in children:
-        fields = Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / TICKS
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def cpu_per_request(seconds: float, reps: int, connections: int) -> dict[str, Any]:
+def worker_cpu_ns(server: LLMKitServer) -> tuple[int, int]:
+    """(loop thread, other threads) CPU nanoseconds of the server's workers."""
+    loop = other = 0
+    for pid in worker_pids(server):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                ns = int((task / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a thread that just ended
+            if int(task.name) == pid:
+                loop += ns
+            else:
+                other += ns
+    return loop, other
+
+
+def measure(
+    server: LLMKitServer, workload: Workload, seconds: float, connections: int
+) -> tuple[float, float, float]:
+    """(loop thread µs, other threads µs) per request and requests/s of one wrk run."""
+    before = worker_cpu_ns(server)
+    result = wrk(server.url + CHAT, workload.body, seconds, connections, headers=workload.headers)
+    after = worker_cpu_ns(server)
+    if result.errors:
+        raise RuntimeError(f"{workload.name}: {result.errors} failed requests")
+    requests = result.requests_per_s * max(1, round(seconds))  # wrk's own duration
+    loop = (after[0] - before[0]) / requests / 1e3
+    other = (after[1] - before[1]) / requests / 1e3
+    return loop, other, result.requests_per_s
+
+
+def cpu_per_request(
+    workload: Workload, seconds: float, reps: int, connections: int
+) -> dict[str, dict[str, float]]:
+    """Every configuration's CPU per request on ``workload``, alternating repetitions."""
     with otlp_sink() as sink, ExitStack() as stack:
         servers = {
-            name: stack.enter_context(LLMKitServer(workers=1, config=config))
-            for name, config in configurations(sink).items()
+            name: stack.enter_context(LLMKitServer(workers=1, config=workload.config + section))
+            for name, section in observability_sections(sink).items()
         }
-        for server in servers.values():  # warm up: imports, pools, JIT-free caches
-            wrk(server.url + "/v1/chat/completions", BODY, 1, connections)
-        samples: dict[str, list[float]] = {name: [] for name in servers}
-        rates: dict[str, list[float]] = {name: [] for name in servers}
+        for server in servers.values():  # warm up: imports, pools, the export thread
+            wrk(server.url + CHAT, workload.body, 1, connections, headers=workload.headers)
+        samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in servers}
         for rep in range(reps):
             order = list(servers.items())
             if rep % 2:
                 order.reverse()
             for name, server in order:
-                before, started = worker_cpu_s(server), time.monotonic()
-                result = wrk(server.url + "/v1/chat/completions", BODY, seconds, connections)
-                elapsed = time.monotonic() - started
-                cpu = worker_cpu_s(server) - before
-                requests = result.requests_per_s * elapsed
-                samples[name].append(cpu / requests * 1e6)
-                rates[name].append(result.requests_per_s)
-    off = statistics.median(samples["off"])
-    return {
-        name: {
-            "cpu_us_per_request": statistics.median(values),
+                samples[name].append(measure(server, workload, seconds, connections))
+    return summarise(samples)
+
+
+def summarise(samples: dict[str, list[tuple[float, float, float]]]) -> dict[str, dict[str, float]]:
+    totals = {name: [loop + other for loop, other, _ in s] for name, s in samples.items()}
+    off = statistics.median(totals["off"])
+    metrics = statistics.median(totals["metrics only"])
+    rows = {}
+    for name, values in totals.items():
+        median = statistics.median(values)
+        rows[name] = {
+            "cpu_us_per_request": median,
             "min": min(values),
             "max": max(values),
-            "overhead_vs_off_pct": (statistics.median(values) / off - 1) * 100,
-            "requests_per_s": statistics.median(rates[name]),
+            "loop_us": statistics.median(s[0] for s in samples[name]),
+            "other_threads_us": statistics.median(s[1] for s in samples[name]),
+            "vs_off_pct": (median / off - 1) * 100,
+            "vs_metrics_pct": (median / metrics - 1) * 100,
+            "requests_per_s": statistics.median(s[2] for s in samples[name]),
         }
-        for name, values in samples.items()
-    }
+    return rows
+
+
+def workloads(mock_url: str) -> list[Workload]:
+    return [
+        Workload("demo", "", DEMO_BODY),
+        Workload("proxy", llmkit_config(mock_url), JSON_BODY, dict(AUTH)),
+    ]
 
 
 def _rate(fn: Callable[[int], None], n: int, reps: int) -> float:
@@ -157,12 +219,12 @@ def update_rates(n: int, reps: int) -> dict[str, float]:
                 assert obs is not None
                 obs.finish(200)
 
-        per_request = request_records  # record_http (3 words) + record_request (5 words)
+        per_request = request_records  # the metrics-only recorder: begin + finish
         return {
             "atomic add_i64 / s": _rate(raw_adds, n, reps),
             "Counter.inc / s": _rate(counter_incs, n, reps),
             "Histogram.observe / s": _rate(histogram_observes, n, reps),
-            "request records / s (8 word updates each)": _rate(per_request, n // 4, reps),
+            "metrics-only requests (begin + finish) / s": _rate(per_request, n // 4, reps),
         }
     finally:
         state.segment.unlink()
@@ -214,13 +276,24 @@ def scrape_time(reps: int) -> dict[str, float]:
 
 def run(quick: bool) -> dict[str, Any]:
     """Every figure of this benchmark; ``quick`` for a short smoke run."""
-    seconds, reps = (2.0, 2) if quick else (5.0, 5)
+    seconds, reps, connections = (2.0, 2, 32) if quick else (6.0, 5, 32)
+    os.environ[KEY_ENV] = "sk-upstream-bench"
+    os.environ[MASTER_ENV] = MASTER_KEY
+    cpu = {}
+    with mock_upstream() as mock:
+        for workload in workloads(f"http://127.0.0.1:{mock.port}"):
+            cpu[workload.name] = cpu_per_request(workload, seconds, reps, connections)
     return {
         "machine": machine(),
-        "cpu_per_request": cpu_per_request(seconds, reps, connections=32),
+        "cpu_per_request": cpu,
         "updates_per_s": update_rates(200_000 if quick else 2_000_000, 3 if quick else 5),
         "scrape": scrape_time(20 if quick else 100),
-        "settings": {"wrk_seconds": seconds, "reps": reps, "connections": 32, "workers": 1},
+        "settings": {
+            "wrk_seconds": seconds,
+            "reps": reps,
+            "connections": connections,
+            "workers": 1,
+        },  # fmt: skip
     }
 
 
@@ -228,17 +301,22 @@ def report(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [
         f"Machine: {results['machine']}",
-        f"wrk -t1 -c{s['connections']} -d{s['wrk_seconds']:g}s, {s['reps']} alternating "
-        f"repetitions, {s['workers']} worker each, medians (min–max)",
+        f"wrk -t1 -c{s['connections']} -d{s['wrk_seconds']:g}s per sample, {s['reps']} "
+        f"alternating repetitions, {s['workers']} worker per configuration; worker CPU from "
+        "/proc schedstat (ns); medians (min–max over repetitions)",
         "",
-        "| configuration | worker CPU µs / request | vs off | requests/s |",
-        "|---|---|---|---|",
+        "| workload | configuration | worker CPU µs / request | loop thread µs | other threads µs "
+        "| vs off | vs metrics only | requests/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, row in results["cpu_per_request"].items():
-        lines.append(
-            f"| {name} | {row['cpu_us_per_request']:.1f} ({row['min']:.1f}–{row['max']:.1f}) "
-            f"| {row['overhead_vs_off_pct']:+.2f}% | {row['requests_per_s']:,.0f} |"
-        )
+    for workload, rows in results["cpu_per_request"].items():
+        for name, row in rows.items():
+            lines.append(
+                f"| {workload} | {name} | {row['cpu_us_per_request']:.2f} "
+                f"({row['min']:.2f}–{row['max']:.2f}) | {row['loop_us']:.2f} "
+                f"| {row['other_threads_us']:.2f} | {row['vs_off_pct']:+.2f}% "
+                f"| {row['vs_metrics_pct']:+.2f}% | {row['requests_per_s']:,.0f} |"
+            )
     lines += ["", "| metric updates, one process | per second |", "|---|---|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in results["updates_per_s"].items()]
     scrape = results["scrape"]

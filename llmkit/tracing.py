@@ -9,15 +9,16 @@ configured) nothing here runs past one attribute check.
 The request path never touches the OpenTelemetry SDK: a sampled request draws its ids
 from the same RNG, reads ``time.time_ns()`` at span edges, and appends each finished
 span as one ``SpanData`` tuple to a deque. An export thread drains the deque, turns the
-tuples into the SDK's ``ReadableSpan`` and hands batches to the exporter (OTLP/HTTP, or
-the one a test passes). The SDK is imported only by that thread's setup, so it stays an
-optional extra (``llmkit[tracing]``). Measured in ``bench/observability_bench.py``:
-building spans with the SDK's tracer cost ~250 µs per trace on the event loop; a tuple
-per span costs a few µs.
+tuples into OTLP/HTTP protobuf itself (``llmkit.otlp``) and posts them, or, when an SDK
+``SpanExporter`` is given (tests, embedding), into ``ReadableSpan``s for it. The SDK is
+imported only in that second case, so it is an optional extra (``llmkit[tracing]``).
+Measured in ``bench/observability_bench.py``: building spans with the SDK's tracer cost
+~250 µs per trace on the event loop; a tuple per span costs about 2 µs there.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -25,11 +26,13 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from llmkit.config import ConfigError, ObservabilityConfig
+from llmkit.config import ObservabilityConfig
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.export import SpanExporter
+
+log = logging.getLogger("llmkit.tracing")
 
 TRACEPARENT = "traceparent"
 _HEX = frozenset("0123456789abcdef")
@@ -108,7 +111,8 @@ class Tracing:
         self._bits = rng.getrandbits
         self._export = export
         self._shutdown = shutdown
-        self._queue: deque[SpanData] = deque(maxlen=MAX_QUEUED)
+        self._queue: deque[SpanData] = deque()
+        self.dropped = 0  # spans not queued because the exporter fell behind
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one drain at a time (thread, flush, shutdown)
         self._thread: threading.Thread | None = None
@@ -139,6 +143,9 @@ class Tracing:
         """Queue a finished span for export (the export thread starts on first use, so
         a worker forked after ``build_tracing`` still gets its own)."""
         queue = self._queue
+        if len(queue) >= MAX_QUEUED:
+            self.dropped += 1
+            return
         queue.append(span)
         if len(queue) == BATCH or self._thread is None:
             self._kick()
@@ -180,6 +187,8 @@ class Tracing:
             self._wake.set()
             thread.join(timeout=10)
         self.flush()
+        if self.dropped:
+            log.warning("tracing dropped %d spans: the exporter fell behind", self.dropped)
         if self._shutdown is not None:
             self._shutdown()
 
@@ -194,21 +203,18 @@ def build_tracing(
     exporter: SpanExporter | None = None,
     rng: random.Random | None = None,
 ) -> Tracing:
-    """The worker's tracing: off unless the rate is above 0 and spans have somewhere to go
-    (``otlp_endpoint``, or ``exporter``, which tests use). Raises ConfigError when an
-    endpoint is set but the SDK is not installed."""
+    """The worker's tracing: off unless the rate is above 0 and spans have somewhere to go:
+    ``otlp_endpoint`` (OTLP/HTTP protobuf, encoded by ``llmkit.otlp``, no SDK needed), or
+    an SDK ``exporter`` (tests, embedding), which gets ``ReadableSpan``s."""
     if config.trace_sample_rate <= 0 or (not config.otlp_endpoint and exporter is None):
         return Tracing.off()
-    try:
-        from opentelemetry.sdk.resources import Resource
-    except ImportError as exc:
-        raise ConfigError(
-            "observability.otlp_endpoint needs the OpenTelemetry SDK: pip install 'llmkit[tracing]'"
-        ) from exc
     if exporter is None:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from llmkit.otlp import OtlpHttpExporter
 
-        exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, timeout=5)
+        otlp = OtlpHttpExporter(config.otlp_endpoint, config.service_name)
+        return Tracing(config.trace_sample_rate, otlp.export, otlp.shutdown, rng)
+    from opentelemetry.sdk.resources import Resource
+
     to_sdk = sdk_spans(Resource.create({"service.name": config.service_name}))
     sink = exporter
 

@@ -168,3 +168,44 @@ async def test_head_sampling_at_a_tenth_over_10000_requests(
     assert low <= len(roots) <= high, (len(roots), low, high)
     # Every sampled request is a whole trace: root, router, limiter and one attempt.
     assert len(exporter.get_finished_spans()) == 4 * len(roots)
+
+
+def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
+    from google.protobuf.json_format import MessageToDict
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.sdk.resources import Resource
+
+    from llmkit.otlp import encode_request
+    from llmkit.tracing import CLIENT, SERVER, SpanData, sdk_spans
+
+    trace_id, root = random.getrandbits(128) | 1, random.getrandbits(64) | 1
+    attributes = {"gen_ai.request.model": "m", "llmkit.attempt": 2, "llmkit.cost_usd": 0.25,
+                  "llmkit.limiter.refused": False, "order": ["a#0", "a#1"], "neg": -3}  # fmt: skip
+    spans = [
+        SpanData(trace_id, root, 77, True, "chat m", SERVER, 1_000, 2_000, attributes, None),
+        SpanData(trace_id, 5, root, False, "chat x", CLIENT, 1_100, 1_900, {}, "server_error"),
+    ]
+    mine = ExportTraceServiceRequest()
+    mine.ParseFromString(encode_request(spans, "svc"))
+    resource = Resource({"service.name": "svc"})
+    sdk = encode_spans(sdk_spans(resource)(spans))
+
+    def spans_of(request: ExportTraceServiceRequest) -> list[dict[str, Any]]:
+        (rs,) = request.resource_spans
+        assert MessageToDict(rs.resource) == MessageToDict(sdk.resource_spans[0].resource)
+        (ss,) = rs.scope_spans
+        assert ss.scope.name == "llmkit"
+        found = [MessageToDict(s) for s in ss.spans]
+        for span in found:  # the SDK writes an empty Status and leaves out the sampled bit
+            span["flags"] = span["flags"] & 0x300
+            if not span.get("status"):
+                span.pop("status", None)
+        return found
+
+    assert spans_of(mine) == spans_of(sdk)
+    server, client = mine.resource_spans[0].scope_spans[0].spans
+    assert server.kind == 2 and client.kind == 3 and client.status.code == 2
+    assert server.flags == 0x301 and client.flags == 0x101  # sampled; remote parent or not

@@ -1,0 +1,153 @@
+"""OTLP/HTTP export of ``SpanData`` tuples: protobuf written by hand, sent with http.client.
+
+The SDK's path (``ReadableSpan`` per span, then its OTLP encoder) cost ~50 µs per span
+in the export thread, which shares the worker's core and GIL with the event loop. The
+few messages a trace export needs are small enough to write directly; the wire format
+(``opentelemetry/proto/collector/trace/v1/trace_service.proto``)::
+
+    ExportTraceServiceRequest { 1: repeated ResourceSpans }
+    ResourceSpans  { 1: Resource { 1: repeated KeyValue }  2: repeated ScopeSpans }
+    ScopeSpans     { 1: InstrumentationScope { 1: string name }  2: repeated Span }
+    Span           { 1: bytes trace_id (16)  2: bytes span_id (8)  4: bytes parent_span_id
+                     5: string name  6: enum kind (1 internal, 2 server, 3 client)
+                     7: fixed64 start  8: fixed64 end  9: repeated KeyValue attributes
+                     15: Status { 3: enum code (2 error) }  16: fixed32 flags }
+    KeyValue       { 1: string key  2: AnyValue }
+    AnyValue       { 1: string | 2: bool | 3: int64 | 4: double
+                     | 5: ArrayValue { 1: repeated AnyValue } }
+
+``flags`` carries the W3C trace flags (sampled) and whether the parent is remote
+(bits 8 and 9, as the SDK's exporter sets them). The encoding is checked against
+the protobuf classes in ``tests/test_tracing.py``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from llmkit.tracing import SpanData
+
+log = logging.getLogger("llmkit.tracing")
+
+_FIXED64 = struct.Struct("<Q").pack
+_DOUBLE = struct.Struct("<d").pack
+_SAMPLED, _HAS_REMOTE, _IS_REMOTE = 0x01, 0x100, 0x200
+_ERROR_STATUS = b"\x7a\x02\x18\x02"  # field 15 {code: ERROR}
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(tag: int, payload: bytes) -> bytes:
+    """A length-delimited field (``tag`` already shifted: ``field << 3 | 2``)."""
+    return bytes((tag,)) + _varint(len(payload)) + payload
+
+
+def _any_value(value: Any) -> bytes:
+    if isinstance(value, str):
+        return _field(0x0A, value.encode())
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, int):
+        return b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)
+    if isinstance(value, float):
+        return b"\x21" + _DOUBLE(value)
+    if isinstance(value, (list, tuple)):
+        return _field(0x2A, b"".join(_field(0x0A, _any_value(v)) for v in value))
+    return _field(0x0A, str(value).encode())
+
+
+def _attributes(attributes: Mapping[str, Any], tag: int) -> bytes:
+    return b"".join(
+        _field(tag, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
+        for key, value in attributes.items()
+    )
+
+
+def encode_span(span: SpanData) -> bytes:
+    """One ``Span`` message (without its field tag)."""
+    parts = [
+        b"\x0a\x10", span.trace_id.to_bytes(16, "big"),
+        b"\x12\x08", span.span_id.to_bytes(8, "big"),
+    ]  # fmt: skip
+    flags = _SAMPLED | _HAS_REMOTE
+    if span.parent:
+        parts += (b"\x22\x08", span.parent.to_bytes(8, "big"))
+        if span.remote_parent:
+            flags |= _IS_REMOTE
+    parts += (
+        _field(0x2A, span.name.encode()), b"\x30", bytes((span.kind + 1,)),
+        b"\x39", _FIXED64(span.start), b"\x41", _FIXED64(span.end),
+    )  # fmt: skip
+    attributes = span.attributes
+    if span.error is not None:
+        attributes = {**attributes, "error.type": span.error}
+    parts.append(_attributes(attributes, 0x4A))
+    if span.error is not None:
+        parts.append(_ERROR_STATUS)
+    parts += (b"\x85\x01", flags.to_bytes(4, "little"))
+    return b"".join(parts)
+
+
+def encode_request(spans: Sequence[SpanData], service_name: str) -> bytes:
+    """An ``ExportTraceServiceRequest`` with every span under one resource and scope."""
+    resource = _field(0x0A, _attributes({"service.name": service_name}, 0x0A))
+    scope = _field(0x0A, _field(0x0A, b"llmkit"))
+    body = b"".join([_field(0x12, encode_span(span)) for span in spans])
+    scope_spans = _field(0x12, scope + body)
+    return _field(0x0A, resource + scope_spans)
+
+
+class OtlpHttpExporter:
+    """POSTs batches to an OTLP/HTTP ``/v1/traces`` endpoint over one kept-alive
+    connection; a failed batch is logged and dropped (spans are best effort)."""
+
+    def __init__(self, endpoint: str, service_name: str, timeout_s: float = 5.0) -> None:
+        url = urlsplit(endpoint)
+        self._secure = url.scheme == "https"
+        self._host = url.netloc
+        self._path = url.path or "/v1/traces"
+        self._service = service_name
+        self._timeout = timeout_s
+        self._connection: http.client.HTTPConnection | None = None
+
+    def export(self, spans: Sequence[SpanData]) -> None:
+        body = encode_request(spans, self._service)
+        headers = {"Content-Type": "application/x-protobuf"}
+        for attempt in (1, 2):  # once more on a fresh connection if the kept one died
+            try:
+                connection = self._connect()
+                connection.request("POST", self._path, body, headers)
+                response = connection.getresponse()
+                response.read()
+                if response.status >= 300:
+                    log.warning("OTLP export refused: HTTP %d", response.status)
+                return
+            except (OSError, http.client.HTTPException) as exc:
+                self.shutdown()
+                if attempt == 2:
+                    log.warning("OTLP export failed: %s", exc)
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._connection is None:
+            cls = http.client.HTTPSConnection if self._secure else http.client.HTTPConnection
+            self._connection = cls(self._host, timeout=self._timeout)
+        return self._connection
+
+    def shutdown(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
