@@ -53,7 +53,10 @@ def _varint(value: int) -> bytes:
 
 def _field(tag: int, payload: bytes) -> bytes:
     """A length-delimited field (``tag`` already shifted: ``field << 3 | 2``)."""
-    return bytes((tag,)) + _varint(len(payload)) + payload
+    size = len(payload)
+    if size < 0x80:
+        return bytes((tag, size)) + payload
+    return bytes((tag,)) + _varint(size) + payload
 
 
 def _any_value(value: Any) -> bytes:
@@ -70,11 +73,28 @@ def _any_value(value: Any) -> bytes:
     return _field(0x0A, str(value).encode())
 
 
+# Encoded attribute fields seen before, by (tag, key, type, value): most values repeat
+# (models, providers, statuses), and the type keeps True apart from 1.
+_ENCODED: dict[tuple[int, str, type, Any], bytes] = {}
+_ENCODED_MAX = 4096
+
+
 def _attributes(attributes: Mapping[str, Any], tag: int) -> bytes:
-    return b"".join(
-        _field(tag, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
-        for key, value in attributes.items()
-    )
+    """Repeated ``KeyValue`` fields under ``tag`` (0x4A in a Span, 0x0A in a Resource)."""
+    parts = []
+    for key, value in attributes.items():
+        if isinstance(value, list):
+            parts.append(_field(tag, _field(0x0A, key.encode()) + _field(0x12, _any_value(value))))
+            continue
+        cache_key = (tag, key, type(value), value)
+        encoded = _ENCODED.get(cache_key)
+        if encoded is None:
+            encoded = _field(tag, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
+            if len(_ENCODED) >= _ENCODED_MAX:
+                _ENCODED.clear()
+            _ENCODED[cache_key] = encoded
+        parts.append(encoded)
+    return b"".join(parts)
 
 
 def encode_span(span: SpanData) -> bytes:
