@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -85,7 +86,6 @@ from llmkit.tracing import (
     Tracing,
     build_tracing,
     format_traceparent,
-    now_ns,
 )
 from llmkit.upstream import UpstreamStatus
 
@@ -307,7 +307,8 @@ class DetailedObs(RequestObs):
     what the log line and the spans say, and records spans as plain ``SpanData``."""
 
     __slots__ = ("method", "path", "request_id", "model", "error_kind", "role",
-                 "finish_reasons", "messages", "trace", "_start_ns", "_attempt")  # fmt: skip
+                 "finish_reasons", "messages", "trace", "_start_ns", "_attempt",
+                 "_spans")  # fmt: skip
 
     def __init__(
         self,
@@ -328,16 +329,17 @@ class DetailedObs(RequestObs):
         self.finish_reasons: list[str] | None = None
         self.messages: Any = None
         self.trace = trace
-        self._start_ns = now_ns() if trace is not None else 0
+        self._start_ns = time_ns() if trace is not None else 0
         # The open attempt span: (span id, start ns, name, attributes).
         self._attempt: tuple[int, int, str, dict[str, Any]] | None = None
+        self._spans: list[SpanData] = []  # finished, queued together with the root
 
     @property
     def sampled(self) -> bool:  # type: ignore[override]
         return self.trace is not None
 
     def mark(self) -> int:
-        return now_ns() if self.trace is not None else 0
+        return time_ns() if self.trace is not None else 0
 
     def routed(self, call: Call, targets: Sequence[Target], mark: int) -> None:
         super().routed(call, targets, mark)
@@ -364,7 +366,7 @@ class DetailedObs(RequestObs):
                 "llmkit.deployment": target.deployment, "llmkit.attempt": self.attempts,
             }  # fmt: skip
             span_id = self._o.tracing.span_id()
-            self._attempt = (span_id, now_ns(), f"{operation} {target.model}", attributes)
+            self._attempt = (span_id, time_ns(), f"{operation} {target.model}", attributes)
             call.headers[TRACEPARENT] = format_traceparent(trace.trace_id, span_id)
 
     def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
@@ -401,9 +403,8 @@ class DetailedObs(RequestObs):
     def _stage(self, name: str, mark: int, attributes: dict[str, Any]) -> None:
         trace = self.trace
         assert trace is not None
-        tracing = self._o.tracing
-        tracing.record(SpanData(trace.trace_id, tracing.span_id(), trace.span_id, False, name,
-                                INTERNAL, mark, now_ns(), attributes, None))  # fmt: skip
+        self._spans.append((trace.trace_id, self._o.tracing.span_id(), trace.span_id, False, name,
+                            INTERNAL, mark, time_ns(), attributes, None))  # fmt: skip
 
     def _end_attempt(self, outcome: str | None, error: str | None) -> None:
         trace, attempt = self.trace, self._attempt
@@ -412,8 +413,8 @@ class DetailedObs(RequestObs):
         span_id, start, name, attributes = attempt
         if outcome is not None:
             attributes["llmkit.outcome"] = outcome
-        self._o.tracing.record(SpanData(trace.trace_id, span_id, trace.span_id, False, name,
-                                        CLIENT, start, now_ns(), attributes, error))  # fmt: skip
+        self._spans.append((trace.trace_id, span_id, trace.span_id, False, name, CLIENT, start,
+                            time_ns(), attributes, error))  # fmt: skip
 
     def _end_root(self, status: int, cost: float) -> None:
         trace = self.trace
@@ -449,10 +450,10 @@ class DetailedObs(RequestObs):
         if status >= 400:
             kind = self.error_kind
             error = ERROR_KINDS[kind] if kind is not None and status >= 500 else str(status)
-        self._o.tracing.record(SpanData(
-            trace.trace_id, trace.span_id, trace.parent, trace.remote_parent, name, SERVER,
-            self._start_ns, now_ns(), attributes, error,
-        ))  # fmt: skip
+        spans = self._spans
+        spans.append((trace.trace_id, trace.span_id, trace.parent, trace.remote_parent, name,
+                      SERVER, self._start_ns, time_ns(), attributes, error))  # fmt: skip
+        self._o.tracing.record(spans)
 
     # -- access log -------------------------------------------------------------------
 

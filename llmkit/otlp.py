@@ -99,24 +99,21 @@ def _attributes(attributes: Mapping[str, Any], tag: int) -> bytes:
 
 def encode_span(span: SpanData) -> bytes:
     """One ``Span`` message (without its field tag)."""
-    parts = [
-        b"\x0a\x10", span.trace_id.to_bytes(16, "big"),
-        b"\x12\x08", span.span_id.to_bytes(8, "big"),
-    ]  # fmt: skip
+    trace_id, span_id, parent, remote, name, kind, start, end, attributes, error = span
+    parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
     flags = _SAMPLED | _HAS_REMOTE
-    if span.parent:
-        parts += (b"\x22\x08", span.parent.to_bytes(8, "big"))
-        if span.remote_parent:
+    if parent:
+        parts += (b"\x22\x08", parent.to_bytes(8, "big"))
+        if remote:
             flags |= _IS_REMOTE
     parts += (
-        _field(0x2A, span.name.encode()), b"\x30", bytes((span.kind + 1,)),
-        b"\x39", _FIXED64(span.start), b"\x41", _FIXED64(span.end),
+        _field(0x2A, name.encode()), b"\x30", bytes((kind + 1,)),
+        b"\x39", _FIXED64(start), b"\x41", _FIXED64(end),
     )  # fmt: skip
-    attributes = span.attributes
-    if span.error is not None:
-        attributes = {**attributes, "error.type": span.error}
+    if error is not None:
+        attributes = {**attributes, "error.type": error}
     parts.append(_attributes(attributes, 0x4A))
-    if span.error is not None:
+    if error is not None:
         parts.append(_ERROR_STATUS)
     parts += (b"\x85\x01", flags.to_bytes(4, "little"))
     return b"".join(parts)

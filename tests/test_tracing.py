@@ -184,9 +184,9 @@ def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
     trace_id, root = random.getrandbits(128) | 1, random.getrandbits(64) | 1
     attributes = {"gen_ai.request.model": "m", "llmkit.attempt": 2, "llmkit.cost_usd": 0.25,
                   "llmkit.limiter.refused": False, "order": ["a#0", "a#1"], "neg": -3}  # fmt: skip
-    spans = [
-        SpanData(trace_id, root, 77, True, "chat m", SERVER, 1_000, 2_000, attributes, None),
-        SpanData(trace_id, 5, root, False, "chat x", CLIENT, 1_100, 1_900, {}, "server_error"),
+    spans: list[SpanData] = [
+        (trace_id, root, 77, True, "chat m", SERVER, 1_000, 2_000, attributes, None),
+        (trace_id, 5, root, False, "chat x", CLIENT, 1_100, 1_900, {}, "server_error"),
     ]
     mine = ExportTraceServiceRequest()
     mine.ParseFromString(encode_request(spans, "svc"))
