@@ -23,10 +23,12 @@ the protobuf classes in ``tests/test_tracing.py``.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import logging
+import ssl
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -129,17 +131,49 @@ def encode_request(spans: Sequence[SpanData], service_name: str) -> bytes:
 
 
 class OtlpHttpExporter:
-    """POSTs batches to an OTLP/HTTP ``/v1/traces`` endpoint over one kept-alive
-    connection; a failed batch is logged and dropped (spans are best effort)."""
+    """POSTs batches to an OTLP/HTTP ``/v1/traces`` endpoint: ``send`` on the event loop
+    (one short connection per batch), ``export`` synchronously (at exit) over a kept
+    connection. A failed batch is logged and dropped: spans are best effort."""
 
     def __init__(self, endpoint: str, service_name: str, timeout_s: float = 5.0) -> None:
         url = urlsplit(endpoint)
         self._secure = url.scheme == "https"
         self._host = url.netloc
+        self._hostname = url.hostname or "127.0.0.1"
+        self._port = url.port or (443 if self._secure else 80)
         self._path = url.path or "/v1/traces"
         self._service = service_name
         self._timeout = timeout_s
         self._connection: http.client.HTTPConnection | None = None
+
+    def send(self, spans: Sequence[SpanData]) -> Coroutine[Any, Any, None]:
+        """Encode ``spans`` now; the returned coroutine posts them."""
+        body = encode_request(spans, self._service)
+        head = (
+            f"POST {self._path} HTTP/1.1\r\nHost: {self._host}\r\n"
+            "Content-Type: application/x-protobuf\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        return self._post(head.encode() + body)
+
+    async def _post(self, request: bytes) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                context = ssl.create_default_context() if self._secure else None
+                reader, writer = await asyncio.open_connection(
+                    self._hostname, self._port, ssl=context
+                )
+                try:
+                    writer.write(request)
+                    status = (await reader.readline()).split(b" ", 2)
+                    await reader.read()
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.warning("OTLP export failed: %s", exc)
+            return
+        if len(status) < 2 or not status[1].startswith(b"2"):
+            log.warning("OTLP export refused: %s", b" ".join(status[1:]).decode(errors="replace"))
 
     def export(self, spans: Sequence[SpanData]) -> None:
         body = encode_request(spans, self._service)

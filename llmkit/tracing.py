@@ -8,23 +8,23 @@ configured) nothing here runs past one attribute check.
 
 The request path never touches the OpenTelemetry SDK: a sampled request draws its ids
 from the same RNG, reads ``time.time_ns()`` at span edges, keeps each finished span as
-one ``SpanData`` tuple and, at the request's end, appends its spans to a deque. An
-export thread drains the deque and writes the tuples as OTLP/HTTP protobuf itself
-(``llmkit.otlp``), or, when an SDK ``SpanExporter`` is given (tests, embedding), turns
-them into ``ReadableSpan``s for it; the SDK is imported only then, so it stays an
-optional extra (``llmkit[tracing]``). Measured (``bench/observability_bench.py``): the
-SDK's tracer cost ~250 µs per sampled trace on the event loop; tuples cost a few µs
-there, and the export thread ~15 µs per four-span trace to encode.
+one ``SpanData`` tuple and, at the request's end, appends its spans to a deque. Once a
+second, the deque is drained in batches on the event loop, between requests: written
+as OTLP/HTTP protobuf (``llmkit.otlp``) and posted asynchronously, or, when an SDK
+``SpanExporter`` is given (tests, embedding), turned into ``ReadableSpan``s for it; the
+SDK is imported only then, so it stays an optional extra (``llmkit[tracing]``).
+Measured (``bench/observability_bench.py``): the SDK's tracer cost ~250 µs per sampled
+trace on the event loop; tuples cost a few µs, and encoding ~15 µs per four-span trace.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from llmkit.config import ObservabilityConfig
@@ -38,8 +38,7 @@ log = logging.getLogger("llmkit.tracing")
 TRACEPARENT = "traceparent"
 _HEX = frozenset("0123456789abcdef")
 INTERNAL, SERVER, CLIENT = 0, 1, 2  # opentelemetry.trace.SpanKind values
-BATCH = 512  # spans per export call
-WAKE_TRACES = 128  # queued traces that wake the export thread before its interval
+BATCH = 256  # spans per export call: about 1 ms of encoding on the loop
 EXPORT_INTERVAL_S = 1.0
 MAX_QUEUED = 4096  # traces kept when the exporter falls behind; later ones are dropped
 
@@ -87,7 +86,13 @@ def format_traceparent(trace_id: int, span_id: int, sampled: bool = True) -> str
 
 class Tracing:
     """One worker's sampler and span queue. ``enabled`` is False when tracing is off;
-    then ``sample`` is never called and no OpenTelemetry module is imported."""
+    then ``sample`` is never called and no OpenTelemetry module is imported.
+
+    Export runs on the worker's event loop, between requests: a batch at a time, each
+    a callback of its own, so no request waits behind more than one batch's encoding.
+    A thread was measured first: its work was cheap alone, but contending for the GIL
+    with the loop made each sampled trace cost the worker several times more CPU.
+    """
 
     def __init__(
         self,
@@ -95,20 +100,20 @@ class Tracing:
         export: Callable[[Sequence[SpanData]], None] | None,
         shutdown: Callable[[], None] | None = None,
         rng: random.Random | None = None,
+        send: Callable[[Sequence[SpanData]], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.enabled = export is not None and rate > 0
         self.rate = rate
         rng = rng or random.Random()
         self._random = rng.random
         self._bits = rng.getrandbits
-        self._export = export
+        self._export = export  # synchronous: flush() and shutdown
+        self._send = send  # asynchronous, on the loop; None: ``export`` there too
         self._shutdown = shutdown
         self._queue: deque[list[SpanData]] = deque()
         self.dropped = 0  # traces not queued because the exporter fell behind
-        self._wake = threading.Event()
-        self._lock = threading.Lock()  # one drain at a time (thread, flush, shutdown)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._scheduled = False
+        self._sending: dict[asyncio.Task[None], list[SpanData]] = {}
 
     @classmethod
     def off(cls) -> Tracing:
@@ -132,52 +137,63 @@ class Tracing:
         return self._bits(64) or 1
 
     def record(self, spans: list[SpanData]) -> None:
-        """Queue one request's finished spans for export (the export thread starts on
-        first use, so a worker forked after ``build_tracing`` still gets its own)."""
+        """Queue one request's finished spans; they leave within ``EXPORT_INTERVAL_S``."""
         queue = self._queue
         if len(queue) >= MAX_QUEUED:
             self.dropped += 1
             return
         queue.append(spans)
-        if len(queue) == WAKE_TRACES or self._thread is None:
-            self._kick()
+        if not self._scheduled:
+            self._schedule(EXPORT_INTERVAL_S)
 
     # -- export ---------------------------------------------------------------------
 
-    def _kick(self) -> None:
-        if self._thread is None and not self._stopping:
-            self._thread = threading.Thread(
-                target=self._run, name="llmkit-span-export", daemon=True
-            )
-            self._thread.start()
-        self._wake.set()
+    def _schedule(self, delay: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (a script): the spans wait for flush()
+        self._scheduled = True
+        loop.call_later(delay, self._export_batch)
 
-    def _run(self) -> None:
-        while not self._stopping:
-            self._wake.wait(EXPORT_INTERVAL_S)
-            self._wake.clear()
-            self.flush()
+    def _export_batch(self) -> None:
+        self._scheduled = False
+        batch = self._take()
+        if not batch:
+            return
+        if self._send is None:
+            assert self._export is not None
+            self._export(batch)
+        else:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._sending[task] = batch
+            task.add_done_callback(self._sending.pop)
+        if self._queue:
+            self._schedule(0)
+
+    def _take(self) -> list[SpanData]:
+        queue = self._queue
+        batch: list[SpanData] = []
+        while queue and len(batch) < BATCH:
+            batch += queue.popleft()
+        return batch
 
     def flush(self) -> None:
-        """Export every queued span now (tests; the export thread; shutdown)."""
-        export = self._export
-        if export is None:
+        """Export every queued span now, synchronously (tests; shutdown)."""
+        if self._export is None:
             return
-        with self._lock:
-            queue = self._queue
-            while queue:
-                batch: list[SpanData] = []
-                while queue and len(batch) < BATCH:
-                    batch += queue.popleft()
-                export(batch)
+        while batch := self._take():
+            self._export(batch)
 
     def shutdown(self) -> None:
-        """Flush and stop the exporter (worker exit)."""
-        self._stopping = True
-        thread = self._thread
-        if thread is not None:
-            self._wake.set()
-            thread.join(timeout=10)
+        """Flush and stop the exporter (worker exit): batches still being sent are sent
+        again synchronously, since the loop will not finish them."""
+        for task, batch in list(self._sending.items()):
+            if not task.done():
+                task.cancel()
+                if self._export is not None:
+                    self._export(batch)
+        self._sending.clear()
         self.flush()
         if self.dropped:
             log.warning("tracing dropped %d traces: the exporter fell behind", self.dropped)
@@ -204,7 +220,7 @@ def build_tracing(
         from llmkit.otlp import OtlpHttpExporter
 
         otlp = OtlpHttpExporter(config.otlp_endpoint, config.service_name)
-        return Tracing(config.trace_sample_rate, otlp.export, otlp.shutdown, rng)
+        return Tracing(config.trace_sample_rate, otlp.export, otlp.shutdown, rng, otlp.send)
     from opentelemetry.sdk.resources import Resource
 
     to_sdk = sdk_spans(Resource.create({"service.name": config.service_name}))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +211,52 @@ def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
     server, client = mine.resource_spans[0].scope_spans[0].spans
     assert server.kind == 2 and client.kind == 3 and client.status.code == 2
     assert server.flags == 0x301 and client.flags == 0x101  # sampled; remote parent or not
+
+
+async def test_spans_are_posted_from_the_event_loop_while_serving(tmp_path: Path) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bodies: list[bytes] = []
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{httpd.server_address[1]}/v1/traces"
+    config = config_of(tmp_path, '[[models]]\nname = "m"\n[[models.deployments]]\n'
+                       'provider = "demo"\nmodel = "x"\n[observability]\n'
+                       f'trace_sample_rate = 1.0\notlp_endpoint = "{endpoint}"\n')  # fmt: skip
+    try:
+        async with in_process(config) as local, httpx.AsyncClient(timeout=10) as client:
+            for _ in range(5):
+                assert (await client.post(local.url + CHAT, json=chat("m"))).status_code == 200
+            deadline = asyncio.get_running_loop().time() + 20
+            while len(_otlp_spans(bodies)) < 20 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.1)
+            spans = _otlp_spans(bodies)  # before shutdown flushes anything
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert len([s for s in spans if s.kind == 2]) == 5  # one SERVER span per request
+    assert len(spans) == 20
+
+
+def _otlp_spans(bodies: list[bytes]) -> list[Any]:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    spans = []
+    for body in list(bodies):
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        spans += [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    return spans
