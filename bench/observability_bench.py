@@ -6,9 +6,9 @@ Usage: ``python bench/observability_bench.py [--quick] [--json PATH]``
 
 CPU per request is the CPU time of the server's worker processes (every thread, from
 ``/proc/<pid>/task/<tid>/schedstat``: nanoseconds, so clock-tick resolution does not
-enter) over a wrk run, divided by the requests the workers answered in it. The loop
-thread is reported apart from the other threads (the span export thread): the first is
-what the request path costs, the second what turning spans into OTLP costs.
+enter) over a wrk run, divided by the requests wrk completed in it. The loop thread is
+reported apart from the other threads (aiohttp's resolver, anything an exporter may
+start): spans are exported on the loop itself, so their whole cost shows there.
 
 Two workloads: ``demo`` (the in-worker demo provider: the cheapest request there is,
 so the worst case for any fixed per-request cost) and ``proxy`` (an OpenAI-wire
@@ -17,7 +17,9 @@ master key checked, as ``bench/e2e_bench.py`` configures LLMKit). Per workload, 
 four configurations run side by side (one worker each) and every repetition runs all
 four in an order that alternates, so background load smears over all of them; figures
 are medians with the min–max over repetitions. Traced configurations export over
-OTLP/HTTP to a sink in this process (its CPU is not counted).
+OTLP/HTTP to a sink in this process (its CPU is not counted). On a shared machine the
+spread between repetitions can exceed the differences measured: compare the min–max
+columns before reading a percentage.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from e2e_bench import AUTH, JSON_BODY, KEY_ENV, MASTER_ENV, MASTER_KEY, llmkit_c
 
 CHAT = "/v1/chat/completions"
 DEMO_BODY = '{"model":"demo/fast","messages":[{"role":"user","content":"hello"}],"max_tokens":16}'
-CONFIGURATIONS = ("off", "metrics only", "metrics + 10% tracing", "metrics + 100% tracing")
+CONFIGURATIONS = ("off", "metrics only", "metrics + 10% tracing", "metrics + 100% tracing",
+                  "off (control)")  # fmt: skip
 
 
 @dataclass
@@ -63,6 +66,7 @@ def observability_sections(sink: str) -> dict[str, str]:
         "[observability]\ntrace_sample_rate = 0.0\n",
         f"[observability]\ntrace_sample_rate = 0.1\n{traced}",
         f"[observability]\ntrace_sample_rate = 1.0\n{traced}",
+        "[observability]\nmetrics = false\ntrace_sample_rate = 0.0\n",  # the noise floor
     ), strict=True))  # fmt: skip
 
 
@@ -231,6 +235,69 @@ def update_rates(n: int, reps: int) -> dict[str, float]:
         state.close()
 
 
+def hook_costs(n: int, reps: int) -> dict[str, float]:
+    """µs per request of the observability hooks alone, in the order a proxied chat
+    request calls them, metrics only and sampled; and µs to OTLP-encode its spans."""
+    from llmkit.config import load_config
+    from llmkit.observability import Observability
+    from llmkit.otlp import encode_request
+    from llmkit.state import SharedState
+    from llmkit.tracing import Tracing
+    from llmkit.types import Usage
+
+    os.environ[KEY_ENV] = "sk-upstream-bench"
+    os.environ[MASTER_ENV] = MASTER_KEY
+    path = Path(f"/tmp/llmkit-obshooks-{os.getpid()}.toml")
+    path.write_text(llmkit_config("http://127.0.0.1:9"))
+    config = load_config(path)
+    path.unlink()
+    state = SharedState.create(f"/llmkit-obshooks-{os.getpid()}", config)
+    try:
+        from llmkit.gateway import Gateway
+
+        gateway = Gateway(config, control=state.control(config, 0))
+        call = gateway.decode_chat(JSON_BODY.encode())
+        call.key = "master"
+        targets = gateway.resolve("gpt")
+        usage = Usage(prompt_tokens=9, completion_tokens=9, total_tokens=18)
+        traced: list[list[Any]] = []
+        tracing = Tracing(1.0, lambda batch: None)
+        tracing.record = lambda spans: None  # type: ignore[method-assign]
+        plain = Observability(config, state.metrics)
+        sampled = Observability(config, state.metrics, tracing)
+
+        def requests(observability: Observability) -> Callable[[int], None]:
+            def run(k: int) -> None:
+                for _ in range(k):
+                    obs = observability.begin(0, "POST", CHAT, "r", None)
+                    assert obs is not None
+                    obs.routed(call, targets, obs.mark())
+                    obs.admitted(obs.mark(), False)
+                    obs.attempt_started(targets[0], call)
+                    obs.attempt_settled(True, None)
+                    obs.settled(usage)
+                    if obs.sampled:
+                        obs.answered(["stop"])
+                    obs.finish(200)
+
+            return run
+
+        results = {
+            "metrics only": 1e6 / _rate(requests(plain), n, reps),
+            "metrics + sampled trace": 1e6 / _rate(requests(sampled), n, reps),
+        }
+        tracing.record = traced.append  # type: ignore[method-assign]
+        requests(sampled)(64)
+        batch = [span for spans in traced for span in spans]
+        results["OTLP encoding of its spans"] = 1e6 / _rate(
+            lambda k: [encode_request(batch, "llmkit") for _ in range(k)], 20, reps
+        ) / 64  # fmt: skip
+        return results
+    finally:
+        state.segment.unlink()
+        state.close()
+
+
 def scrape_time(reps: int) -> dict[str, float]:
     """``/metrics`` encoding time (the collector reads shm) with about 1,000 non-zero series
     (20 deployments with every per-deployment metric set, plus the fixed families)."""
@@ -287,6 +354,7 @@ def run(quick: bool) -> dict[str, Any]:
         "machine": machine(),
         "cpu_per_request": cpu,
         "updates_per_s": update_rates(200_000 if quick else 2_000_000, 3 if quick else 5),
+        "hooks_us": hook_costs(20_000 if quick else 100_000, 3 if quick else 5),
         "scrape": scrape_time(20 if quick else 100),
         "settings": {
             "wrk_seconds": seconds,
@@ -319,6 +387,9 @@ def report(results: dict[str, Any]) -> str:
             )
     lines += ["", "| metric updates, one process | per second |", "|---|---|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in results["updates_per_s"].items()]
+    lines += ["", "| observability hooks of one proxied chat request, one process | µs |",
+              "|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v:.2f} |" for k, v in results["hooks_us"].items()]
     scrape = results["scrape"]
     lines += ["", f"/metrics with {scrape['series']:,} series ({scrape['bytes']:,} bytes): "
               f"{scrape['scrape_ms']:.2f} ms per scrape (median)"]  # fmt: skip

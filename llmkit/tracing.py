@@ -8,11 +8,12 @@ configured) nothing here runs past one attribute check.
 
 The request path never touches the OpenTelemetry SDK: a sampled request draws its ids
 from the same RNG, reads ``time.time_ns()`` at span edges, keeps each finished span as
-one ``SpanData`` tuple and, at the request's end, appends its spans to a deque. Once a
-second, the deque is drained in batches on the event loop, between requests: written
-as OTLP/HTTP protobuf (``llmkit.otlp``) and posted asynchronously, or, when an SDK
-``SpanExporter`` is given (tests, embedding), turned into ``ReadableSpan``s for it; the
-SDK is imported only then, so it stays an optional extra (``llmkit[tracing]``).
+one ``SpanData`` tuple and, at the request's end, appends its spans to a deque. Every
+64 traces (or after a second), the deque is drained on the event loop, between
+requests, a batch per callback: written as OTLP/HTTP protobuf (``llmkit.otlp``) and
+posted asynchronously, or, when an SDK ``SpanExporter`` is given (tests, embedding),
+turned into ``ReadableSpan``s for it; the SDK is imported only then, so it stays an
+optional extra (``llmkit[tracing]``).
 Measured (``bench/observability_bench.py``): the SDK's tracer cost ~250 µs per sampled
 trace on the event loop; tuples cost a few µs, and encoding ~15 µs per four-span trace.
 """
@@ -39,6 +40,7 @@ TRACEPARENT = "traceparent"
 _HEX = frozenset("0123456789abcdef")
 INTERNAL, SERVER, CLIENT = 0, 1, 2  # opentelemetry.trace.SpanKind values
 BATCH = 256  # spans per export call: about 1 ms of encoding on the loop
+BATCH_TRACES = 64  # queued traces that are exported at once, not at the interval
 EXPORT_INTERVAL_S = 1.0
 MAX_QUEUED = 4096  # traces kept when the exporter falls behind; later ones are dropped
 
@@ -137,24 +139,27 @@ class Tracing:
         return self._bits(64) or 1
 
     def record(self, spans: list[SpanData]) -> None:
-        """Queue one request's finished spans; they leave within ``EXPORT_INTERVAL_S``."""
+        """Queue one request's finished spans; they leave within ``EXPORT_INTERVAL_S``,
+        or as soon as a batch is full (few objects stay alive for the GC to walk)."""
         queue = self._queue
         if len(queue) >= MAX_QUEUED:
             self.dropped += 1
             return
         queue.append(spans)
-        if not self._scheduled:
-            self._schedule(EXPORT_INTERVAL_S)
+        if len(queue) == BATCH_TRACES:
+            self._schedule(0)
+        elif not self._scheduled:
+            self._scheduled = self._schedule(EXPORT_INTERVAL_S)
 
     # -- export ---------------------------------------------------------------------
 
-    def _schedule(self, delay: float) -> None:
+    def _schedule(self, delay: float) -> bool:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return  # no event loop (a script): the spans wait for flush()
-        self._scheduled = True
+            return False  # no event loop (a script): the spans wait for flush()
         loop.call_later(delay, self._export_batch)
+        return True
 
     def _export_batch(self) -> None:
         self._scheduled = False
@@ -168,7 +173,7 @@ class Tracing:
             task = asyncio.get_running_loop().create_task(self._send(batch))
             self._sending[task] = batch
             task.add_done_callback(self._sending.pop)
-        if self._queue:
+        if len(self._queue) >= BATCH_TRACES:
             self._schedule(0)
 
     def _take(self) -> list[SpanData]:
