@@ -1,14 +1,25 @@
 """What observability costs: worker CPU per request off / metrics / +10% / +100% tracing,
-metric updates per second in one process, and a ``/metrics`` scrape over 1,000 series.
+on two workloads, metric updates per second in one process, and a ``/metrics`` scrape
+over 1,000 series.
 
 Usage: ``python bench/observability_bench.py [--quick] [--json PATH]``
 
-CPU per request is the workers' user+system time (``/proc/<pid>/stat``) over a wrk run,
-divided by the requests wrk completed, on demo-provider chat requests. The four
-configurations run side by side (one worker each) and the repetitions alternate
-between them, so background load smears over all four; figures are medians. Traced
-configurations export over OTLP/HTTP to a local sink in this process (the export's
-CPU in the worker, its batch thread included, is counted; the sink's is not).
+CPU per request is the CPU time of the server's worker processes (every thread, from
+``/proc/<pid>/task/<tid>/schedstat``: nanoseconds, so clock-tick resolution does not
+enter) over a wrk run, divided by the requests wrk completed in it. The loop thread is
+reported apart from the other threads (aiohttp's resolver, anything an exporter may
+start): spans are exported on the loop itself, so their whole cost shows there.
+
+Two workloads: ``demo`` (the in-worker demo provider: the cheapest request there is,
+so the worst case for any fixed per-request cost) and ``proxy`` (an OpenAI-wire
+deployment in front of the nginx mock upstream from ``bench/_upstreams.py``, with the
+master key checked, as ``bench/e2e_bench.py`` configures LLMKit). Per workload, the
+four configurations run side by side (one worker each) and every repetition runs all
+four in an order that alternates, so background load smears over all of them; figures
+are medians with the min–max over repetitions. Traced configurations export over
+OTLP/HTTP to a sink in this process (its CPU is not counted). On a shared machine the
+spread between repetitions can exceed the differences measured: compare the min–max
+columns before reading a percentage.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -30,24 +42,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _harness import LLMKitServer, machine, wrk  # noqa: E402
+from _upstreams import mock_upstream  # noqa: E402
+from e2e_bench import AUTH, JSON_BODY, KEY_ENV, MASTER_ENV, MASTER_KEY, llmkit_config  # noqa: E402
 
-BODY = '{"model":"demo/fast","messages":[{"role":"user","content":"hello"}],"max_tokens":16}'
-TICKS = os.sysconf("SC_CLK_TCK")
+CHAT = "/v1/chat/completions"
+DEMO_BODY = '{"model":"demo/fast","messages":[{"role":"user","content":"hello"}],"max_tokens":16}'
+CONFIGURATIONS = ("off", "metrics only", "metrics + 10% tracing", "metrics + 100% tracing",
+                  "off (control)")  # fmt: skip
 
 
-def configurations(sink: str) -> dict[str, str]:
+@dataclass
+class Workload:
+    name: str
+    config: str  # everything but [observability]
+    body: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def observability_sections(sink: str) -> dict[str, str]:
     traced = f'otlp_endpoint = "{sink}"\n'
-    return {
-        "off": "[observability]\nmetrics = false\ntrace_sample_rate = 0.0\n",
-        "metrics only": "[observability]\ntrace_sample_rate = 0.0\n",
-        "metrics + 10% tracing": f"[observability]\ntrace_sample_rate = 0.1\n{traced}",
-        "metrics + 100% tracing": f"[observability]\ntrace_sample_rate = 1.0\n{traced}",
-    }
+    return dict(zip(CONFIGURATIONS, (
+        "[observability]\nmetrics = false\ntrace_sample_rate = 0.0\n",
+        "[observability]\ntrace_sample_rate = 0.0\n",
+        f"[observability]\ntrace_sample_rate = 0.1\n{traced}",
+        f"[observability]\ntrace_sample_rate = 1.0\n{traced}",
+        "[observability]\nmetrics = false\ntrace_sample_rate = 0.0\n",  # the noise floor
+    ), strict=True))  # fmt: skip
 
 
 class _Sink(BaseHTTPRequestHandler):
+    received = 0  # OTLP export requests
+
     def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        _Sink.received += 1
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -67,50 +95,88 @@ def otlp_sink() -> Iterator[str]:
         httpd.server_close()
 
 
-def worker_cpu_s(server: LLMKitServer) -> float:
-    """User + system CPU seconds of the server's worker processes."""
+def worker_pids(server: LLMKitServer) -> list[int]:
     pid = server.proc.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    total = 0
-    for child in children:
-        fields = Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / TICKS
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def cpu_per_request(seconds: float, reps: int, connections: int) -> dict[str, Any]:
+def worker_cpu_ns(server: LLMKitServer) -> tuple[int, int]:
+    """(loop thread, other threads) CPU nanoseconds of the server's workers."""
+    loop = other = 0
+    for pid in worker_pids(server):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                ns = int((task / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a thread that just ended
+            if int(task.name) == pid:
+                loop += ns
+            else:
+                other += ns
+    return loop, other
+
+
+def measure(
+    server: LLMKitServer, workload: Workload, seconds: float, connections: int
+) -> tuple[float, float, float]:
+    """(loop thread µs, other threads µs) per request and requests/s of one wrk run."""
+    before = worker_cpu_ns(server)
+    result = wrk(server.url + CHAT, workload.body, seconds, connections, headers=workload.headers)
+    after = worker_cpu_ns(server)
+    if result.errors:
+        raise RuntimeError(f"{workload.name}: {result.errors} failed requests")
+    requests = result.requests_per_s * max(1, round(seconds))  # wrk's own duration
+    loop = (after[0] - before[0]) / requests / 1e3
+    other = (after[1] - before[1]) / requests / 1e3
+    return loop, other, result.requests_per_s
+
+
+def cpu_per_request(
+    workload: Workload, seconds: float, reps: int, connections: int
+) -> dict[str, dict[str, float]]:
+    """Every configuration's CPU per request on ``workload``, alternating repetitions."""
     with otlp_sink() as sink, ExitStack() as stack:
         servers = {
-            name: stack.enter_context(LLMKitServer(workers=1, config=config))
-            for name, config in configurations(sink).items()
+            name: stack.enter_context(LLMKitServer(workers=1, config=workload.config + section))
+            for name, section in observability_sections(sink).items()
         }
-        for server in servers.values():  # warm up: imports, pools, JIT-free caches
-            wrk(server.url + "/v1/chat/completions", BODY, 1, connections)
-        samples: dict[str, list[float]] = {name: [] for name in servers}
-        rates: dict[str, list[float]] = {name: [] for name in servers}
+        for server in servers.values():  # warm up: imports, pools, the export thread
+            wrk(server.url + CHAT, workload.body, 1, connections, headers=workload.headers)
+        samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in servers}
         for rep in range(reps):
             order = list(servers.items())
             if rep % 2:
                 order.reverse()
             for name, server in order:
-                before, started = worker_cpu_s(server), time.monotonic()
-                result = wrk(server.url + "/v1/chat/completions", BODY, seconds, connections)
-                elapsed = time.monotonic() - started
-                cpu = worker_cpu_s(server) - before
-                requests = result.requests_per_s * elapsed
-                samples[name].append(cpu / requests * 1e6)
-                rates[name].append(result.requests_per_s)
-    off = statistics.median(samples["off"])
-    return {
-        name: {
-            "cpu_us_per_request": statistics.median(values),
+                samples[name].append(measure(server, workload, seconds, connections))
+    return summarise(samples)
+
+
+def summarise(samples: dict[str, list[tuple[float, float, float]]]) -> dict[str, dict[str, float]]:
+    totals = {name: [loop + other for loop, other, _ in s] for name, s in samples.items()}
+    off = statistics.median(totals["off"])
+    metrics = statistics.median(totals["metrics only"])
+    rows = {}
+    for name, values in totals.items():
+        median = statistics.median(values)
+        rows[name] = {
+            "cpu_us_per_request": median,
             "min": min(values),
             "max": max(values),
-            "overhead_vs_off_pct": (statistics.median(values) / off - 1) * 100,
-            "requests_per_s": statistics.median(rates[name]),
+            "loop_us": statistics.median(s[0] for s in samples[name]),
+            "other_threads_us": statistics.median(s[1] for s in samples[name]),
+            "vs_off_pct": (median / off - 1) * 100,
+            "vs_metrics_pct": (median / metrics - 1) * 100,
+            "requests_per_s": statistics.median(s[2] for s in samples[name]),
         }
-        for name, values in samples.items()
-    }
+    return rows
+
+
+def workloads(mock_url: str) -> list[Workload]:
+    return [
+        Workload("demo", "", DEMO_BODY),
+        Workload("proxy", llmkit_config(mock_url), JSON_BODY, dict(AUTH)),
+    ]
 
 
 def _rate(fn: Callable[[int], None], n: int, reps: int) -> float:
@@ -157,13 +223,76 @@ def update_rates(n: int, reps: int) -> dict[str, float]:
                 assert obs is not None
                 obs.finish(200)
 
-        per_request = request_records  # record_http (3 words) + record_request (5 words)
+        per_request = request_records  # the metrics-only recorder: begin + finish
         return {
             "atomic add_i64 / s": _rate(raw_adds, n, reps),
             "Counter.inc / s": _rate(counter_incs, n, reps),
             "Histogram.observe / s": _rate(histogram_observes, n, reps),
-            "request records / s (8 word updates each)": _rate(per_request, n // 4, reps),
+            "metrics-only requests (begin + finish) / s": _rate(per_request, n // 4, reps),
         }
+    finally:
+        state.segment.unlink()
+        state.close()
+
+
+def hook_costs(n: int, reps: int) -> dict[str, float]:
+    """µs per request of the observability hooks alone, in the order a proxied chat
+    request calls them, metrics only and sampled; and µs to OTLP-encode its spans."""
+    from llmkit.config import load_config
+    from llmkit.observability import Observability
+    from llmkit.otlp import encode_request
+    from llmkit.state import SharedState
+    from llmkit.tracing import Tracing
+    from llmkit.types import Usage
+
+    os.environ[KEY_ENV] = "sk-upstream-bench"
+    os.environ[MASTER_ENV] = MASTER_KEY
+    path = Path(f"/tmp/llmkit-obshooks-{os.getpid()}.toml")
+    path.write_text(llmkit_config("http://127.0.0.1:9"))
+    config = load_config(path)
+    path.unlink()
+    state = SharedState.create(f"/llmkit-obshooks-{os.getpid()}", config)
+    try:
+        from llmkit.gateway import Gateway
+
+        gateway = Gateway(config, control=state.control(config, 0))
+        call = gateway.decode_chat(JSON_BODY.encode())
+        call.key = "master"
+        targets = gateway.resolve("gpt")
+        usage = Usage(prompt_tokens=9, completion_tokens=9, total_tokens=18)
+        traced: list[list[Any]] = []
+        tracing = Tracing(1.0, lambda batch: None)
+        tracing.record = lambda spans: None  # type: ignore[method-assign]
+        plain = Observability(config, state.metrics)
+        sampled = Observability(config, state.metrics, tracing)
+
+        def requests(observability: Observability) -> Callable[[int], None]:
+            def run(k: int) -> None:
+                for _ in range(k):
+                    obs = observability.begin(0, "POST", CHAT, "r", None)
+                    assert obs is not None
+                    obs.routed(call, targets, obs.mark())
+                    obs.admitted(obs.mark(), False)
+                    obs.attempt_started(targets[0], call)
+                    obs.attempt_settled(True, None)
+                    obs.settled(usage)
+                    if obs.sampled:
+                        obs.answered(["stop"])
+                    obs.finish(200)
+
+            return run
+
+        results = {
+            "metrics only": 1e6 / _rate(requests(plain), n, reps),
+            "metrics + sampled trace": 1e6 / _rate(requests(sampled), n, reps),
+        }
+        tracing.record = traced.append  # type: ignore[method-assign]
+        requests(sampled)(64)
+        batch = [span for spans in traced for span in spans]
+        results["OTLP encoding of its spans"] = 1e6 / _rate(
+            lambda k: [encode_request(batch, "llmkit") for _ in range(k)], 20, reps
+        ) / 64  # fmt: skip
+        return results
     finally:
         state.segment.unlink()
         state.close()
@@ -214,13 +343,25 @@ def scrape_time(reps: int) -> dict[str, float]:
 
 def run(quick: bool) -> dict[str, Any]:
     """Every figure of this benchmark; ``quick`` for a short smoke run."""
-    seconds, reps = (2.0, 2) if quick else (5.0, 5)
+    seconds, reps, connections = (2.0, 2, 32) if quick else (6.0, 5, 32)
+    os.environ[KEY_ENV] = "sk-upstream-bench"
+    os.environ[MASTER_ENV] = MASTER_KEY
+    cpu = {}
+    with mock_upstream() as mock:
+        for workload in workloads(f"http://127.0.0.1:{mock.port}"):
+            cpu[workload.name] = cpu_per_request(workload, seconds, reps, connections)
     return {
         "machine": machine(),
-        "cpu_per_request": cpu_per_request(seconds, reps, connections=32),
+        "cpu_per_request": cpu,
         "updates_per_s": update_rates(200_000 if quick else 2_000_000, 3 if quick else 5),
+        "hooks_us": hook_costs(20_000 if quick else 100_000, 3 if quick else 5),
         "scrape": scrape_time(20 if quick else 100),
-        "settings": {"wrk_seconds": seconds, "reps": reps, "connections": 32, "workers": 1},
+        "settings": {
+            "wrk_seconds": seconds,
+            "reps": reps,
+            "connections": connections,
+            "workers": 1,
+        },  # fmt: skip
     }
 
 
@@ -228,19 +369,27 @@ def report(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [
         f"Machine: {results['machine']}",
-        f"wrk -t1 -c{s['connections']} -d{s['wrk_seconds']:g}s, {s['reps']} alternating "
-        f"repetitions, {s['workers']} worker each, medians (min–max)",
+        f"wrk -t1 -c{s['connections']} -d{s['wrk_seconds']:g}s per sample, {s['reps']} "
+        f"alternating repetitions, {s['workers']} worker per configuration; worker CPU from "
+        "/proc schedstat (ns); medians (min–max over repetitions)",
         "",
-        "| configuration | worker CPU µs / request | vs off | requests/s |",
-        "|---|---|---|---|",
+        "| workload | configuration | worker CPU µs / request | loop thread µs | other threads µs "
+        "| vs off | vs metrics only | requests/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, row in results["cpu_per_request"].items():
-        lines.append(
-            f"| {name} | {row['cpu_us_per_request']:.1f} ({row['min']:.1f}–{row['max']:.1f}) "
-            f"| {row['overhead_vs_off_pct']:+.2f}% | {row['requests_per_s']:,.0f} |"
-        )
+    for workload, rows in results["cpu_per_request"].items():
+        for name, row in rows.items():
+            lines.append(
+                f"| {workload} | {name} | {row['cpu_us_per_request']:.2f} "
+                f"({row['min']:.2f}–{row['max']:.2f}) | {row['loop_us']:.2f} "
+                f"| {row['other_threads_us']:.2f} | {row['vs_off_pct']:+.2f}% "
+                f"| {row['vs_metrics_pct']:+.2f}% | {row['requests_per_s']:,.0f} |"
+            )
     lines += ["", "| metric updates, one process | per second |", "|---|---|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in results["updates_per_s"].items()]
+    lines += ["", "| observability hooks of one proxied chat request, one process | µs |",
+              "|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v:.2f} |" for k, v in results["hooks_us"].items()]
     scrape = results["scrape"]
     lines += ["", f"/metrics with {scrape['series']:,} series ({scrape['bytes']:,} bytes): "
               f"{scrape['scrape_ms']:.2f} ms per scrape (median)"]  # fmt: skip

@@ -29,6 +29,7 @@ Byte layouts (every word int64 unless marked f64; each cell starts its own 64-by
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,6 +64,9 @@ _OTHER_STATUS = len(STATUSES)
 TOKENS_IN, TOKENS_OUT, COST, RETRIES, FALLBACKS, ATTEMPTS, ERRORS = 48, 56, 64, 72, 80, 88, 96
 TARGET_WORDS = 12 + len(ERROR_KINDS)
 KEY_WORDS = 4
+_STATUS_SPAN = 600  # statuses 0..599 index precomputed tables; above clips to 599 (5xx)
+_DURATION_SUM = 8 * (len(DURATION_BOUNDS) + 1)
+_TTFT_SUM = 8 * (len(TTFT_BOUNDS) + 1)
 
 
 def route_index(route: str) -> int:
@@ -148,6 +152,9 @@ class Metrics:
     """Typed views over the metric regions of one segment, and the recording calls.
 
     Recording is a handful of C atomic adds at precomputed offsets; nothing allocates.
+    ``record_model_request`` is the one call a finished chat or embeddings request
+    makes: every offset it needs comes from a list indexed by ``route * 600 + status``
+    or by series number, and one bucket search serves both duration histograms.
     """
 
     def __init__(self, segment: Segment, layout: Layout, config: Config) -> None:
@@ -172,13 +179,61 @@ class Metrics:
         self.ttft = [Histogram(a, o, TTFT_BOUNDS) for o in _offsets(layout, "metrics.ttft")]
         self._add = a.add_i64
         self._addf = a.add_f64
+        self._http_counter = [
+            self.http_requests[route * (len(STATUSES) + 1) + status_index(status)].offset
+            for route in range(len(ROUTES))
+            for status in range(_STATUS_SPAN)
+        ]
+        self._class_word = [
+            8 * (3 * route + status_class(status))
+            for route in range(len(MODEL_ROUTES))
+            for status in range(_STATUS_SPAN)
+        ]
+        self._http_hist = [h.offset for h in self.http_duration]
+        self._duration = [h.offset for h in self.duration]
+        self._ttft = [h.offset for h in self.ttft]
 
     # -- recording (hot) ----------------------------------------------------------
 
     def record_http(self, route: int, status: int, seconds: float) -> None:
         """Count one finished HTTP request; ``route`` from ``route_index``."""
-        self.http_requests[route * (len(STATUSES) + 1) + status_index(status)].inc()
-        self.http_duration[route].observe(seconds)
+        add = self._add
+        add(self._http_counter[route * _STATUS_SPAN + min(status, _STATUS_SPAN - 1)], 1)
+        base = self._http_hist[route]
+        add(base + 8 * bisect_left(DURATION_BOUNDS, seconds), 1)
+        self._addf(base + _DURATION_SUM, seconds)
+
+    def record_model_request(
+        self, route: int, status: int, seconds: float, target: int, key: int,
+        tokens_in: int, tokens_out: int, cost: float, ttft: float | None,
+    ) -> None:  # fmt: skip
+        """Everything a finished model request (``route`` 0 chat, 1 embeddings) counts:
+        ``record_http``, ``record_request``, ``record_usage`` and ``record_ttft`` in one."""
+        add, addf = self._add, self._addf
+        index = route * _STATUS_SPAN + min(status, _STATUS_SPAN - 1)
+        add(self._http_counter[index], 1)
+        bucket = 8 * bisect_left(DURATION_BOUNDS, seconds)
+        base = self._http_hist[route]
+        add(base + bucket, 1)
+        addf(base + _DURATION_SUM, seconds)
+        base = self._duration[target]
+        add(base + bucket, 1)
+        addf(base + _DURATION_SUM, seconds)
+        stats, key_stats = self.targets[target], self.keys[key]
+        add(stats + self._class_word[index], 1)
+        add(key_stats, 1)
+        if tokens_in or tokens_out:
+            add(stats + TOKENS_IN, tokens_in)
+            add(stats + TOKENS_OUT, tokens_out)
+            add(key_stats + 8, tokens_in)
+            add(key_stats + 16, tokens_out)
+        if cost:
+            addf(stats + COST, cost)
+            addf(key_stats + 24, cost)
+        if ttft is not None:
+            base = self._ttft[target]
+            add(base + 8 * bisect_left(TTFT_BOUNDS, ttft), 1)
+            addf(base + _TTFT_SUM, ttft)
 
     def record_request(
         self, target: int, route: int, status: int, seconds: float, key: int

@@ -7,7 +7,10 @@ declared elsewhere), ``llmkit.tracing`` (sampling, ``traceparent``, spans) and
 ``Observability.begin`` and gets a ``RequestObs`` (or None when everything is off, so
 the pipeline pays one ``is not None`` test per hook), which the gateway, the run and
 its attempts feed with one call per event, and ``finish`` turns into metric updates, a
-log line and the root span's end.
+log line and the root span's end. A request that is neither sampled nor logged gets
+the metrics-only ``RequestObs``, whose hooks keep a few fields and whose ``finish`` is
+one call of C atomic adds at precomputed offsets; a sampled or logged one gets a
+``DetailedObs``, which also records its spans as plain tuples (``llmkit.tracing``).
 
 Hooks (who calls what): the HTTP surface ``begin`` / ``answered`` / ``finish``;
 ``Gateway._run`` ``mark`` + ``routed``; ``Run.admit`` ``mark`` + ``admitted``;
@@ -47,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -72,13 +76,21 @@ from llmkit.metrics import (
     route_index,
     status_index,
 )
-from llmkit.tracing import Tracing, build_tracing, now_ns, traceparent_of
+from llmkit.tracing import (
+    CLIENT,
+    INTERNAL,
+    SERVER,
+    TRACEPARENT,
+    SpanData,
+    TraceContext,
+    Tracing,
+    build_tracing,
+    format_traceparent,
+)
 from llmkit.upstream import UpstreamStatus
 
 if TYPE_CHECKING:
-    from opentelemetry.context import Context
     from opentelemetry.sdk.trace.export import SpanExporter
-    from opentelemetry.trace import Span
 
     from llmkit.providers.base import Call, Target
     from llmkit.types import Usage
@@ -92,6 +104,7 @@ __all__ = [
     "Metrics",
     "Observability",
     "RequestObs",
+    "DetailedObs",
     "ShmCollector",
     "declare",
     "error_kind",
@@ -143,6 +156,10 @@ class Observability:
         self.tracing = tracing or Tracing.off()
         self.access = access
         self.active = self.metrics is not None or self.tracing.enabled or access is not None
+        self._traced = self.tracing.enabled
+        self._deployments = self.series.deployments
+        self.key_index: dict[str | None, int] = {None: self.series.no_key}
+        self.key_index.update(self.series.key_index)
 
     @classmethod
     def build(
@@ -158,13 +175,21 @@ class Observability:
     def begin(
         self, route: int, method: str, path: str, request_id: str, traceparent: str | None
     ) -> RequestObs | None:
-        """A request's recorder; None when metrics, tracing and the log are all off."""
-        if not self.active:
+        """A request's recorder: a ``DetailedObs`` when it is sampled or logged, else a
+        metrics-only ``RequestObs``; None when there is nothing to record."""
+        trace = None
+        if self._traced and route < _MODEL_ROUTES:  # no traces of /health, /metrics
+            trace = self.tracing.sample(traceparent)
+        if trace is not None or self.access is not None:
+            return DetailedObs(self, route, method, path, request_id, trace)
+        if self.metrics is None:
             return None
-        parent = None
-        if self.tracing.enabled and route < _MODEL_ROUTES:  # no traces of /health, /metrics
-            parent = self.tracing.sample(traceparent)
-        return RequestObs(self, route, method, path, request_id, parent)
+        return RequestObs(self, route)
+
+    def series_of(self, target: Target) -> int:
+        """The metric series of an attempt at ``target`` (``Series.target_of``)."""
+        index = self._deployments.get(target.deployment)
+        return index if index is not None else self.series.target_of("", target.provider.name)
 
     def close(self) -> None:
         self.tracing.shutdown()
@@ -173,92 +198,50 @@ class Observability:
 
 
 class RequestObs:
-    """One request's observations; every hook is cheap and allocation-free unless the
-    request is sampled for tracing."""
+    """One request's metrics: a few fields set by the hooks, then one batch of atomic
+    adds in ``finish``. The hooks tracing and the access log need do nothing here."""
 
-    __slots__ = (
-        "_o", "route", "method", "path", "request_id", "started", "model", "key", "series",
-        "target", "attempts", "usage", "finish_reasons", "error_kind", "role", "ttft",
-        "messages", "span", "_attempt_span",
-    )  # fmt: skip
+    __slots__ = ("_o", "_metrics", "route", "started", "series", "key", "target", "attempts",
+                 "usage", "ttft")  # fmt: skip
 
-    def __init__(
-        self,
-        obs: Observability,
-        route: int,
-        method: str,
-        path: str,
-        request_id: str,
-        parent: Context | None,
-    ) -> None:
+    sampled = False
+
+    def __init__(self, obs: Observability, route: int) -> None:
         self._o = obs
+        self._metrics = obs.metrics
         self.route = route
-        self.method = method
-        self.path = path
-        self.request_id = request_id
         self.started = time.perf_counter()
-        self.model: str | None = None
-        self.key: str | None = None
         self.series = obs.series.unrouted
+        self.key: str | None = None
         self.target: Target | None = None
         self.attempts = 0
         self.usage: Usage | None = None
-        self.finish_reasons: list[str] | None = None
-        self.error_kind: int | None = None
-        self.role: str | None = None
         self.ttft: float | None = None
-        self.messages: Any = None
-        self._attempt_span: Span | None = None
-        self.span: Span | None = None
-        if parent is not None:
-            attributes = {"http.request.method": method, "url.path": path,
-                          "llmkit.request_id": request_id}  # fmt: skip
-            name = f"{method} {ROUTES[route]}"
-            self.span = obs.tracing.start(name, parent, now_ns(), attributes, server=True)
-
-    @property
-    def sampled(self) -> bool:
-        return self.span is not None
 
     def mark(self) -> int:
         """A span start time when sampled, else 0 (no clock read)."""
-        return now_ns() if self.span is not None else 0
+        return 0
 
     # -- pipeline hooks -------------------------------------------------------------
 
     def routed(self, call: Call, targets: Sequence[Target], mark: int) -> None:
         """The model resolved to ``targets`` (ordered by the router when ``mark``)."""
-        self.model = call.request.model
         self.key = call.key
         if targets:
-            first = targets[0]
-            self.series = self._o.series.target_of(first.deployment, first.provider.name)
-        access = self._o.access
-        if access is not None and access.log_prompts:
-            self.messages = call.request.messages
-        if self.span is not None:
-            operation = MODEL_ROUTES[self.route] if self.route < _MODEL_ROUTES else "chat"
-            self.span.update_name(f"{operation} {self.model}")
-            self.span.set_attributes({
-                "gen_ai.operation.name": operation, "gen_ai.request.model": self.model,
-                "llmkit.key": self.key or "",
-            })  # fmt: skip
-            if mark:
-                candidates = [t.deployment for t in targets]
-                self._stage("llmkit.router", mark, {"llmkit.router.order": candidates})
+            series = self._o._deployments.get(targets[0].deployment)
+            self.series = series if series is not None else self._o.series_of(targets[0])
 
     def admitted(self, mark: int, refused: bool) -> None:
         """The request's own limits (global, key) admitted or refused it."""
-        if self.span is not None and mark:
-            self._stage("llmkit.limiter", mark, {"llmkit.limiter.refused": refused})
 
     def attempt_started(self, target: Target, call: Call) -> None:
         """An admitted try at ``target`` is about to go upstream."""
-        series = self._o.series.target_of(target.deployment, target.provider.name)
-        metrics = self._o.metrics
+        series = self._o.series_of(target)
+        metrics = self._metrics
         if metrics is not None:
-            if self.attempts and self.target is not None:
-                if self.target.deployment == target.deployment:
+            previous = self.target
+            if previous is not None:
+                if previous.deployment == target.deployment:
                     metrics.record_retry(series)
                 else:
                     metrics.record_fallback(self.series)
@@ -266,33 +249,11 @@ class RequestObs:
         self.attempts += 1
         self.target = target
         self.series = series
-        if self.span is not None:
-            operation = MODEL_ROUTES[self.route] if self.route < _MODEL_ROUTES else "chat"
-            attributes = {
-                "gen_ai.operation.name": operation, "gen_ai.request.model": target.model,
-                "gen_ai.provider.name": target.provider.name,
-                "llmkit.deployment": target.deployment, "llmkit.attempt": self.attempts,
-            }  # fmt: skip
-            span = self._o.tracing.child(
-                f"{operation} {target.model}", self.span, now_ns(), attributes, client=True
-            )
-            self._attempt_span = span
-            call.headers["traceparent"] = traceparent_of(span)
 
     def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
         """The current try ended: answered (``ok``), failed, or abandoned (None)."""
-        if error is not None:
-            kind = error_kind(error)
-            self.error_kind = kind
-            if self._o.metrics is not None:
-                self._o.metrics.record_error(self.series, kind)
-        span = self._attempt_span
-        if span is not None:
-            self._attempt_span = None
-            if error is not None:
-                _fail(span, ERROR_KINDS[error_kind(error)])
-            span.set_attribute("llmkit.outcome", _OUTCOMES[ok])
-            span.end(now_ns())
+        if error is not None and self._metrics is not None:
+            self._metrics.record_error(self.series, error_kind(error))
 
     def first_token(self) -> None:
         if self.ttft is None:
@@ -304,37 +265,35 @@ class RequestObs:
             self.usage = usage
 
     def answered(self, finish_reasons: list[str]) -> None:
-        self.finish_reasons = finish_reasons
+        """The finish reasons of a sampled request's answer."""
 
     def multiplexer_role(self, role: str) -> None:
         """``leader`` or ``follower``: set by the multiplexer for deduplicated requests."""
-        self.role = role
-        if self.span is not None:
-            self.span.set_attribute("llmkit.multiplexer.role", role)
 
     def finish(self, status: int) -> None:
-        """The response is complete: update metrics, write the log line, end the span."""
+        """The response is complete: update the metrics."""
         elapsed = time.perf_counter() - self.started
-        o = self._o
-        metrics = o.metrics
-        cost = self._cost()
-        if metrics is not None:
-            metrics.record_http(self.route, status, elapsed)
-            if self.route < _MODEL_ROUTES:
-                key = o.series.key_of(self.key)
-                metrics.record_request(self.series, self.route, status, elapsed, key)
-                usage = self.usage
-                if usage is not None:
-                    metrics.record_usage(self.series, key, usage.prompt_tokens,
-                                         usage.completion_tokens, cost)  # fmt: skip
-                if self.ttft is not None:
-                    metrics.record_ttft(self.series, self.ttft)
-        if o.access is not None:
-            o.access.write(self._record(status, elapsed, cost))
-        if self.span is not None:
-            self._end_root(status, cost)
+        target, usage = self.target, self.usage
+        if usage is None or target is None or target.price is None:
+            self._count(status, elapsed, 0.0)
+        else:
+            self._count(status, elapsed, target.price.cost(usage))
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _count(self, status: int, elapsed: float, cost: float) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        route = self.route
+        if route >= _MODEL_ROUTES:
+            metrics.record_http(route, status, elapsed)
+            return
+        usage = self.usage
+        tokens_in, tokens_out = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+        key = self._o.key_index.get(self.key, self._o.series.no_key)
+        metrics.record_model_request(route, status, elapsed, self.series, key, tokens_in,
+                                     tokens_out, cost, self.ttft)  # fmt: skip
 
     def _cost(self) -> float:
         target, usage = self.target, self.usage
@@ -342,9 +301,161 @@ class RequestObs:
             return 0.0
         return target.price.cost(usage)
 
+
+class DetailedObs(RequestObs):
+    """A request that is sampled for tracing or written to the access log: also keeps
+    what the log line and the spans say, and records spans as plain ``SpanData``."""
+
+    __slots__ = ("method", "path", "request_id", "model", "error_kind", "role",
+                 "finish_reasons", "messages", "trace", "_start_ns", "_attempt",
+                 "_spans")  # fmt: skip
+
+    def __init__(
+        self,
+        obs: Observability,
+        route: int,
+        method: str,
+        path: str,
+        request_id: str,
+        trace: TraceContext | None,
+    ) -> None:
+        super().__init__(obs, route)
+        self.method = method
+        self.path = path
+        self.request_id = request_id
+        self.model: str | None = None
+        self.error_kind: int | None = None
+        self.role: str | None = None
+        self.finish_reasons: list[str] | None = None
+        self.messages: Any = None
+        self.trace = trace
+        self._start_ns = time_ns() if trace is not None else 0
+        # The open attempt span: (span id, start ns, name, attributes).
+        self._attempt: tuple[int, int, str, dict[str, Any]] | None = None
+        self._spans: list[SpanData] = []  # finished, queued together with the root
+
+    @property
+    def sampled(self) -> bool:  # type: ignore[override]
+        return self.trace is not None
+
+    def mark(self) -> int:
+        return time_ns() if self.trace is not None else 0
+
+    def routed(self, call: Call, targets: Sequence[Target], mark: int) -> None:
+        super().routed(call, targets, mark)
+        self.model = call.request.model
+        access = self._o.access
+        if access is not None and access.log_prompts:
+            self.messages = call.request.messages
+        if self.trace is not None and mark:
+            order = [t.deployment for t in targets]
+            self._stage("llmkit.router", mark, {"llmkit.router.order": order})
+
+    def admitted(self, mark: int, refused: bool) -> None:
+        if self.trace is not None and mark:
+            self._stage("llmkit.limiter", mark, {"llmkit.limiter.refused": refused})
+
+    def attempt_started(self, target: Target, call: Call) -> None:
+        super().attempt_started(target, call)
+        trace = self.trace
+        if trace is not None:
+            operation = self._operation()
+            attributes = {
+                "gen_ai.operation.name": operation, "gen_ai.request.model": target.model,
+                "gen_ai.provider.name": target.provider.name,
+                "llmkit.deployment": target.deployment, "llmkit.attempt": self.attempts,
+            }  # fmt: skip
+            span_id = self._o.tracing.span_id()
+            self._attempt = (span_id, time_ns(), f"{operation} {target.model}", attributes)
+            call.headers[TRACEPARENT] = format_traceparent(trace.trace_id, span_id)
+
+    def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
+        kind = error_kind(error) if error is not None else None
+        if kind is not None:
+            self.error_kind = kind
+            if self._metrics is not None:
+                self._metrics.record_error(self.series, kind)
+        if self._attempt is not None:
+            self._end_attempt(_OUTCOMES[ok], ERROR_KINDS[kind] if kind is not None else None)
+
+    def answered(self, finish_reasons: list[str]) -> None:
+        self.finish_reasons = finish_reasons
+
+    def multiplexer_role(self, role: str) -> None:
+        self.role = role
+
+    def finish(self, status: int) -> None:
+        """Update the metrics, write the log line, record the root span."""
+        elapsed = time.perf_counter() - self.started
+        cost = self._cost()
+        self._count(status, elapsed, cost)
+        access = self._o.access
+        if access is not None:
+            access.write(self._record(status, elapsed, cost))
+        if self.trace is not None:
+            self._end_root(status, cost)
+
+    # -- spans ------------------------------------------------------------------------
+
+    def _operation(self) -> str:
+        return MODEL_ROUTES[self.route] if self.route < _MODEL_ROUTES else "chat"
+
     def _stage(self, name: str, mark: int, attributes: dict[str, Any]) -> None:
-        assert self.span is not None
-        self._o.tracing.child(name, self.span, mark, attributes).end(now_ns())
+        trace = self.trace
+        assert trace is not None
+        self._spans.append((trace.trace_id, self._o.tracing.span_id(), trace.span_id, False, name,
+                            INTERNAL, mark, time_ns(), attributes, None))  # fmt: skip
+
+    def _end_attempt(self, outcome: str | None, error: str | None) -> None:
+        trace, attempt = self.trace, self._attempt
+        assert trace is not None and attempt is not None
+        self._attempt = None
+        span_id, start, name, attributes = attempt
+        if outcome is not None:
+            attributes["llmkit.outcome"] = outcome
+        self._spans.append((trace.trace_id, span_id, trace.span_id, False, name, CLIENT, start,
+                            time_ns(), attributes, error))  # fmt: skip
+
+    def _end_root(self, status: int, cost: float) -> None:
+        trace = self.trace
+        assert trace is not None
+        if self._attempt is not None:  # a stream the client left mid-way
+            self._end_attempt(None, None)
+        attributes: dict[str, Any] = {
+            "http.request.method": self.method, "url.path": self.path,
+            "llmkit.request_id": self.request_id, "http.response.status_code": status,
+            "llmkit.attempts": self.attempts,
+        }  # fmt: skip
+        name = f"{self.method} {ROUTES[self.route]}"
+        if self.model is not None:
+            operation = self._operation()
+            name = f"{operation} {self.model}"
+            attributes["gen_ai.operation.name"] = operation
+            attributes["gen_ai.request.model"] = self.model
+            attributes["llmkit.key"] = self.key or ""
+        target, usage = self.target, self.usage
+        if target is not None:
+            attributes["gen_ai.provider.name"] = target.provider.name
+            attributes["gen_ai.response.model"] = target.model
+            attributes["llmkit.deployment"] = target.deployment
+        if usage is not None:
+            attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+            attributes["llmkit.cost_usd"] = cost
+        if self.finish_reasons:
+            attributes["gen_ai.response.finish_reasons"] = self.finish_reasons
+        if self.role is not None:
+            attributes["llmkit.multiplexer.role"] = self.role
+        error = None
+        if status >= 400:
+            kind = self.error_kind
+            error = ERROR_KINDS[kind] if kind is not None and status >= 500 else str(status)
+        spans = self._spans
+        spans.append((trace.trace_id, trace.span_id, trace.parent, trace.remote_parent, name,
+                      SERVER, self._start_ns, time_ns(), attributes, error))  # fmt: skip
+        self._o.tracing.record(spans)
+
+    # -- access log -------------------------------------------------------------------
 
     def _record(self, status: int, elapsed: float, cost: float) -> dict[str, object]:
         target, usage = self.target, self.usage
@@ -360,42 +471,11 @@ class RequestObs:
             "dedup_role": self.role,
             "error_kind": ERROR_KINDS[self.error_kind] if self.error_kind is not None else None,
         }  # fmt: skip
-        if self.span is not None:
-            record["trace_id"] = f"{self.span.get_span_context().trace_id:032x}"
+        if self.trace is not None:
+            record["trace_id"] = f"{self.trace.trace_id:032x}"
         if self.messages is not None:
             record["messages"] = self.messages
         return record
 
-    def _end_root(self, status: int, cost: float) -> None:
-        span = self.span
-        assert span is not None
-        attributes: dict[str, Any] = {"http.response.status_code": status,
-                                      "llmkit.attempts": self.attempts}  # fmt: skip
-        target, usage = self.target, self.usage
-        if target is not None:
-            attributes["gen_ai.provider.name"] = target.provider.name
-            attributes["gen_ai.response.model"] = target.model
-            attributes["llmkit.deployment"] = target.deployment
-        if usage is not None:
-            attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
-            attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
-            attributes["llmkit.cost_usd"] = cost
-        if self.finish_reasons:
-            attributes["gen_ai.response.finish_reasons"] = self.finish_reasons
-        span.set_attributes(attributes)
-        if status >= 400:
-            kind = self.error_kind
-            _fail(span, ERROR_KINDS[kind] if kind is not None and status >= 500 else str(status))
-        if self._attempt_span is not None:  # a stream the client left mid-way
-            self._attempt_span.end(now_ns())
-        span.end(now_ns())
-
 
 _OUTCOMES = {True: "ok", False: "failed", None: "released"}
-
-
-def _fail(span: Span, error_type: str) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
-    span.set_attribute("error.type", error_type)
-    span.set_status(Status(StatusCode.ERROR))

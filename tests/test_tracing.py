@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +170,93 @@ async def test_head_sampling_at_a_tenth_over_10000_requests(
     assert low <= len(roots) <= high, (len(roots), low, high)
     # Every sampled request is a whole trace: root, router, limiter and one attempt.
     assert len(exporter.get_finished_spans()) == 4 * len(roots)
+
+
+def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
+    from google.protobuf.json_format import MessageToDict
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.sdk.resources import Resource
+
+    from llmkit.otlp import encode_request
+    from llmkit.tracing import CLIENT, SERVER, SpanData, sdk_spans
+
+    trace_id, root = random.getrandbits(128) | 1, random.getrandbits(64) | 1
+    attributes = {"gen_ai.request.model": "m", "llmkit.attempt": 2, "llmkit.cost_usd": 0.25,
+                  "llmkit.limiter.refused": False, "order": ["a#0", "a#1"], "neg": -3}  # fmt: skip
+    spans: list[SpanData] = [
+        (trace_id, root, 77, True, "chat m", SERVER, 1_000, 2_000, attributes, None),
+        (trace_id, 5, root, False, "chat x", CLIENT, 1_100, 1_900, {}, "server_error"),
+    ]
+    mine = ExportTraceServiceRequest()
+    mine.ParseFromString(encode_request(spans, "svc"))
+    resource = Resource({"service.name": "svc"})
+    sdk = encode_spans(sdk_spans(resource)(spans))
+
+    def spans_of(request: ExportTraceServiceRequest) -> list[dict[str, Any]]:
+        (rs,) = request.resource_spans
+        assert MessageToDict(rs.resource) == MessageToDict(sdk.resource_spans[0].resource)
+        (ss,) = rs.scope_spans
+        assert ss.scope.name == "llmkit"
+        found = [MessageToDict(s) for s in ss.spans]
+        for span in found:  # the SDK writes an empty Status and leaves out the sampled bit
+            span["flags"] = span["flags"] & 0x300
+            if not span.get("status"):
+                span.pop("status", None)
+        return found
+
+    assert spans_of(mine) == spans_of(sdk)
+    server, client = mine.resource_spans[0].scope_spans[0].spans
+    assert server.kind == 2 and client.kind == 3 and client.status.code == 2
+    assert server.flags == 0x301 and client.flags == 0x101  # sampled; remote parent or not
+
+
+async def test_spans_are_posted_from_the_event_loop_while_serving(tmp_path: Path) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bodies: list[bytes] = []
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{httpd.server_address[1]}/v1/traces"
+    config = config_of(tmp_path, '[[models]]\nname = "m"\n[[models.deployments]]\n'
+                       'provider = "demo"\nmodel = "x"\n[observability]\n'
+                       f'trace_sample_rate = 1.0\notlp_endpoint = "{endpoint}"\n')  # fmt: skip
+    try:
+        async with in_process(config) as local, httpx.AsyncClient(timeout=10) as client:
+            for _ in range(5):
+                assert (await client.post(local.url + CHAT, json=chat("m"))).status_code == 200
+            deadline = asyncio.get_running_loop().time() + 20
+            while len(_otlp_spans(bodies)) < 20 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.1)
+            spans = _otlp_spans(bodies)  # before shutdown flushes anything
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert len([s for s in spans if s.kind == 2]) == 5  # one SERVER span per request
+    assert len(spans) == 20
+
+
+def _otlp_spans(bodies: list[bytes]) -> list[Any]:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    spans = []
+    for body in list(bodies):
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        spans += [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    return spans
