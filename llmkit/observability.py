@@ -192,7 +192,14 @@ class Observability:
         return index if index is not None else self.series.target_of("", target.provider.name)
 
     def close(self) -> None:
+        """Flush and stop tracing and the access log (no event loop needed)."""
         self.tracing.shutdown()
+        if self.access is not None:
+            self.access.close()
+
+    async def aclose(self) -> None:
+        """``close``, from the worker's event loop: its sessions are closed too."""
+        await self.tracing.aclose()
         if self.access is not None:
             self.access.close()
 

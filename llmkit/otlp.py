@@ -1,4 +1,4 @@
-"""OTLP/HTTP export of ``SpanData`` tuples: protobuf written by hand, sent with http.client.
+"""OTLP/HTTP export of ``SpanData`` tuples: protobuf written by hand, sent with aiohttp.
 
 The SDK's path (``ReadableSpan`` per span, then its OTLP encoder) cost ~50 µs per span
 in the export thread, which shares the worker's core and GIL with the event loop. The
@@ -23,19 +23,20 @@ the protobuf classes in ``tests/test_tracing.py``.
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import logging
-import ssl
 import struct
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
+
 from llmkit.tracing import SpanData
 
 log = logging.getLogger("llmkit.tracing")
 
+HEADERS = {"Content-Type": "application/x-protobuf"}
 _FIXED64 = struct.Struct("<Q").pack
 _DOUBLE = struct.Struct("<d").pack
 _SAMPLED, _HAS_REMOTE, _IS_REMOTE = 0x01, 0x100, 0x200
@@ -132,52 +133,48 @@ def encode_request(spans: Sequence[SpanData], service_name: str) -> bytes:
 
 class OtlpHttpExporter:
     """POSTs batches to an OTLP/HTTP ``/v1/traces`` endpoint: ``send`` on the event loop
-    (one short connection per batch), ``export`` synchronously (at exit) over a kept
-    connection. A failed batch is logged and dropped: spans are best effort."""
+    through a kept-alive aiohttp session, ``export`` synchronously (at exit, when the loop
+    is gone) with http.client. A failed batch is logged and dropped: spans are best
+    effort."""
 
     def __init__(self, endpoint: str, service_name: str, timeout_s: float = 5.0) -> None:
         url = urlsplit(endpoint)
         self._secure = url.scheme == "https"
         self._host = url.netloc
-        self._hostname = url.hostname or "127.0.0.1"
-        self._port = url.port or (443 if self._secure else 80)
         self._path = url.path or "/v1/traces"
         self._service = service_name
         self._timeout = timeout_s
+        self._endpoint = endpoint
         self._connection: http.client.HTTPConnection | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     def send(self, spans: Sequence[SpanData]) -> Coroutine[Any, Any, None]:
         """Encode ``spans`` now; the returned coroutine posts them."""
-        body = encode_request(spans, self._service)
-        head = (
-            f"POST {self._path} HTTP/1.1\r\nHost: {self._host}\r\n"
-            "Content-Type: application/x-protobuf\r\nConnection: close\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        return self._post(head.encode() + body)
+        return self._post(encode_request(spans, self._service))
 
-    async def _post(self, request: bytes) -> None:
+    async def _post(self, body: bytes) -> None:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(total=self._timeout)
+            self._session = aiohttp.ClientSession(timeout=timeout)
         try:
-            async with asyncio.timeout(self._timeout):
-                context = ssl.create_default_context() if self._secure else None
-                reader, writer = await asyncio.open_connection(
-                    self._hostname, self._port, ssl=context
-                )
-                try:
-                    writer.write(request)
-                    status = (await reader.readline()).split(b" ", 2)
-                    await reader.read()
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError) as exc:
+            async with self._session.post(self._endpoint, data=body, headers=HEADERS) as answer:
+                await answer.read()
+                status = answer.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("OTLP export failed: %s", exc)
             return
-        if len(status) < 2 or not status[1].startswith(b"2"):
-            log.warning("OTLP export refused: %s", b" ".join(status[1:]).decode(errors="replace"))
+        if status >= 300:
+            log.warning("OTLP export refused: HTTP %d", status)
+
+    async def aclose(self) -> None:
+        """Close the loop's session (the worker is leaving)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def export(self, spans: Sequence[SpanData]) -> None:
         body = encode_request(spans, self._service)
-        headers = {"Content-Type": "application/x-protobuf"}
+        headers = HEADERS
         for attempt in (1, 2):  # once more on a fresh connection if the kept one died
             try:
                 connection = self._connect()

@@ -103,6 +103,7 @@ class Tracing:
         shutdown: Callable[[], None] | None = None,
         rng: random.Random | None = None,
         send: Callable[[Sequence[SpanData]], Coroutine[Any, Any, None]] | None = None,
+        aclose: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.enabled = export is not None and rate > 0
         self.rate = rate
@@ -112,6 +113,7 @@ class Tracing:
         self._export = export  # synchronous: flush() and shutdown
         self._send = send  # asynchronous, on the loop; None: ``export`` there too
         self._shutdown = shutdown
+        self._aclose = aclose
         self._queue: deque[list[SpanData]] = deque()
         self.dropped = 0  # traces not queued because the exporter fell behind
         self._scheduled = False
@@ -205,6 +207,12 @@ class Tracing:
         if self._shutdown is not None:
             self._shutdown()
 
+    async def aclose(self) -> None:
+        """``shutdown``, then release what the loop held (the exporter's session)."""
+        self.shutdown()
+        if self._aclose is not None:
+            await self._aclose()
+
 
 def now_ns() -> int:
     """Span timestamps: wall-clock epoch nanoseconds, as OpenTelemetry wants them."""
@@ -225,7 +233,9 @@ def build_tracing(
         from llmkit.otlp import OtlpHttpExporter
 
         otlp = OtlpHttpExporter(config.otlp_endpoint, config.service_name)
-        return Tracing(config.trace_sample_rate, otlp.export, otlp.shutdown, rng, otlp.send)
+        return Tracing(
+            config.trace_sample_rate, otlp.export, otlp.shutdown, rng, otlp.send, otlp.aclose
+        )
     from opentelemetry.sdk.resources import Resource
 
     to_sdk = sdk_spans(Resource.create({"service.name": config.service_name}))

@@ -87,7 +87,7 @@ async def in_process(
     finally:
         await runner.cleanup()
         await gateway.close()
-        observability.close()
+        await observability.aclose()
         state.segment.unlink()
         state.close()
 

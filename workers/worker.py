@@ -108,7 +108,7 @@ class Worker:
         drain_s = self._spec.config.server.drain_timeout_s
         await asyncio.gather(runner.cleanup(), self._frames.drain(drain_s))
         await self._gateway.close()
-        self._observability.close()
+        await self._observability.aclose()
         beating.cancel()
         return WORKER_OK
 
