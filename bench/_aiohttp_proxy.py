@@ -51,8 +51,8 @@ def serve(sock: socket.socket, upstream: str, key: str) -> None:
                 ) as answer:
                     return web.Response(body=await answer.read(), headers=headers)
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
             try:
+                await response.prepare(request)
                 async with session.post(
                     f"{upstream}/stream/v1/chat/completions", data=body, headers=headers
                 ) as answer:
@@ -63,16 +63,14 @@ def serve(sock: socket.socket, upstream: str, key: str) -> None:
                 pass
             return response
 
-        runner = web.ServerRunner(web.Server(handle), handle_signals=True)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        runner = web.ServerRunner(web.Server(handle))
         await runner.setup()
-        site = web.SockSite(runner, sock)
-        await site.start()
-        try:
-            while True:
-                await asyncio.sleep(3600)
-        finally:
-            await runner.cleanup()
-            await session.close()
+        await web.SockSite(runner, sock).start()
+        await stop.wait()
+        await runner.cleanup()
+        await session.close()
 
     uvloop.run(main())
 
