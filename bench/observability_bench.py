@@ -350,12 +350,15 @@ def run(quick: bool) -> dict[str, Any]:
     with mock_upstream() as mock:
         for workload in workloads(f"http://127.0.0.1:{mock.port}"):
             cpu[workload.name] = cpu_per_request(workload, seconds, reps, connections)
+    updates = update_rates(200_000 if quick else 2_000_000, 3 if quick else 5)
+    scrape = scrape_time(20 if quick else 100)
     return {
         "machine": machine(),
+        "metrics": declared_metrics(cpu, updates, scrape),
         "cpu_per_request": cpu,
-        "updates_per_s": update_rates(200_000 if quick else 2_000_000, 3 if quick else 5),
+        "updates_per_s": updates,
         "hooks_us": hook_costs(20_000 if quick else 100_000, 3 if quick else 5),
-        "scrape": scrape_time(20 if quick else 100),
+        "scrape": scrape,
         "settings": {
             "wrk_seconds": seconds,
             "reps": reps,
@@ -363,6 +366,29 @@ def run(quick: bool) -> dict[str, Any]:
             "workers": 1,
         },  # fmt: skip
     }
+
+
+def declared_metrics(
+    cpu: dict[str, Any], updates: dict[str, float], scrape: dict[str, float]
+) -> list[dict[str, Any]]:
+    """The figures the suite compares across runs and the comprehensive table shows; the
+    first one named ``overhead`` is "instrumentation overhead" (metrics vs off, proxied)."""
+    metrics = []
+    for workload in ("proxy", "demo"):
+        configs = cpu.get(workload, {})
+        for config, key, name in (
+            ("metrics only", "vs_off_pct", "metrics_overhead_pct"),
+            ("metrics + 10% tracing", "vs_metrics_pct", "tracing_10pct_overhead_pct"),
+            ("metrics + 100% tracing", "vs_metrics_pct", "tracing_100pct_overhead_pct"),
+        ):
+            if config in configs:
+                metrics.append({"name": f"{name}.{workload}", "value": configs[config][key],
+                                "unit": "%", "better": "lower"})  # fmt: skip
+    metrics.append({"name": "counter_updates_per_s", "value": updates["Counter.inc / s"],
+                    "unit": "1/s", "better": "higher"})  # fmt: skip
+    metrics.append({"name": "scrape_ms", "value": scrape["scrape_ms"], "unit": "ms",
+                    "better": "lower"})  # fmt: skip
+    return metrics
 
 
 def report(results: dict[str, Any]) -> str:
