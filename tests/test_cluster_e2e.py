@@ -251,11 +251,16 @@ def test_a_killed_sync_task_is_respawned_and_leases_resume(
     assert "cluster sync task pid" in server.log()
     wait_metric([server], 'llmkit_cluster_mode{mode="synced"}', 1)
     leased = metric(server, leased_name)
-    # More than one batch: only new leases from the new task can admit them all.
-    counts = spread([server], 200, concurrency=8)
-    assert counts[200] + counts[429] == 200
-    assert counts[200] >= 60, dict(counts)
-    assert metric(server, leased_name) >= leased + counts[200] - 30
+    # More than one batch (30): only new leases from the new task can admit them all.
+    # Waves, not one burst: how fast leases follow demand depends on the machine's load.
+    admitted, deadline = 0, time.monotonic() + 20
+    while admitted < 60:
+        assert time.monotonic() < deadline, f"only {admitted} admitted: leases did not resume"
+        counts = spread([server], 20, concurrency=4)
+        assert counts[200] + counts[429] == 20
+        admitted += counts[200]
+        time.sleep(0.05)
+    assert metric(server, leased_name) >= leased + admitted - 30
     assert server.sync_pid() == second and server.worker_pids() == workers  # no worker lost
 
 
