@@ -406,16 +406,7 @@ class Multiplexer:
         if entry.done:  # abandoned before this task ever ran
             await chunks.aclose()
             return
-        try:
-            await _pump_frames(entry, chunks)
-        except LLMKitError as exc:
-            entry.fail(exc)
-        except asyncio.CancelledError:
-            entry.fail(Retry("cancelled"))
-            raise
-        except Exception:
-            log.exception("shared upstream call failed")
-            entry.fail(InternalError("internal error; see the server log"))
+        await _feed(entry, _pump_frames(entry, chunks))
 
     def _abandon(self, entry: Entry) -> None:
         """The last subscriber left: stop the upstream call."""
@@ -443,21 +434,10 @@ class Multiplexer:
         if entry.done:  # abandoned before this task ever ran
             run.close(None)
             return
-        try:
-            if streamed:
-                await _pump_stream(entry, gateway, call, run)
-            else:
-                target, completion = await gateway.complete(call, run)
-                entry.open(target, streamed=False)
-                entry.complete(completion)
-        except LLMKitError as exc:
-            entry.fail(exc)
-        except asyncio.CancelledError:
-            entry.fail(Retry("cancelled"))
-            raise
-        except Exception:
-            log.exception("shared upstream call failed")
-            entry.fail(InternalError("internal error; see the server log"))
+        if streamed:
+            await _feed(entry, _pump_stream(entry, gateway, call, run))
+        else:
+            await _feed(entry, _pump_whole(entry, gateway, call, run))
 
     # -- follower accounting ------------------------------------------------------
 
@@ -488,6 +468,26 @@ class Multiplexer:
 Joined = tuple[Entry, Target, Callable[[], None] | None, TrackedStream | None]
 """What joining gave: the entry, its target, a follower's settle hook, and for a
 streaming leader the upstream stream it reads itself."""
+
+
+async def _feed(entry: Entry, source: Coroutine[Any, Any, None]) -> None:
+    """Run ``source``, which feeds ``entry``; however it ends reaches every subscriber."""
+    try:
+        await source
+    except LLMKitError as exc:
+        entry.fail(exc)
+    except asyncio.CancelledError:
+        entry.fail(Retry("cancelled"))
+        raise
+    except Exception:
+        log.exception("shared upstream call failed")
+        entry.fail(InternalError("internal error; see the server log"))
+
+
+async def _pump_whole(entry: Entry, gateway: Leading, call: Call, run: Run) -> None:
+    target, completion = await gateway.complete(call, run)
+    entry.open(target, streamed=False)
+    entry.complete(completion)
 
 
 async def _pump_stream(entry: Entry, gateway: Leading, call: Call, run: Run) -> None:

@@ -101,12 +101,9 @@ class Entry:
     def add(self, frames: Frames) -> None:
         """One upstream read: its events, then its usage event apart."""
         if frames.events:
-            self.frames.append(frames.events)
+            self.append(frames.events)
         if frames.usage_event:
-            self.usage_at = len(self.frames)
-            self.frames.append(frames.usage_event)
-        if self._waiters:
-            self._notify()
+            self.append(frames.usage_event, usage=True)
 
     def complete(self, completion: ChatCompletion) -> None:
         """A whole (non-streamed) answer arrived: the entry is done."""
@@ -257,11 +254,7 @@ class LeadSubscription(Subscription):
         chunks: TrackedStream,
         hand_off: Callable[[Entry, TrackedStream], None],
     ) -> None:
-        self._entry = entry
-        self._index = 0
-        self._wants_usage = wants_usage
-        self._on_leave: Callable[[], None] | None = None
-        self._left = False
+        super().__init__(entry, wants_usage)
         self._chunks: TrackedStream | None = chunks
         self._hand_off = hand_off
         self._pulling = False
@@ -288,29 +281,18 @@ class LeadSubscription(Subscription):
             # the upstream ourselves, keep the read in the entry for late joiners.
             self._pulling = True
             try:
-                read = await chunks.next_frames()
-            except StopAsyncIteration:
-                entry.finish()
-                break
-            except LLMKitError as exc:
-                entry.fail(exc)
-                break
+                read = await pull_into(entry, chunks)
             except BaseException:  # cancelled mid-read: the call ends for all
                 entry.fail(_gone(entry))
                 raise
             finally:
                 self._pulling = False
+            if read is None:  # finished, or failed with the upstream's error
+                break
             if entry.subscribers > 1:
-                entry.add(read)  # and wake the followers
                 self._give_away()  # from now on, read the entry like everyone else
                 break
-            frames = entry.frames  # alone: nobody waits, so no need to wake anyone
-            if read.events:
-                frames.append(read.events)
-            if read.usage_event:
-                entry.usage_at = len(frames)
-                frames.append(read.usage_event)
-            self._index = len(frames)
+            self._index = len(entry.frames)  # alone: the read is ours at once
             events = read.events + read.usage_event if self._wants_usage else read.events
             if read.last:
                 return events + SSE_DONE  # the end with the last events: one write
