@@ -50,6 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _harness import LLMKitServer, machine  # noqa: E402
 from _upstreams import mock_upstream  # noqa: E402
+from e2e_bench import (  # noqa: E402
+    AUTH,
+    JSON_BODY,
+    KEY_ENV,
+    MASTER_ENV,
+    MASTER_KEY,
+    llmkit_config,
+)
 
 from llmkit.cluster import SYNC_PROCESS_NAME, ClusterStatus, key_prefix  # noqa: E402
 from llmkit.cluster_redis import RedisLink  # noqa: E402
@@ -134,35 +142,14 @@ def hot_path(redis_url: str, quick: bool) -> dict[str, Any]:
 
 # -- 2. end to end: CPU per request from /proc, and Redis operations ---------------------
 
-MASTER_ENV, KEY_ENV = "LLMKIT_BENCH_MASTER_KEY", "LLMKIT_BENCH_UPSTREAM_KEY"
-MASTER_KEY = "sk-bench-0123456789abcdef0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
-E2E_BODY = '{"model":"gpt","messages":[{"role":"user","content":"hello"}]}'
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
 def _gateway_toml(mock_url: str, cluster: str) -> str:
-    """As ``e2e_bench.py``: an OpenAI-wire deployment on the nginx mock, a master key,
-    and cluster-wide-capable limits high enough that nothing is refused."""
-    return f"""
-[server]
-master_key_env = "{MASTER_ENV}"
-
-[limits]
-rpm = 60000000
-tpm = 6000000000
-
-[[providers]]
-name = "openai"
-base_url = "{mock_url}/v1"
-api_key_env = "{KEY_ENV}"
-
-[[models]]
-name = "gpt"
-[[models.deployments]]
-provider = "openai"
-model = "gpt-4o-mini"
-{cluster}"""
+    """``e2e_bench.py``'s gateway (an OpenAI-wire deployment on the nginx mock, a master
+    key) with cluster-wide-capable limits high enough that nothing is refused."""
+    limits = "\n[limits]\nrpm = 60000000\ntpm = 6000000000\n"
+    return llmkit_config(mock_url) + limits + cluster
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -189,7 +176,7 @@ def _cpu_ticks(pid: int) -> int:
 def _wrk_requests(url: str, seconds: float, connections: int) -> tuple[int, float]:
     """wrk POSTing the chat body: (requests completed, requests/s); non-2xx is an error."""
     script = (
-        f"wrk.method = 'POST'\nwrk.body = '{E2E_BODY}'\n"
+        f"wrk.method = 'POST'\nwrk.body = '{JSON_BODY}'\n"
         "wrk.headers['Content-Type'] = 'application/json'\n"
         f"wrk.headers['Authorization'] = '{AUTH['Authorization']}'\n"
     )
