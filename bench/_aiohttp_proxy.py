@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import aiohttp
 import uvloop
+from _harness import stop_group
 from aiohttp import web
 
 STREAM_MARK = b'"stream":true'
@@ -116,12 +117,7 @@ def aiohttp_proxy(
     try:
         yield url, proc.pid
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, 10)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,16 @@ class LLMKitServer:
         self._dir.cleanup()
 
 
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the process group led by ``proc``; SIGKILL it after ``grace_s``."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def wrk(
     url: str,
     body: str,

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 
 import httpx
 from _aiohttp_proxy import aiohttp_proxy
-from _harness import LLMKitServer, WrkResult, machine, median_and_range, wrk
+from _harness import LLMKitServer, WrkResult, machine, median_and_range, stop_group, wrk
 from _loadgen import fixed_rate
 from _upstreams import STREAM_CHUNKS, free_port, mock_upstream, reverse_proxy
 
@@ -117,12 +116,7 @@ def litellm_proxy(binary: str, mock_url: str, workers: int = 2) -> Iterator[str]
             _wait_http(f"http://127.0.0.1:{port}/health/liveliness", proc, 180)
             yield f"http://127.0.0.1:{port}"
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc, 30)
             log.close()
 
 
