@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import email.utils
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -237,21 +237,12 @@ async def iter_sse(
     Comment lines (``:``) are skipped; an event with no data is skipped. A stream
     cut before its final blank line raises ``BadUpstreamResponseError``.
     """
-    buffer = b""
-    with map_client_errors(provider, None):
-        async for piece in response.content.iter_any():
-            buffer += piece
-            events, buffer = _split_events(buffer)
-            if len(buffer) > max_event_bytes:
-                raise BadUpstreamResponseError(f"{provider} sent an event over {max_event_bytes} B")
-            for raw in events:
+    async with contextlib.aclosing(_raw_events(response, provider, max_event_bytes)) as reads:
+        async for raws in reads:
+            for raw in raws:
                 event = _parse_event(raw)
                 if event is not None:
                     yield event
-    if buffer.strip():
-        event = _parse_event(buffer)
-        if event is not None:
-            yield event
 
 
 async def iter_sse_data(
@@ -263,6 +254,18 @@ async def iter_sse_data(
     of a read's events at once, and the common single-line ``data: ...`` event is sliced,
     never decoded. Framing is the same as ``iter_sse``'s.
     """
+    async with contextlib.aclosing(_raw_events(response, provider, max_event_bytes)) as reads:
+        async for raws in reads:
+            batch = [data for raw in raws if (data := _event_data(raw)) is not None]
+            if batch:
+                yield batch
+
+
+async def _raw_events(
+    response: aiohttp.ClientResponse, provider: str, max_event_bytes: int
+) -> AsyncGenerator[list[bytes], None]:
+    """The body's raw events (blank-line framed, CRLF folded), a list per upstream read;
+    what is left when the body ends is the last event."""
     buffer = b""
     with map_client_errors(provider, None):
         async for piece in response.content.iter_any():
@@ -272,13 +275,10 @@ async def iter_sse_data(
             *events, buffer = buffer.split(b"\n\n")
             if len(buffer) > max_event_bytes:
                 raise BadUpstreamResponseError(f"{provider} sent an event over {max_event_bytes} B")
-            batch = [data for raw in events if (data := _event_data(raw)) is not None]
-            if batch:
-                yield batch
+            if events:
+                yield events
     if buffer.strip():
-        data = _event_data(buffer)
-        if data is not None:
-            yield [data]
+        yield [buffer]
 
 
 def _event_data(raw: bytes) -> bytes | None:
@@ -286,12 +286,6 @@ def _event_data(raw: bytes) -> bytes | None:
         return raw[6:]
     event = _parse_event(raw)
     return None if event is None else event.data.encode()
-
-
-def _split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
-    buffer = buffer.replace(b"\r\n", b"\n")
-    *events, rest = buffer.split(b"\n\n")
-    return events, rest
 
 
 def _parse_event(raw: bytes) -> SSEEvent | None:
