@@ -118,6 +118,15 @@ class ControlPlane:
         self.rng = random.Random()
         self.router = Router(config.router.profile, self.rng)
         self._rate_limited = [bool(s.rpm or s.tpm) for s in self.plan.specs]
+        # Whether any level has a requests or tokens limit: without one there are no
+        # ``x-ratelimit-*`` headers to compute, on any request.
+        self.rate_limited = any(self._rate_limited)
+        # Levels with any limit; the others would cost shared-memory work for nothing.
+        self._limited = [bool(s.rpm or s.tpm or s.max_concurrency) for s in self.plan.specs]
+        # Chains per key and per attempt target, built on first use: both are bounded
+        # (configured keys; deployments, and providers for direct ``provider/model``).
+        self._request_chains: dict[str | None, tuple[int, ...]] = {}
+        self._attempt_chains: dict[tuple[str, int | None], tuple[int, ...]] = {}
         # One candidate list per alias, reused on every request (the router caches by it).
         self._candidates = {
             m.name: [
@@ -137,20 +146,32 @@ class ControlPlane:
         """The deployment index of ``target``; None for a direct ``provider/model``."""
         return self.plan.deployments.get(target.deployment)
 
-    def request_chain(self, key: str | None) -> list[int]:
-        """The levels every request passes once: global, then its virtual key."""
-        chain = [0]
-        if key is not None and key in self.plan.keys:
-            chain.append(self.plan.keys[key])
+    def request_chain(self, key: str | None) -> tuple[int, ...]:
+        """The levels every request passes once, global then its virtual key, leaving
+        out levels that limit nothing."""
+        chain = self._request_chains.get(key)
+        if chain is None:
+            levels = [0]
+            if key is not None and key in self.plan.keys:
+                levels.append(self.plan.keys[key])
+            chain = self._request_chains[key] = self._with_limits(levels)
         return chain
 
-    def attempt_chain(self, target: Target) -> list[int]:
-        """The levels one attempt passes: its provider, then its deployment."""
-        chain = [self.plan.providers[target.provider.name]]
+    def attempt_chain(self, target: Target) -> tuple[int, ...]:
+        """The levels one attempt passes, its provider then its deployment, leaving
+        out levels that limit nothing."""
         cell = self.cell(target)
-        if cell is not None:
-            chain.append(self.plan.deployment_entity[cell])
+        name = target.provider.name
+        chain = self._attempt_chains.get((name, cell))
+        if chain is None:
+            levels = [self.plan.providers[name]]
+            if cell is not None:
+                levels.append(self.plan.deployment_entity[cell])
+            chain = self._attempt_chains[(name, cell)] = self._with_limits(levels)
         return chain
+
+    def _with_limits(self, levels: list[int]) -> tuple[int, ...]:
+        return tuple(entity for entity in levels if self._limited[entity])
 
     # -- routing ------------------------------------------------------------------
 
@@ -202,7 +223,7 @@ class ControlPlane:
         chain = self.request_chain(key)
         if target is not None:
             chain += self.attempt_chain(target)
-        if not any(self._rate_limited[entity] for entity in chain):
+        if not chain or not any(self._rate_limited[entity] for entity in chain):
             return {}  # the common unlimited case costs no shared-memory read
         return self.limiter.headers(None, chain, now_ns)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hmac
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 CHAT_FIELDS = frozenset(ChatRequest.__struct_fields__)
+_top_level_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 class Gateway:
@@ -94,8 +95,11 @@ class Gateway:
     def decode_chat(self, body: bytes) -> Call:
         """Parse a chat request body; 400 with msgspec's own words on any problem."""
         request = _decode(chat_request_decoder.decode, body)
-        raw: dict[str, Any] = json_decoder.decode(body)
-        return Call(request, {k: v for k, v in raw.items() if k not in CHAT_FIELDS})
+        # The second pass only finds the top-level fields ChatRequest does not know;
+        # the values stay undecoded unless they are such a field.
+        fields = _top_level_decoder.decode(body)
+        extras = {k: json_decoder.decode(v) for k, v in fields.items() if k not in CHAT_FIELDS}
+        return Call(request, extras)
 
     def decode_embeddings(self, body: bytes) -> EmbeddingRequest:
         return _decode(embedding_request_decoder.decode, body)
@@ -138,23 +142,25 @@ class Gateway:
 
     # -- operations ---------------------------------------------------------------
 
-    async def chat(self, call: Call) -> tuple[Target, ChatCompletion]:
+    def chat(self, call: Call) -> Coroutine[Any, Any, tuple[Target, ChatCompletion]]:
         """One whole completion, falling back across deployments on retryable failures;
-        shared with identical calls in flight when the multiplexer allows."""
-        if self.multiplexer is not None and self.multiplexer.eligible(call):
-            return await self.multiplexer.chat(call, self)
-        return await self.complete(call, self.start_run(call, stream=False))
+        shared with identical calls in flight when the multiplexer allows.
 
-    async def complete(self, call: Call, run: Run) -> tuple[Target, ChatCompletion]:
+        Plain functions down to ``_first_answer`` (``chat``, ``complete``): each request
+        then resumes through fewer coroutine frames. Errors before any try (404, 400,
+        429) raise from the call itself; ``await gateway.chat(call)`` sees them alike.
+        """
+        if self.multiplexer is not None and self.multiplexer.eligible(call):
+            return self.multiplexer.chat(call, self)
+        return self.complete(call, self.start_run(call, stream=False))
+
+    def complete(self, call: Call, run: Run) -> Coroutine[Any, Any, tuple[Target, ChatCompletion]]:
         """``chat`` on an admitted ``run``, unshared."""
 
-        async def complete(target: Target) -> tuple[ChatCompletion, Usage | None]:
-            completion = await self._adapter(target).complete(call, target)
-            return completion, completion.usage
+        def complete(target: Target) -> Awaitable[ChatCompletion]:
+            return self._adapter(target).complete(call, target)
 
-        target, completion = await self._first_answer(call, run, complete)
-        self.limit_headers(call, target)
-        return target, completion
+        return self._first_answer(call, run, complete, _completion_usage)
 
     def start_run(self, call: Call, stream: bool) -> Run:
         """Resolve, order and admit ``call`` (404, 400 or 429 before any try)."""
@@ -164,14 +170,21 @@ class Gateway:
         self,
         call: Call,
         run: Run,
-        ask: Callable[[Target], Awaitable[tuple[T, Usage | None]]],
+        ask: Callable[[Target], Awaitable[T]],
+        usage_of: Callable[[T], Usage | None],
     ) -> tuple[Target, T]:
-        """Try the request's deployments in turn until one answers; settle every try."""
+        """Try the request's deployments in turn until one answers; settle every try.
+
+        ``ask`` hands back the adapter's own awaitable (no wrapper coroutine per try);
+        ``usage_of`` reads the tokens the answer reports.
+        """
         usage: Usage | None = None
+        answered: Target | None = None
         try:
             for attempt in run.tries():
                 try:
-                    answer, usage = await ask(attempt.target)
+                    answer = await ask(attempt.target)
+                    usage = usage_of(answer)
                 except LLMKitError as exc:
                     await run.failed(attempt, exc)
                     continue
@@ -179,13 +192,16 @@ class Gateway:
                     attempt.abandoned()
                     raise
                 attempt.succeeded(usage)
-                return attempt.target, answer
+                answered = attempt.target
+                return answered, answer
             raise run.error()
         except LLMKitError as exc:
             exc.headers.update(call.response_headers)
             raise
         finally:
             run.close(usage)
+            if answered is not None:  # the limits as this request left them
+                self.limit_headers(call, answered)
 
     async def stream(self, call: Call) -> tuple[Target, AsyncIterator[bytes]]:
         """Open a stream; falls back until one deployment produces its first chunk, or
@@ -254,17 +270,11 @@ class Gateway:
         if response_headers is not None:
             call.response_headers = response_headers
 
-        async def embed(target: Target) -> tuple[EmbeddingResponse, Usage | None]:
-            result = await self._adapter(target).embed(request, target)
-            tokens = result.usage
-            usage = Usage(prompt_tokens=tokens.prompt_tokens, completion_tokens=0,
-                          total_tokens=tokens.total_tokens)  # fmt: skip
-            return result, usage
+        def embed(target: Target) -> Awaitable[EmbeddingResponse]:
+            return self._adapter(target).embed(request, target)
 
         run = self._run(call, request.model, stream=False)
-        target, result = await self._first_answer(call, run, embed)
-        self.limit_headers(call, target)
-        return target, result
+        return await self._first_answer(call, run, embed, _embedding_usage)
 
     def state(self, now_ns: int) -> dict[str, object]:
         """The control plane's shared state, for ``/admin/state``."""
@@ -302,9 +312,10 @@ class Gateway:
 
     def limit_headers(self, call: Call, target: Target) -> None:
         """``x-ratelimit-*`` for ``target`` into the call's response headers."""
-        if self.control is not None:
+        control = self.control
+        if control is not None and control.rate_limited:
             now = time.monotonic_ns()
-            call.response_headers.update(self.control.limit_headers(call.key, target, now))
+            call.response_headers.update(control.limit_headers(call.key, target, now))
 
     def models(self) -> ModelList:
         """Aliases, then catalog models of providers that have keys, then the demo."""
@@ -326,6 +337,16 @@ class Gateway:
 
     def _adapter(self, target: Target) -> Adapter:
         return self._adapters[target.provider.wire]
+
+
+def _completion_usage(completion: ChatCompletion) -> Usage | None:
+    return completion.usage
+
+
+def _embedding_usage(result: EmbeddingResponse) -> Usage:
+    tokens = result.usage
+    return Usage(prompt_tokens=tokens.prompt_tokens, completion_tokens=0,
+                 total_tokens=tokens.total_tokens)  # fmt: skip
 
 
 def _catalog_models(provider: Provider) -> tuple[str, ...]:

@@ -56,6 +56,7 @@ OTHER_ROUTE = observability.route_index("other")
 CLIENT_GONE_KEY = web.ResponseKey("llmkit.client_gone", bool)
 REQUEST_ID = web.RequestKey("llmkit.request_id", str)
 OBS = web.RequestKey("llmkit.obs", RequestObs)
+FORWARDED_HEADERS = (*PROPAGATED_HEADERS, DEDUP_HEADER)  # client headers the gateway reads
 
 
 class HttpSurface:
@@ -125,7 +126,17 @@ class HttpSurface:
         status = 500
         self._slot.add_in_flight(1)
         try:
-            response = await _answer(handler, request)
+            # The handler is awaited here, not through a helper coroutine: every
+            # resumption of a request walks each coroutine frame between it and the loop.
+            try:
+                response = await handler(request)
+            except LLMKitError as exc:
+                response = error_response(exc)
+            except web.HTTPException:
+                raise
+            except Exception:
+                log.exception("unhandled error on %s %s", request.method, request.path)
+                response = error_response(InternalError("internal error; see the server log"))
             status = CLIENT_GONE if response.get(CLIENT_GONE_KEY) else response.status
             if not response.prepared:
                 response.headers["x-request-id"] = request_id
@@ -153,21 +164,23 @@ class HttpSurface:
         call.obs = obs = request.get(OBS)
         call.profile = request.headers.get("x-llmkit-route-profile")
         call.headers["x-request-id"] = request[REQUEST_ID]
-        for name in (*PROPAGATED_HEADERS, DEDUP_HEADER):
-            if name in request.headers:
-                call.headers[name] = request.headers[name]
+        headers = request.headers
+        for name in FORWARDED_HEADERS:
+            value = headers.get(name)
+            if value is not None:
+                call.headers[name] = value
         if call.request.stream:
             target, chunks = await self._gateway.stream(call)
             return await self._send_stream(request, target, chunks, call.response_headers)
         target, completion = await self._gateway.chat(call)
         if obs is not None and obs.sampled:
             obs.answered([c.finish_reason for c in completion.choices if c.finish_reason])
-        response = web.Response(body=encoder.encode(completion), headers=JSON_TYPE)
-        response.headers.update(call.response_headers)
-        _target_headers(response, target)
+        # All headers in one dict: aiohttp builds its multidict once from it.
+        answer = {**JSON_TYPE, "x-llmkit-provider": target.provider.name,
+                  "x-llmkit-deployment": target.deployment, **call.response_headers}  # fmt: skip
         if target.price is not None and completion.usage is not None:
-            response.headers["x-llmkit-cost-usd"] = f"{target.price.cost(completion.usage):.8f}"
-        return response
+            answer["x-llmkit-cost-usd"] = f"{target.price.cost(completion.usage):.8f}"
+        return web.Response(body=encoder.encode(completion), headers=answer)
 
     async def embeddings(self, request: web.BaseRequest) -> web.StreamResponse:
         body = await self._read_body(request)
@@ -261,18 +274,6 @@ class _EventStream(web.StreamResponse):
     """
 
     _send_headers_immediately = False
-
-
-async def _answer(handler: Handler, request: web.BaseRequest) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except LLMKitError as exc:
-        return error_response(exc)
-    except web.HTTPException:
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(InternalError("internal error; see the server log"))
 
 
 class _ProtocolErrors(RequestHandler):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
@@ -179,10 +179,17 @@ class Adapter(ABC):
                     headers[name] = call.headers[name]
         return headers
 
-    async def post(self, target: Target, url: str, body: bytes, headers: dict[str, str]) -> bytes:
-        """POST ``body`` and return the whole (bounded) answer; errors mapped."""
+    def post(
+        self, target: Target, url: str, body: bytes, headers: dict[str, str]
+    ) -> Coroutine[Any, Any, bytes]:
+        """POST ``body``; awaiting it gives the whole (bounded) answer, errors mapped.
+
+        A plain function handing back ``Upstream.fetch``'s coroutine: every adapter's
+        non-streaming request passes here, and an ``async def`` would add a coroutine
+        frame that each resumption walks through.
+        """
         provider = target.provider
-        return await self.upstream.fetch(
+        return self.upstream.fetch(
             url, headers=headers, body=body, timeout_s=provider.timeout_s,
             on_error=self.map_error, provider=provider.name,
         )  # fmt: skip
