@@ -256,7 +256,12 @@ async def iter_sse_data(
     """
     async with contextlib.aclosing(_raw_events(response, provider, max_event_bytes)) as reads:
         async for raws in reads:
-            batch = [data for raw in raws if (data := _event_data(raw)) is not None]
+            batch = []
+            for raw in raws:
+                if raw.startswith(b"data: ") and b"\n" not in raw:
+                    batch.append(raw[6:])  # the common one-line event, sliced in place
+                elif (data := _event_data(raw)) is not None:
+                    batch.append(data)
             if batch:
                 yield batch
 
@@ -282,8 +287,6 @@ async def _raw_events(
 
 
 def _event_data(raw: bytes) -> bytes | None:
-    if raw.startswith(b"data: ") and b"\n" not in raw:
-        return raw[6:]
     event = _parse_event(raw)
     return None if event is None else event.data.encode()
 

@@ -19,7 +19,7 @@ from llmkit.errors import (
 )
 from llmkit.providers.azure import AzureAdapter
 from llmkit.providers.base import Call, Provider, Target
-from llmkit.providers.openai import OpenAIAdapter
+from llmkit.providers.openai import OpenAIAdapter, _pass_each, _pass_through
 from llmkit.types import ChatRequest, EmbeddingRequest, decode_events
 from llmkit.upstream import Upstream
 from tests.mocks.base import Fault
@@ -191,3 +191,40 @@ async def test_broken_passthrough_raises_after_what_arrived(
         async for frames in OpenAIAdapter(upstream).frames(call(stream=True), target(mock)):
             events += frames.events
     assert len(decode_events(events)) == 2
+
+
+def _chunk(content: str | None = None, finish: str | None = None, usage: bool = False) -> bytes:
+    choices = [] if content is None else [
+        {"index": 0, "delta": {"content": content}, "finish_reason": finish}
+    ]  # fmt: skip
+    data: dict[str, object] = {"id": "c1", "object": "chat.completion.chunk", "choices": choices}
+    if usage:
+        data["usage"] = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    return json.dumps(data).encode()
+
+
+BATCHES = {
+    "plain": [_chunk("a"), _chunk("b"), _chunk("", "stop")],
+    "ends with done": [_chunk("a"), _chunk("", "stop"), b"[DONE]"],
+    "usage apart": [_chunk("a"), _chunk("", "stop"), _chunk(usage=True), b"[DONE]"],
+    "usage inline": [_chunk("a", usage=True), _chunk("b")],
+    "empty choices kept": [_chunk(), _chunk("a")],
+    "done mid-read": [_chunk("a"), b"[DONE]", _chunk("b")],
+    "malformed": [_chunk("a"), b'{"id": 1}', _chunk("b")],
+    "not json": [_chunk("a"), b"{oops", _chunk("b")],
+    "error body": [_chunk("a"), b'{"error": {"message": "overloaded"}}'],
+    "only done": [b"[DONE]"],
+}
+
+
+@pytest.mark.parametrize("name", BATCHES)
+def test_batch_check_answers_as_chunk_by_chunk(name: str) -> None:
+    """The one-decode path for a whole read gives exactly what checking each chunk does:
+    the same events, usage, finish, end and error (type and message)."""
+    provider = Provider("openai", "openai", "http://127.0.0.1:1/v1", api_key="key")
+    the_target = Target(provider, "gpt-4o-mini", "openai/gpt-4o-mini")
+    fast = _pass_through(BATCHES[name], the_target)
+    each = _pass_each(BATCHES[name], the_target)
+    assert fast[:3] == each[:3]
+    assert type(fast[3]) is type(each[3])
+    assert str(fast[3]) == str(each[3])

@@ -53,13 +53,47 @@ class _ChunkShape(msgspec.Struct):
 
 
 _shape_decoder = msgspec.json.Decoder(_ChunkShape)
+_batch_decoder = msgspec.json.Decoder(list[_ChunkShape])
 
 
 def _pass_through(
     batch: list[bytes], target: Target
 ) -> tuple[Frames | None, bool, bool, LLMKitError | None]:
     """One read's events as ``Frames``, whether a choice finished, whether ``[DONE]``
-    came, and the error that cut the read short (after the events that preceded it)."""
+    came, and the error that cut the read short (after the events that preceded it).
+
+    A read of plain chunks (the common case: no ``[DONE]`` before its end, no error
+    body) is checked with one decode of all its chunks as a JSON array; anything
+    else, or a read that fails that check, goes chunk by chunk to find what and where.
+    """
+    done = batch[-1] == b"[DONE]"
+    datas = batch[:-1] if done else batch
+    if b"[DONE]" in datas or any(data.startswith(b'{"error"') for data in datas):
+        return _pass_each(batch, target)
+    try:
+        shapes = _batch_decoder.decode(b"[" + b",".join(datas) + b"]") if datas else []
+    except msgspec.DecodeError:
+        return _pass_each(batch, target)
+    usage, usage_event, finished, kept = None, b"", False, datas
+    for i, shape in enumerate(shapes):
+        if shape.usage is not None:
+            usage = shape.usage
+            if not shape.choices:  # the usage-only chunk travels apart
+                usage_event = b"data: " + datas[i] + b"\n\n"
+                kept = [d for d, s in zip(datas, shapes, strict=True) if s.choices or not s.usage]
+                continue
+        if not finished:
+            finished = any(c.finish_reason for c in shape.choices)
+    events = b"data: " + b"\n\ndata: ".join(kept) + b"\n\n" if kept else b""
+    if not (events or usage_event or done):
+        return None, finished, done, None
+    return Frames(events, usage, usage_event, last=done), finished, done, None
+
+
+def _pass_each(
+    batch: list[bytes], target: Target
+) -> tuple[Frames | None, bool, bool, LLMKitError | None]:
+    """``_pass_through`` one chunk at a time."""
     events: list[bytes] = []
     usage, usage_event, finished, done, error = None, b"", False, False, None
     for data in batch:
