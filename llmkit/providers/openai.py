@@ -68,9 +68,9 @@ def _pass_through(
     """
     done = batch[-1] == b"[DONE]"
     datas = batch[:-1] if done else batch
-    if b"[DONE]" in datas or any(data.startswith(b'{"error"') for data in datas):
+    if b"[DONE]" in datas:
         return _pass_each(batch, target)
-    try:
+    try:  # an error body has no "id" or "choices", so it fails here too
         shapes = _batch_decoder.decode(b"[" + b",".join(datas) + b"]") if datas else []
     except msgspec.DecodeError:
         return _pass_each(batch, target)
@@ -82,8 +82,9 @@ def _pass_through(
                 usage_event = b"data: " + datas[i] + b"\n\n"
                 kept = [d for d, s in zip(datas, shapes, strict=True) if s.choices or not s.usage]
                 continue
-        if not finished:
-            finished = any(c.finish_reason for c in shape.choices)
+        for choice in shape.choices:
+            if choice.finish_reason:
+                finished = True
     events = b"data: " + b"\n\ndata: ".join(kept) + b"\n\n" if kept else b""
     if not (events or usage_event or done):
         return None, finished, done, None
