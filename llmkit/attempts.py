@@ -272,7 +272,14 @@ class TrackedStream:
 
     async def __anext__(self) -> bytes:
         while True:
-            frames = await self.next_frames()
+            # ``next_frames`` inline: the client's path resumes one coroutine fewer.
+            frames = self._next
+            if frames is None:
+                frames = await self._pull()
+            else:
+                self._next = None
+            if frames.usage is not None:
+                self._usage = frames.usage
             events = frames.events
             if frames.usage_event and not self._strip_usage:
                 events += frames.usage_event

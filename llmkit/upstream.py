@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import email.utils
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from types import TracebackType
 
 import aiohttp
 
@@ -69,8 +71,7 @@ class Upstream:
             )
         return self._session
 
-    @contextlib.asynccontextmanager
-    async def open(
+    def open(
         self,
         method: str,
         url: str,
@@ -81,23 +82,17 @@ class Upstream:
         stream: bool,
         on_error: ErrorMapper,
         provider: str,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send one request and yield the response once a 2xx status arrives.
+    ) -> Exchange:
+        """Send one request; ``async with`` it gives the response once a 2xx status
+        arrives.
 
         A non-2xx answer is read (bounded) and raised through ``on_error``. For a
         stream, ``timeout_s`` bounds each read; otherwise the whole exchange.
         """
-        timeout = self._timeout(timeout_s, stream)
-        with map_client_errors(provider, timeout_s):
-            async with self.session().request(
-                method, url, data=body, headers=headers, timeout=timeout
-            ) as response:
-                if response.status >= 300:
-                    payload = await response.content.read(MAX_ERROR_BYTES)
-                    raise on_error(response.status, payload, response.headers) from UpstreamStatus(
-                        response.status
-                    )
-                yield response
+        request = self.session().request(
+            method, url, data=body, headers=headers, timeout=self._timeout(timeout_s, stream)
+        )
+        return Exchange(request, on_error, provider, timeout_s)
 
     async def fetch(
         self,
@@ -173,6 +168,71 @@ class Upstream:
             self._session = None
 
 
+class Exchange:
+    """One upstream request as an async context manager (``Upstream.open``).
+
+    Entering gives the 2xx response, or raises the mapped error of a non-2xx one (its
+    body read, bounded, for the message). aiohttp failures while entering or inside
+    the block leave as ``llmkit.errors``, like ``map_client_errors``. A class rather
+    than ``contextlib.asynccontextmanager``: every stream opens one, and the generator
+    machinery cost more than the rest of opening it.
+    """
+
+    __slots__ = ("_request", "_on_error", "_provider", "_timeout_s")
+
+    def __init__(
+        self,
+        request: AbstractAsyncContextManager[aiohttp.ClientResponse],
+        on_error: ErrorMapper,
+        provider: str,
+        timeout_s: float,
+    ) -> None:
+        self._request = request
+        self._on_error = on_error
+        self._provider = provider
+        self._timeout_s = timeout_s
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        try:
+            response = await self._request.__aenter__()
+            if response.status < 300:
+                return response
+            try:
+                payload = await response.content.read(MAX_ERROR_BYTES)
+            finally:
+                await self._request.__aexit__(None, None, None)
+        except Exception as exc:
+            mapped = self._mapped(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        status = response.status
+        raise self._on_error(status, payload, response.headers) from UpstreamStatus(status)
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            await self._request.__aexit__(kind, exc, traceback)
+        except Exception as failure:
+            mapped = self._mapped(failure)
+            if mapped is failure:
+                raise
+            raise mapped from failure
+        if isinstance(exc, Exception):
+            mapped = self._mapped(exc)
+            if mapped is not exc:
+                raise mapped from exc
+
+    def _mapped(self, exc: Exception) -> BaseException:
+        return (
+            exc if isinstance(exc, LLMKitError) else _mapped(exc, self._provider, self._timeout_s)
+        )
+
+
 @contextlib.contextmanager
 def map_client_errors(provider: str, timeout_s: float | None) -> Iterator[None]:
     """aiohttp's failures as the most specific ``llmkit.errors`` error."""
@@ -237,12 +297,17 @@ async def iter_sse(
     Comment lines (``:``) are skipped; an event with no data is skipped. A stream
     cut before its final blank line raises ``BadUpstreamResponseError``.
     """
-    async with contextlib.aclosing(_raw_events(response, provider, max_event_bytes)) as reads:
-        async for raws in reads:
-            for raw in raws:
+    framing = _Framing(provider, max_event_bytes)
+    with map_client_errors(provider, None):
+        async for piece in response.content.iter_any():
+            for raw in framing.feed(piece):
                 event = _parse_event(raw)
                 if event is not None:
                     yield event
+    for raw in framing.rest():
+        event = _parse_event(raw)
+        if event is not None:
+            yield event
 
 
 async def iter_sse_data(
@@ -254,38 +319,57 @@ async def iter_sse_data(
     of a read's events at once, and the common single-line ``data: ...`` event is sliced,
     never decoded. Framing is the same as ``iter_sse``'s.
     """
-    async with contextlib.aclosing(_raw_events(response, provider, max_event_bytes)) as reads:
-        async for raws in reads:
-            batch = []
-            for raw in raws:
-                # The common one-line event, sliced (a slice compare: on 3.11 startswith
-                # parses its arguments the slow way, and this runs once per event).
-                if raw[:6] == b"data: " and b"\n" not in raw:
-                    batch.append(raw[6:])
-                elif (data := _event_data(raw)) is not None:
-                    batch.append(data)
-            if batch:
-                yield batch
-
-
-async def _raw_events(
-    response: aiohttp.ClientResponse, provider: str, max_event_bytes: int
-) -> AsyncGenerator[list[bytes], None]:
-    """The body's raw events (blank-line framed, CRLF folded), a list per upstream read;
-    what is left when the body ends is the last event."""
-    buffer = b""
+    framing = _Framing(provider, max_event_bytes)
     with map_client_errors(provider, None):
         async for piece in response.content.iter_any():
-            buffer = buffer + piece if buffer else piece
-            if b"\r" in buffer:
-                buffer = buffer.replace(b"\r\n", b"\n")
-            *events, buffer = buffer.split(b"\n\n")
-            if len(buffer) > max_event_bytes:
-                raise BadUpstreamResponseError(f"{provider} sent an event over {max_event_bytes} B")
-            if events:
-                yield events
-    if buffer.strip():
-        yield [buffer]
+            batch = _data_of(framing.feed(piece))
+            if batch:
+                yield batch
+    batch = _data_of(framing.rest())
+    if batch:
+        yield batch
+
+
+class _Framing:
+    """SSE framing shared by both iterators: blank-line separated events, CRLF folded.
+
+    Plain code the iterators call per read, rather than an async generator they
+    iterate: each upstream read then resumes one generator, not two.
+    """
+
+    __slots__ = ("_buffer", "_provider", "_limit")
+
+    def __init__(self, provider: str, max_event_bytes: int) -> None:
+        self._buffer = b""
+        self._provider = provider
+        self._limit = max_event_bytes
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        """The raw events this read completed (possibly none)."""
+        buffer = self._buffer + piece if self._buffer else piece
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        events = buffer.split(b"\n\n")
+        self._buffer = events.pop()
+        if len(self._buffer) > self._limit:
+            raise BadUpstreamResponseError(f"{self._provider} sent an event over {self._limit} B")
+        return events
+
+    def rest(self) -> list[bytes]:
+        """What is left when the body ends: its last event, if it has one."""
+        return [self._buffer] if self._buffer.strip() else []
+
+
+def _data_of(raws: list[bytes]) -> list[bytes]:
+    batch = []
+    for raw in raws:
+        # The common one-line event, sliced (a slice compare: on 3.11 startswith
+        # parses its arguments the slow way, and this runs once per event).
+        if raw[:6] == b"data: " and b"\n" not in raw:
+            batch.append(raw[6:])
+        elif (data := _event_data(raw)) is not None:
+            batch.append(data)
+    return batch
 
 
 def _event_data(raw: bytes) -> bytes | None:
