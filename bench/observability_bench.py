@@ -273,7 +273,7 @@ def hook_costs(n: int, reps: int) -> dict[str, float]:
                     assert obs is not None
                     obs.routed(call, targets, obs.mark())
                     obs.admitted(obs.mark(), False)
-                    obs.attempt_started(targets[0], call)
+                    obs.attempt_started(targets[0], call.headers)
                     obs.attempt_settled(True, None)
                     obs.settled(usage)
                     if obs.sampled:

@@ -3,20 +3,22 @@
 The pieces live in their own modules: ``llmkit.metrics`` (series, shm layout, recording),
 ``llmkit.collector`` (the prometheus_client collector, ``MetricSource`` for regions
 declared elsewhere), ``llmkit.tracing`` (sampling, ``traceparent``, spans) and
-``llmkit.accesslog``. This module ties them to one request: the HTTP surface calls
-``Observability.begin`` and gets a ``RequestObs`` (or None when everything is off, so
-the pipeline pays one ``is not None`` test per hook), which the gateway, the run and
-its attempts feed with one call per event, and ``finish`` turns into metric updates, a
-log line and the root span's end. A request that is neither sampled nor logged gets
-the metrics-only ``RequestObs``, whose hooks keep a few fields and whose ``finish`` is
-one call of C atomic adds at precomputed offsets; a sampled or logged one gets a
-``DetailedObs``, which also records its spans as plain tuples (``llmkit.tracing``).
+``llmkit.accesslog``. This module ties them to one request.
 
-Hooks (who calls what): the HTTP surface ``begin`` / ``answered`` / ``finish``;
+Metrics cost no per-request object and no hook call: the pipeline already keeps what
+they need for its own books (``Call.run`` is the request's ``attempts.Run``: its tries,
+their targets and errors, the first byte's time, the usage), so when a request is over
+the HTTP surface calls ``Observability.count`` once, which reads those and makes three
+to five C calls (``Atomics.add_ones`` / ``observe`` / ``add_i64s`` / ``add_f64s``: every
+add of the request at offsets precomputed at boot, the bucket search in C).
+
+Tracing and the access log do need a recorder: the surface calls ``Observability.begin``,
+which returns a ``RequestObs`` for a request that is sampled (one ``random()`` compare)
+or logged and None for any other, so an unsampled request pays one ``is not None`` test
+per hook. Hooks (who calls what): the HTTP surface ``begin`` / ``answered`` / ``finish``;
 ``Gateway._run`` ``mark`` + ``routed``; ``Run.admit`` ``mark`` + ``admitted``;
 ``Run._open`` ``attempt_started``; ``Attempt._settle`` ``attempt_settled``;
-``Attempt.first_byte`` ``first_token``; ``Run.close`` ``settled``; the multiplexer
-``multiplexer_role``.
+``Run.close`` ``settled``; the multiplexer ``multiplexer_role``.
 
 Metric names and the OpenTelemetry GenAI semantic conventions (Prometheus names carry
 ``_total`` on counters; every series also has ``model``, ``deployment``, ``provider``)::
@@ -50,7 +52,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from time import time_ns
+from time import monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -65,9 +67,13 @@ from llmkit.errors import (
     UpstreamTimeoutError,
 )
 from llmkit.metrics import (
+    ATTEMPTS,
     DURATION_BOUNDS,
     ERROR_KINDS,
+    ERRORS,
+    FALLBACKS,
     MODEL_ROUTES,
+    RETRIES,
     ROUTES,
     STATUSES,
     Metrics,
@@ -92,6 +98,7 @@ from llmkit.upstream import UpstreamStatus
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
+    from llmkit.attempts import Attempt
     from llmkit.providers.base import Call, Target
     from llmkit.types import Usage
 
@@ -104,7 +111,6 @@ __all__ = [
     "Metrics",
     "Observability",
     "RequestObs",
-    "DetailedObs",
     "ShmCollector",
     "declare",
     "error_kind",
@@ -155,10 +161,14 @@ class Observability:
         self.series = metrics.series if metrics is not None else Series.of(config)
         self.tracing = tracing or Tracing.off()
         self.access = access
-        self.active = self.metrics is not None or self.tracing.enabled or access is not None
+        self.counting = self.metrics is not None
+        self.detailed = self.tracing.enabled or access is not None
+        self.active = self.counting or self.detailed
         self._traced = self.tracing.enabled
         self._deployments = self.series.deployments
-        self.key_index: dict[str | None, int] = {None: self.series.no_key}
+        self._unrouted = self.series.unrouted
+        self._no_key = self.series.no_key
+        self.key_index: dict[str | None, int] = {None: self._no_key}
         self.key_index.update(self.series.key_index)
 
     @classmethod
@@ -175,16 +185,76 @@ class Observability:
     def begin(
         self, route: int, method: str, path: str, request_id: str, traceparent: str | None
     ) -> RequestObs | None:
-        """A request's recorder: a ``DetailedObs`` when it is sampled or logged, else a
-        metrics-only ``RequestObs``; None when there is nothing to record."""
+        """The recorder of a request that is sampled or logged; None for any other (its
+        metrics are counted by ``count``, from the pipeline's own objects)."""
         trace = None
         if self._traced and route < _MODEL_ROUTES:  # no traces of /health, /metrics
             trace = self.tracing.sample(traceparent)
-        if trace is not None or self.access is not None:
-            return DetailedObs(self, route, method, path, request_id, trace)
-        if self.metrics is None:
+        if trace is None and self.access is None:
             return None
-        return RequestObs(self, route)
+        return RequestObs(self, route, method, path, request_id, trace)
+
+    def count(self, route: int, status: int, started_ns: int, call: Call | None) -> None:
+        """Count a finished request (only when ``counting``): ``started_ns`` is when it
+        arrived (``time.monotonic_ns``), ``call`` its chat call if one was decoded. The
+        call's run knows the rest: its tries, the tokens, the first byte."""
+        metrics = self.metrics
+        assert metrics is not None
+        seconds = (monotonic_ns() - started_ns) / 1e9
+        if route >= _MODEL_ROUTES:
+            metrics.record_http(route, status, seconds)
+            return
+        run = call.run if call is not None else None
+        if run is None:  # refused before routing (400, 401, 404) or a multiplexer follower
+            metrics.record_model_request(
+                route, status, seconds, self._unrouted, self._no_key, 0, 0, 0.0, None, ()
+            )
+            return
+        assert call is not None
+        key = self.key_index.get(call.key, self._no_key)
+        attempts, ttft = run.attempts, None
+        words: Sequence[int] | None = None  # None: one attempt, at target, that did not fail
+        if attempts:
+            last = attempts[-1]
+            target: Target | None = last.target
+            series = self._deployments.get(last.target.deployment)
+            if series is None:
+                series = self.series_of(last.target)
+            if len(attempts) > 1 or last.error is not None:
+                words = self._attempt_words(metrics, attempts)
+            if last.first_byte_ns:
+                ttft = (last.first_byte_ns - started_ns) / 1e9
+        else:  # every deployment refused by a limit or an open breaker
+            target = run.targets[0] if run.targets else None
+            series = self.series_of(target) if target is not None else self._unrouted
+            words = ()
+        usage, cost, tokens_in, tokens_out = run.usage, 0.0, 0, 0
+        if usage is not None:
+            tokens_in, tokens_out = usage.prompt_tokens, usage.completion_tokens
+            if target is not None and target.price is not None:
+                cost = target.price.cost(usage)
+        metrics.record_model_request(
+            route, status, seconds, series, key, tokens_in, tokens_out, cost, ttft, words
+        )
+
+    def _attempt_words(self, metrics: Metrics, attempts: Sequence[Attempt]) -> list[int]:
+        """The words a run's tries add 1 to: attempts, errors by kind, and each later
+        try a retry (same deployment) or a fallback (of the one it moved away from)."""
+        words: list[int] = []
+        previous: tuple[str, int] | None = None
+        for attempt in attempts:
+            target = attempt.target
+            stats = metrics.targets[self.series_of(target)]
+            words.append(stats + ATTEMPTS)
+            if previous is not None:
+                if previous[0] == target.deployment:
+                    words.append(stats + RETRIES)
+                else:
+                    words.append(previous[1] + FALLBACKS)
+            if attempt.error is not None:
+                words.append(stats + ERRORS + 8 * error_kind(attempt.error))
+            previous = (target.deployment, stats)
+        return words
 
     def series_of(self, target: Target) -> int:
         """The metric series of an attempt at ``target`` (``Series.target_of``)."""
@@ -205,117 +275,13 @@ class Observability:
 
 
 class RequestObs:
-    """One request's metrics: a few fields set by the hooks, then one batch of atomic
-    adds in ``finish``. The hooks tracing and the access log need do nothing here."""
+    """A request that is sampled for tracing or written to the access log: keeps what
+    the log line and the spans say, and records spans as plain ``SpanData``. Its hooks
+    count nothing: ``Observability.count`` does that for every request alike."""
 
-    __slots__ = ("_o", "_metrics", "route", "started", "series", "key", "target", "attempts",
-                 "usage", "ttft")  # fmt: skip
-
-    sampled = False
-
-    def __init__(self, obs: Observability, route: int) -> None:
-        self._o = obs
-        self._metrics = obs.metrics
-        self.route = route
-        self.started = time.perf_counter()
-        self.series = obs.series.unrouted
-        self.key: str | None = None
-        self.target: Target | None = None
-        self.attempts = 0
-        self.usage: Usage | None = None
-        self.ttft: float | None = None
-
-    def mark(self) -> int:
-        """A span start time when sampled, else 0 (no clock read)."""
-        return 0
-
-    # -- pipeline hooks -------------------------------------------------------------
-
-    def routed(self, call: Call, targets: Sequence[Target], mark: int) -> None:
-        """The model resolved to ``targets`` (ordered by the router when ``mark``)."""
-        self.key = call.key
-        if targets:
-            series = self._o._deployments.get(targets[0].deployment)
-            self.series = series if series is not None else self._o.series_of(targets[0])
-
-    def admitted(self, mark: int, refused: bool) -> None:
-        """The request's own limits (global, key) admitted or refused it."""
-
-    def attempt_started(self, target: Target, call: Call) -> None:
-        """An admitted try at ``target`` is about to go upstream."""
-        series = self._o.series_of(target)
-        metrics = self._metrics
-        if metrics is not None:
-            previous = self.target
-            if previous is not None:
-                if previous.deployment == target.deployment:
-                    metrics.record_retry(series)
-                else:
-                    metrics.record_fallback(self.series)
-            metrics.record_attempt(series)
-        self.attempts += 1
-        self.target = target
-        self.series = series
-
-    def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
-        """The current try ended: answered (``ok``), failed, or abandoned (None)."""
-        if error is not None and self._metrics is not None:
-            self._metrics.record_error(self.series, error_kind(error))
-
-    def first_token(self) -> None:
-        if self.ttft is None:
-            self.ttft = time.perf_counter() - self.started
-
-    def settled(self, usage: Usage | None) -> None:
-        """The tokens the serving upstream reported (None: unknown)."""
-        if usage is not None:
-            self.usage = usage
-
-    def answered(self, finish_reasons: list[str]) -> None:
-        """The finish reasons of a sampled request's answer."""
-
-    def multiplexer_role(self, role: str) -> None:
-        """``leader`` or ``follower``: set by the multiplexer for deduplicated requests."""
-
-    def finish(self, status: int) -> None:
-        """The response is complete: update the metrics."""
-        elapsed = time.perf_counter() - self.started
-        target, usage = self.target, self.usage
-        if usage is None or target is None or target.price is None:
-            self._count(status, elapsed, 0.0)
-        else:
-            self._count(status, elapsed, target.price.cost(usage))
-
-    # -- helpers ----------------------------------------------------------------------
-
-    def _count(self, status: int, elapsed: float, cost: float) -> None:
-        metrics = self._metrics
-        if metrics is None:
-            return
-        route = self.route
-        if route >= _MODEL_ROUTES:
-            metrics.record_http(route, status, elapsed)
-            return
-        usage = self.usage
-        tokens_in, tokens_out = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-        key = self._o.key_index.get(self.key, self._o.series.no_key)
-        metrics.record_model_request(route, status, elapsed, self.series, key, tokens_in,
-                                     tokens_out, cost, self.ttft)  # fmt: skip
-
-    def _cost(self) -> float:
-        target, usage = self.target, self.usage
-        if target is None or usage is None or target.price is None:
-            return 0.0
-        return target.price.cost(usage)
-
-
-class DetailedObs(RequestObs):
-    """A request that is sampled for tracing or written to the access log: also keeps
-    what the log line and the spans say, and records spans as plain ``SpanData``."""
-
-    __slots__ = ("method", "path", "request_id", "model", "error_kind", "role",
-                 "finish_reasons", "messages", "trace", "_start_ns", "_attempt",
-                 "_spans")  # fmt: skip
+    __slots__ = ("_o", "route", "started", "key", "target", "attempts", "usage", "method",
+                 "path", "request_id", "model", "error_kind", "role", "finish_reasons",
+                 "messages", "trace", "_start_ns", "_attempt", "_spans")  # fmt: skip
 
     def __init__(
         self,
@@ -326,7 +292,13 @@ class DetailedObs(RequestObs):
         request_id: str,
         trace: TraceContext | None,
     ) -> None:
-        super().__init__(obs, route)
+        self._o = obs
+        self.route = route
+        self.started = time.perf_counter()
+        self.key: str | None = None
+        self.target: Target | None = None
+        self.attempts = 0
+        self.usage: Usage | None = None
         self.method = method
         self.path = path
         self.request_id = request_id
@@ -342,14 +314,18 @@ class DetailedObs(RequestObs):
         self._spans: list[SpanData] = []  # finished, queued together with the root
 
     @property
-    def sampled(self) -> bool:  # type: ignore[override]
+    def sampled(self) -> bool:
         return self.trace is not None
 
     def mark(self) -> int:
+        """A span start time when sampled, else 0 (no clock read)."""
         return time_ns() if self.trace is not None else 0
 
+    # -- pipeline hooks -------------------------------------------------------------
+
     def routed(self, call: Call, targets: Sequence[Target], mark: int) -> None:
-        super().routed(call, targets, mark)
+        """The model resolved to ``targets`` (ordered by the router when ``mark``)."""
+        self.key = call.key
         self.model = call.request.model
         access = self._o.access
         if access is not None and access.log_prompts:
@@ -359,11 +335,14 @@ class DetailedObs(RequestObs):
             self._stage("llmkit.router", mark, {"llmkit.router.order": order})
 
     def admitted(self, mark: int, refused: bool) -> None:
+        """The request's own limits (global, key) admitted or refused it."""
         if self.trace is not None and mark:
             self._stage("llmkit.limiter", mark, {"llmkit.limiter.refused": refused})
 
-    def attempt_started(self, target: Target, call: Call) -> None:
-        super().attempt_started(target, call)
+    def attempt_started(self, target: Target, headers: dict[str, str]) -> None:
+        """An admitted try at ``target`` is about to go upstream with ``headers``."""
+        self.attempts += 1
+        self.target = target
         trace = self.trace
         if trace is not None:
             operation = self._operation()
@@ -374,36 +353,46 @@ class DetailedObs(RequestObs):
             }  # fmt: skip
             span_id = self._o.tracing.span_id()
             self._attempt = (span_id, time_ns(), f"{operation} {target.model}", attributes)
-            call.headers[TRACEPARENT] = format_traceparent(trace.trace_id, span_id)
+            headers[TRACEPARENT] = format_traceparent(trace.trace_id, span_id)
 
     def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
+        """The current try ended: answered (``ok``), failed, or abandoned (None)."""
         kind = error_kind(error) if error is not None else None
         if kind is not None:
             self.error_kind = kind
-            if self._metrics is not None:
-                self._metrics.record_error(self.series, kind)
         if self._attempt is not None:
             self._end_attempt(_OUTCOMES[ok], ERROR_KINDS[kind] if kind is not None else None)
 
+    def settled(self, usage: Usage | None) -> None:
+        """The tokens the serving upstream reported (None: unknown)."""
+        if usage is not None:
+            self.usage = usage
+
     def answered(self, finish_reasons: list[str]) -> None:
+        """The finish reasons of a sampled request's answer."""
         self.finish_reasons = finish_reasons
 
     def multiplexer_role(self, role: str) -> None:
+        """``leader`` or ``follower``: set by the multiplexer for deduplicated requests."""
         self.role = role
 
     def finish(self, status: int) -> None:
-        """Update the metrics, write the log line, record the root span."""
+        """The response is complete: write the log line, record the root span."""
         elapsed = time.perf_counter() - self.started
         cost = self._cost()
-        self._count(status, elapsed, cost)
         access = self._o.access
         if access is not None:
             access.write(self._record(status, elapsed, cost))
         if self.trace is not None:
             self._end_root(status, cost)
 
-    # -- spans ------------------------------------------------------------------------
+    def _cost(self) -> float:
+        target, usage = self.target, self.usage
+        if target is None or usage is None or target.price is None:
+            return 0.0
+        return target.price.cost(usage)
 
+    # -- spans ------------------------------------------------------------------------
     def _operation(self) -> str:
         return MODEL_ROUTES[self.route] if self.route < _MODEL_ROUTES else "chat"
 

@@ -163,8 +163,8 @@ async def test_head_sampling_at_a_tenth_over_10000_requests(
             call = gateway.decode_chat(body)
             call.obs = obs
             await gateway.chat(call)
-            assert obs is not None
-            obs.finish(200)
+            if obs is not None:
+                obs.finish(200)
     roots = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
     low, high = _binomial_interval(n, 0.1, 0.999)
     assert low <= len(roots) <= high, (len(roots), low, high)
