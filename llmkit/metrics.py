@@ -194,7 +194,17 @@ class Metrics:
         self._http_hist = [h.offset for h in self.http_duration]
         self._duration = [h.offset for h in self.duration]
         self._ttft = [h.offset for h in self.ttft]
-        self._plans: dict[tuple[int, int, int, bool], RequestPlan] = {}
+        # Per model route, by status (0-599): the http_requests word, and the status class
+        # word inside a TargetStats cell (Atomics.record_request's tables).
+        self._status_words = [
+            tuple(self._http_counter[route * _STATUS_SPAN : (route + 1) * _STATUS_SPAN])
+            for route in range(len(MODEL_ROUTES))
+        ]
+        self._class_words = [
+            tuple(self._class_word[route * _STATUS_SPAN : (route + 1) * _STATUS_SPAN])
+            for route in range(len(MODEL_ROUTES))
+        ]
+        self.plans: dict[tuple[int, int, int, bool], RequestPlan] = {}
 
     # -- recording (hot) ----------------------------------------------------------
 
@@ -213,30 +223,26 @@ class Metrics:
         ``record_http`` included, in one C call (``Atomics.record_request``). ``words``
         are its tries' counters (attempts, retries, fallbacks, errors) that gain 1; None
         is the usual case, one attempt at ``target`` that did not fail."""
-        plan = self._plans.get((route, target, key, words is None))
+        plan = self.plans.get((route, target, key, words is None))
         if plan is None:
-            plan = self._plan(route, target, key, words is None)
-        index = route * _STATUS_SPAN + min(status, _STATUS_SPAN - 1)
-        class_word = self.targets[target] + self._class_word[index]
-        if words is None:
-            self.atomics.record_request(plan, self._http_counter[index], class_word, seconds,
-                                        tokens_in, tokens_out, cost, ttft)  # fmt: skip
-        else:
-            self.atomics.record_request(plan, self._http_counter[index], class_word, seconds,
-                                        tokens_in, tokens_out, cost, ttft, *words)  # fmt: skip
+            plan = self.plan(route, target, key, words is None)
+        self.atomics.record_request(plan, status, seconds, tokens_in, tokens_out, cost, ttft,
+                                    *(words or ()))  # fmt: skip
 
-    def _plan(self, route: int, target: int, key: int, attempted: bool) -> RequestPlan:
+    def plan(self, route: int, target: int, key: int, attempted: bool) -> RequestPlan:
         """The words a model request of ``route`` at ``target`` by ``key`` adds to
-        (``Atomics.record_request``), with its one attempt's when ``attempted``."""
+        (``Atomics.record_request``), with its one attempt's when ``attempted``; kept in
+        ``plans``, so a request looks its plan up with one dict probe."""
         stats, key_stats = self.targets[target], self.keys[key]
         ones = (key_stats, stats + ATTEMPTS) if attempted else (key_stats,)
         hists = (self._http_hist[route], self._duration[target])
         io = (stats + TOKENS_IN, stats + TOKENS_OUT, key_stats + 8, key_stats + 16)
         plan = (ones, DURATION_BOUNDS, hists, io, (stats + COST, key_stats + 24), TTFT_BOUNDS,
-                self._ttft[target])  # fmt: skip
-        if len(self._plans) >= _PLANS_MAX:  # a bound, for configs with very many keys
-            self._plans.clear()
-        self._plans[route, target, key, attempted] = plan
+                self._ttft[target], self._status_words[route], self._class_words[route],
+                stats)  # fmt: skip
+        if len(self.plans) >= _PLANS_MAX:  # a bound, for configs with very many keys
+            self.plans.clear()
+        self.plans[route, target, key, attempted] = plan
         return plan
 
     def record_request(

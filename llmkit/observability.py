@@ -122,6 +122,7 @@ __all__ = [
     len(ERROR_KINDS)
 )
 _MODEL_ROUTES = len(MODEL_ROUTES)  # route indexes below this carry a model
+_SERIES_MAX = 8192
 
 
 def error_kind(error: BaseException) -> int:
@@ -165,11 +166,16 @@ class Observability:
         self.detailed = self.tracing.enabled or access is not None
         self.active = self.counting or self.detailed
         self._traced = self.tracing.enabled
+        self._draw, self._rate = self.tracing.random, self.tracing.rate
         self._deployments = self.series.deployments
+        self._series = dict(self._deployments)  # deployment name -> series, see series_of
         self._unrouted = self.series.unrouted
         self._no_key = self.series.no_key
         self.key_index: dict[str | None, int] = {None: self._no_key}
         self.key_index.update(self.series.key_index)
+        if self.metrics is not None:
+            self._plans = self.metrics.plans
+            self._record = self.metrics.atomics.record_request
 
     @classmethod
     def build(
@@ -189,7 +195,10 @@ class Observability:
         metrics are counted by ``count``, from the pipeline's own objects)."""
         trace = None
         if self._traced and route < _MODEL_ROUTES:  # no traces of /health, /metrics
-            trace = self.tracing.sample(traceparent)
+            if traceparent:
+                trace = self.tracing.sample(traceparent)
+            elif self._draw() < self._rate:  # Tracing.sample, inline: most are not drawn
+                trace = self.tracing.root()
         if trace is None and self.access is None:
             return None
         return RequestObs(self, route, method, path, request_id, trace)
@@ -197,10 +206,46 @@ class Observability:
     def count(self, route: int, status: int, started_ns: int, call: Call | None) -> None:
         """Count a finished request (only when ``counting``): ``started_ns`` is when it
         arrived (``time.monotonic_ns``), ``call`` its chat call if one was decoded. The
-        call's run knows the rest: its tries, the tokens, the first byte."""
+        call's run knows the rest: its tries, the tokens, the first byte.
+
+        The usual request (one attempt that did not fail) costs a few attribute reads,
+        one dict probe for its plan and one C call; anything else goes the long way."""
+        seconds = (monotonic_ns() - started_ns) / 1e9
+        if call is None or (run := call.run) is None or len(run.attempts) != 1:
+            self._count_other(route, status, seconds, started_ns, call)
+            return
+        attempt = run.attempts[0]
+        target = attempt.target
+        series = self._series.get(target.deployment)
+        if attempt.error is not None or series is None:
+            self._count_other(route, status, seconds, started_ns, call)
+            return
+        plan = self._plans.get((route, series, self.key_index.get(call.key, -1), True))
+        if plan is None:
+            self._count_other(route, status, seconds, started_ns, call)
+            return
+        ttft = (attempt.first_byte_ns - started_ns) / 1e9 if attempt.first_byte_ns else None
+        usage = run.usage
+        if usage is None:
+            self._record(plan, status, seconds, 0, 0, 0.0, ttft)
+            return
+        price = target.price
+        cost = 0.0
+        if price is not None:  # Price.cost, inline: the same arithmetic, bit for bit
+            if usage.prompt_tokens_details is None:
+                cost = (usage.prompt_tokens * price.input
+                        + usage.completion_tokens * price.output) / 1_000_000  # fmt: skip
+            else:
+                cost = price.cost(usage)
+        self._record(plan, status, seconds, usage.prompt_tokens, usage.completion_tokens,
+                     cost, ttft)  # fmt: skip
+
+    def _count_other(
+        self, route: int, status: int, seconds: float, started_ns: int, call: Call | None
+    ) -> None:
+        """``count`` for all but the usual request; also plans the usual one's words."""
         metrics = self.metrics
         assert metrics is not None
-        seconds = (monotonic_ns() - started_ns) / 1e9
         if route >= _MODEL_ROUTES:
             metrics.record_http(route, status, seconds)
             return
@@ -217,9 +262,7 @@ class Observability:
         if attempts:
             last = attempts[-1]
             target: Target | None = last.target
-            series = self._deployments.get(last.target.deployment)
-            if series is None:
-                series = self.series_of(last.target)
+            series = self.series_of(last.target)
             if len(attempts) > 1 or last.error is not None:
                 words = self._attempt_words(metrics, attempts)
             if last.first_byte_ns:
@@ -257,9 +300,15 @@ class Observability:
         return words
 
     def series_of(self, target: Target) -> int:
-        """The metric series of an attempt at ``target`` (``Series.target_of``)."""
+        """The metric series of an attempt at ``target`` (``Series.target_of``), kept
+        by deployment name for ``count`` (direct ``provider/model`` names included)."""
         index = self._deployments.get(target.deployment)
-        return index if index is not None else self.series.target_of("", target.provider.name)
+        if index is None:
+            index = self.series.target_of("", target.provider.name)
+        if len(self._series) >= _SERIES_MAX:  # direct names are unbounded: bound the memo
+            self._series = dict(self._deployments)
+        self._series[target.deployment] = index
+        return index
 
     def close(self) -> None:
         """Flush and stop tracing and the access log (no event loop needed)."""

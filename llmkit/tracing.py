@@ -108,7 +108,7 @@ class Tracing:
         self.enabled = export is not None and rate > 0
         self.rate = rate
         rng = rng or random.Random()
-        self._random = rng.random
+        self.random = rng.random  # the head-sampling draw: random() < rate
         self._bits = rng.getrandbits
         self._export = export  # synchronous: flush() and shutdown
         self._send = send  # asynchronous, on the loop; None: ``export`` there too
@@ -133,8 +133,12 @@ class Tracing:
                 if not parent[2]:
                     return None
                 return TraceContext(parent[0], self.span_id(), parent[1], True)
-        if self._random() >= self.rate:
+        if self.random() >= self.rate:
             return None
+        return self.root()
+
+    def root(self) -> TraceContext:
+        """A new trace's root span (the request was drawn for sampling)."""
         return TraceContext(self._bits(128) or 1, self.span_id(), 0, False)
 
     def span_id(self) -> int:

@@ -859,29 +859,48 @@ float_bounds(PyObject *bounds)
     return 0;
 }
 
-/* record_request(plan, one_a, one_b, value, in_delta, out_delta, cost, second, *ones)
+/* A status-indexed tuple's offset: status clamped to the table. */
+static int64_t *
+status_cell(AtomicsObject *self, PyObject *table, int64_t status, int64_t base)
+{
+    if (!PyTuple_CheckExact(table) || PyTuple_GET_SIZE(table) == 0) {
+        PyErr_SetString(PyExc_TypeError, "record_request() status table must be a tuple");
+        return NULL;
+    }
+    Py_ssize_t last = PyTuple_GET_SIZE(table) - 1;
+    Py_ssize_t index = status < 0 ? 0 : (status > last ? last : (Py_ssize_t)status);
+    int64_t offset = PyLong_AsLongLong(PyTuple_GET_ITEM(table, index));
+    if (offset == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return word_at(self, base + offset, 1);
+}
+
+/* record_request(plan, status, value, in_delta, out_delta, cost, second, *ones)
  *
- * Every add one finished request makes, in one call. `plan` is a tuple prepared once
- * per kind of request: (ones, bounds, hists, io_words, cost_words, second_bounds,
- * second_hist) where
- *   ones          offsets that gain 1 (with one_a, one_b and the trailing *ones)
- *   bounds, hists `value` is observed into every histogram in hists (shm.Histogram)
- *   io_words      (in, out, in, out ...): in_delta is added to the even ones, out_delta
- *                 to the odd ones, when either delta is not 0
- *   cost_words    float64 words that gain `cost` when it is not 0.0
- *   second_*      `second` (None: nothing) is observed into one more histogram
+ * Every add one finished request makes, in one call. `plan` is a 10-tuple prepared
+ * once per kind of request:
+ *   0 ones          offsets that gain 1 (and so does each of the trailing *ones)
+ *   1 bounds        float bounds of the histograms in 2 (shm.Histogram layout)
+ *   2 hists         `value` is observed into each
+ *   3 io_words      (in, out, in, out ...): in_delta is added to the even ones and
+ *                   out_delta to the odd ones, when either is not 0
+ *   4 cost_words    float64 words that gain `cost` when it is not 0.0
+ *   5 second_bounds, 6 second_hist: `second` (None: nothing) is observed there
+ *   7 status_words  offsets by status (clamped to the table): that one gains 1
+ *   8 class_words, 9 class_base: class_base + class_words[status] gains 1
  * All offsets are checked before any word changes. */
 static PyObject *
 Atomics_record_request(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs < 8 || nargs - 8 > MAX_BATCH) {
-        PyErr_SetString(PyExc_TypeError, "record_request() takes plan, one_a, one_b, value, "
+    if (nargs < 7 || nargs - 7 > MAX_BATCH) {
+        PyErr_SetString(PyExc_TypeError, "record_request() takes plan, status, value, "
                                          "in_delta, out_delta, cost, second, *ones");
         return NULL;
     }
     PyObject *plan = args[0];
-    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 7) {
-        PyErr_SetString(PyExc_TypeError, "record_request() plan must be a 7-tuple");
+    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 10) {
+        PyErr_SetString(PyExc_TypeError, "record_request() plan must be a 10-tuple");
         return NULL;
     }
     PyObject *ones = PyTuple_GET_ITEM(plan, 0), *bounds = PyTuple_GET_ITEM(plan, 1);
@@ -891,16 +910,18 @@ Atomics_record_request(AtomicsObject *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     Py_ssize_t n1 = PyTuple_GET_SIZE(bounds), n2 = PyTuple_GET_SIZE(bounds2);
-    Arg value, in_delta, out_delta, cost, second = {.f = 0.0};
-    if (convert_arg('f', args[3], &value) < 0 || convert_arg('i', args[4], &in_delta) < 0 ||
-        convert_arg('i', args[5], &out_delta) < 0 || convert_arg('f', args[6], &cost) < 0) {
+    Arg status, value, in_delta, out_delta, cost, second = {.f = 0.0}, base;
+    if (convert_arg('i', args[1], &status) < 0 || convert_arg('f', args[2], &value) < 0 ||
+        convert_arg('i', args[3], &in_delta) < 0 || convert_arg('i', args[4], &out_delta) < 0 ||
+        convert_arg('f', args[5], &cost) < 0 ||
+        convert_arg('i', PyTuple_GET_ITEM(plan, 9), &base) < 0) {
         return NULL;
     }
-    int has_second = args[7] != Py_None;
-    if (has_second && convert_arg('f', args[7], &second) < 0) {
+    int has_second = args[6] != Py_None;
+    if (has_second && convert_arg('f', args[6], &second) < 0) {
         return NULL;
     }
-    int64_t *one_cells[3 * MAX_BATCH], *hist_cells[MAX_BATCH], *io_cells[MAX_BATCH];
+    int64_t *one_cells[2 * MAX_BATCH + 2], *hist_cells[MAX_BATCH], *io_cells[MAX_BATCH];
     int64_t *cost_cells[MAX_BATCH], *second_cell = NULL;
     if (plan_cells(self, ones, -1, 1, one_cells) < 0 ||
         plan_cells(self, hists, -1, n1 + 2, hist_cells) < 0 ||
@@ -908,7 +929,15 @@ Atomics_record_request(AtomicsObject *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     Py_ssize_t n_ones = PyTuple_GET_SIZE(ones);
-    for (Py_ssize_t i = 1; i < nargs; i = (i == 2 ? 8 : i + 1)) {
+    one_cells[n_ones] = status_cell(self, PyTuple_GET_ITEM(plan, 7), status.i, 0);
+    if (one_cells[n_ones++] == NULL) {
+        return NULL;
+    }
+    one_cells[n_ones] = status_cell(self, PyTuple_GET_ITEM(plan, 8), status.i, base.i);
+    if (one_cells[n_ones++] == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 7; i < nargs; i++) {
         one_cells[n_ones] = plan_cell(self, args[i], 1);
         if (one_cells[n_ones++] == NULL) {
             return NULL;
@@ -992,8 +1021,8 @@ static PyMethodDef Atomics_methods[] = {
      "add_f64s($self, /, *offset_delta_pairs)\n--\n\n"
      "Atomically add each delta to the float64 at its offset (at most 32 pairs)."},
     {"record_request", (PyCFunction)(void (*)(void))Atomics_record_request, METH_FASTCALL,
-     "record_request($self, plan, one_a, one_b, value, in_delta, out_delta, cost, second,\n"
-     "               /, *ones)\n--\n\n"
+     "record_request($self, plan, status, value, in_delta, out_delta, cost, second, /,\n"
+     "               *ones)\n--\n\n"
      "Every add of one finished request in one call; see the C source for the plan."},
     {"observe", (PyCFunction)(void (*)(void))Atomics_observe, METH_FASTCALL,
      "observe($self, bounds, value, /, *offsets)\n--\n\n"

@@ -13,7 +13,8 @@ from typing import final
 
 from typing_extensions import Buffer
 
-# (ones, bounds, hists, io_words, cost_words, second_bounds, second_hist): see record_request
+# (ones, bounds, hists, io_words, cost_words, second_bounds, second_hist, status_words,
+#  class_words, class_base): see record_request in _atomics.c
 RequestPlan = tuple[
     tuple[int, ...],
     tuple[float, ...],
@@ -21,6 +22,9 @@ RequestPlan = tuple[
     tuple[int, ...],
     tuple[int, ...],
     tuple[float, ...],
+    int,
+    tuple[int, ...],
+    tuple[int, ...],
     int,
 ]
 
@@ -55,8 +59,7 @@ class Atomics:
     def record_request(
         self,
         plan: RequestPlan,
-        one_a: int,
-        one_b: int,
+        status: int,
         value: float,
         in_delta: int,
         out_delta: int,

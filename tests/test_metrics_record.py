@@ -15,10 +15,12 @@ import os
 import random
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from llmkit.config import Config
+from llmkit import observability
+from llmkit.config import Config, load_config
 from llmkit.gateway import Gateway
 from llmkit.metrics import (
     ATTEMPTS,
@@ -29,6 +31,8 @@ from llmkit.metrics import (
     TTFT_BOUNDS,
     Metrics,
 )
+from llmkit.observability import Observability
+from llmkit.providers.base import Call
 from llmkit.state import SharedState
 from shm import Histogram
 from shm._atomics import Atomics
@@ -91,39 +95,42 @@ def test_a_bad_offset_changes_nothing() -> None:
         a.observe((1, 2), 0.1, 0)
     with pytest.raises(TypeError):
         a.add_ones(*range(0, 8 * 33, 8))  # more than a batch
-    plan = ((0,), DURATION_BOUNDS, (64,), (), (), TTFT_BOUNDS, SIZE)  # ttft cell out of range
-    with pytest.raises(IndexError):
-        a.record_request(plan, 8, 16, 0.1, 0, 0, 0.0, 0.5)
+    plan = ((0,), DURATION_BOUNDS, (64,), (), (), TTFT_BOUNDS, SIZE, (8,), (0,), 16)
+    with pytest.raises(IndexError):  # the ttft cell is out of range
+        a.record_request(plan, 200, 0.1, 0, 0, 0.0, 0.5)
+    with pytest.raises(TypeError, match="10-tuple"):
+        a.record_request(plan[:9], 200, 0.1, 0, 0, 0.0, None)  # type: ignore[arg-type]
     assert buffer == bytearray(SIZE)
-
-
-def _plan(base: int) -> tuple[tuple[int, ...], ...]:
-    return (base, base + 8), (base + 64, base + 64 + HIST), (base + 512, base + 520, base + 528,
-            base + 536), (base + 544, base + 552)  # fmt: skip
 
 
 def test_record_request_equals_the_adds_it_stands_for() -> None:
     rng = random.Random(11)
+    statuses = tuple(1600 + 8 * (i % 4) for i in range(600))  # by status: its own word
+    classes = tuple(8 * (i // 200) for i in range(600))  # relative to the base
     for _ in range(300):
         fast, a, slow, b = twins()
-        ones, hists, io, costs = _plan(0)
-        ttft_hist = 1024
-        plan = (ones, DURATION_BOUNDS, hists, io, costs, TTFT_BOUNDS, ttft_hist)
-        one_a, one_b = 1536, 1544
+        ones, hists, io, costs = (0, 8), (64, 64 + HIST), (512, 520, 528, 536), (544, 552)
+        ttft_hist, base = 1024, 1800
+        plan = (ones, DURATION_BOUNDS, hists, io, costs, TTFT_BOUNDS, ttft_hist, statuses,
+                classes, base)  # fmt: skip
         extra = [1552 + 8 * i for i in range(rng.randrange(4))]
+        status = rng.choice([200, 429, 503, 599, 650, 0])
         seconds = rng.choice([0.0001, rng.uniform(0, 70)])
         tokens_in, tokens_out = rng.choice([(0, 0), (rng.randrange(1000), rng.randrange(1000))])
         cost = rng.choice([0.0, rng.uniform(0, 1)])
         ttft = rng.choice([None, rng.uniform(0, 12)])
-        a.record_request(plan, one_a, one_b, seconds, tokens_in, tokens_out, cost, ttft, *extra)
-        for offset in (*ones, one_a, one_b, *extra):
+        a.record_request(plan, status, seconds, tokens_in, tokens_out, cost, ttft, *extra)
+        clamped = min(status, 599)
+        for offset in (*ones, statuses[clamped], base + classes[clamped], *extra):
             b.add_i64(offset, 1)
         for offset in hists:
             Histogram(b, offset, DURATION_BOUNDS).observe(seconds)
-        for i, offset in enumerate(io):
-            b.add_i64(offset, tokens_out if i % 2 else tokens_in)
-        for offset in costs:
-            b.add_f64(offset, cost)
+        if tokens_in or tokens_out:
+            for i, offset in enumerate(io):
+                b.add_i64(offset, tokens_out if i % 2 else tokens_in)
+        if cost:
+            for offset in costs:
+                b.add_f64(offset, cost)
         if ttft is not None:
             Histogram(b, ttft_hist, TTFT_BOUNDS).observe(ttft)
         assert fast == slow
@@ -182,3 +189,60 @@ def test_a_finished_run_is_freed_without_the_garbage_collector(metrics: Metrics)
         gc.enable()
         asyncio.run(gateway.close())
         state.close()
+
+
+METRIC_REGIONS = ("http_requests", "http_duration", "metrics.target", "metrics.key",
+                  "metrics.duration", "metrics.ttft")  # fmt: skip
+PRICED = """
+[[models]]
+name = "m"
+[[models.deployments]]
+provider = "demo"
+model = "x"
+input_cost_per_mtok = 0.15
+output_cost_per_mtok = 0.6
+"""
+
+
+def test_the_usual_request_counts_as_the_long_way_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Observability.count``'s fast path (plan lookup, inline cost) leaves the segment
+    exactly as the general path does; the clock is pinned so durations agree."""
+    path = tmp_path / "llmkit.toml"
+    path.write_text(PRICED)
+    config = load_config(path)
+    monkeypatch.setattr(observability, "monotonic_ns", lambda: 2_000_000_000)
+    words = []
+    for fast in (False, True):
+        state = SharedState.create(f"/llmkit-test-usual-{os.getpid()}-{fast}", config)
+        try:
+            gateway = Gateway(config, control=state.control(config, 0))
+            obs = Observability(config, state.metrics)
+
+            async def chat(gateway: Gateway = gateway) -> Call:
+                call = gateway.decode_chat(b'{"model": "m", "messages": [{"role": "user", '
+                                           b'"content": "hello there"}]}')  # fmt: skip
+                call.run = None
+                await gateway.chat(call)
+                return call
+
+            call = asyncio.run(chat())
+            run = call.run
+            assert run is not None and run.usage is not None and len(run.attempts) == 1
+            for _ in range(3):
+                if fast:
+                    obs.count(0, 200, 1_000_000_000, call)
+                else:
+                    obs._count_other(0, 200, 1.0, 1_000_000_000, call)
+            asyncio.run(gateway.close())
+            a, layout = state.metrics.atomics, state.layout
+            words.append([a.load_i64(o) for name in METRIC_REGIONS
+                          for o in range(layout[name].offset, layout[name].end, 8)])  # fmt: skip
+            target = run.attempts[0].target
+            assert target.price is not None
+            assert state.metrics.target_cost(0) == 3 * target.price.cost(run.usage)
+        finally:
+            state.segment.unlink()
+            state.close()
+    assert words[0] == words[1]

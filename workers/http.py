@@ -55,7 +55,6 @@ CLIENT_GONE = 499
 OTHER_ROUTE = observability.route_index("other")
 CLIENT_GONE_KEY = web.ResponseKey("llmkit.client_gone", bool)
 REQUEST_ID = web.RequestKey("llmkit.request_id", str)
-OBS = web.RequestKey("llmkit.obs", RequestObs)
 
 
 class HttpSurface:
@@ -83,6 +82,9 @@ class HttpSurface:
         # The chat call of each request in flight whose metrics count it at the end:
         # what its run did is read from there, with no recorder object per request.
         self._calls: dict[int, Call] = {}
+        # The recorder of each request in flight that is sampled or logged (a dict probe
+        # costs less than the request's own mapping, above all when the key is absent).
+        self._recorders: dict[int, RequestObs] = {}
 
     def server(self, **kwargs: object) -> web.Server:
         """The low-level aiohttp server; ``kwargs`` go to its protocol (size limits ...)."""
@@ -128,7 +130,7 @@ class HttpSurface:
                 route, request.method, request.path, request_id, request.headers.get(TRACEPARENT)
             )
             if obs is not None:
-                request[OBS] = obs
+                self._recorders[id(request)] = obs
         status = 500
         self._slot.add_in_flight(1)
         try:
@@ -143,6 +145,7 @@ class HttpSurface:
             if started:
                 observe.count(route, status, started, self._calls.pop(id(request), None))
             if obs is not None:
+                del self._recorders[id(request)]
                 obs.finish(status)
 
     def _dispatch(self, request: web.BaseRequest) -> tuple[int, Handler]:
@@ -160,7 +163,7 @@ class HttpSurface:
         call = self._gateway.decode_chat(body)
         call.key = key
         observe = self._observe
-        call.obs = obs = request.get(OBS) if observe.detailed else None
+        call.obs = obs = self._recorders.get(id(request)) if observe.detailed else None
         if observe.counting:
             self._calls[id(request)] = call
         call.profile = request.headers.get("x-llmkit-route-profile")
@@ -187,7 +190,7 @@ class HttpSurface:
         headers = dict(JSON_TYPE)
         embedding = self._gateway.decode_embeddings(body)
         observe = self._observe
-        obs = request.get(OBS) if observe.detailed else None
+        obs = self._recorders.get(id(request)) if observe.detailed else None
         call = self._gateway.embedding_call(embedding, key, headers, obs)
         if observe.counting:
             self._calls[id(request)] = call
