@@ -23,9 +23,10 @@ columns before reading a percentage. The ``paired`` columns are the median over
 repetitions of each repetition's own ratio (the configurations of one repetition ran
 back to back), which cancels slow drifts of the machine's load.
 
-``--instructions`` adds the deterministic figure: instructions per request of one
-worker under valgrind's callgrind (``bench/_callgrind.py``), per workload and
-configuration, the same requests; they repeat to 0.1%, so a difference of 0.5% is real.
+A full run (or ``--instructions``) adds the deterministic figure: instructions per
+request of one worker under valgrind's callgrind (``bench/_callgrind.py``), per workload
+and configuration, the same requests; they repeat to 0.1%, so a difference of 0.5% is
+real (the 10% tracing row also carries the sampling's binomial spread: ~±1 point).
 """
 
 from __future__ import annotations
@@ -375,9 +376,11 @@ def scrape_time(reps: int) -> dict[str, float]:
         state.close()
 
 
-def run(quick: bool, instructions: bool = False) -> dict[str, Any]:
+def run(quick: bool, instructions: bool | None = None) -> dict[str, Any]:
     """Every figure of this benchmark; ``quick`` for a short smoke run; ``instructions``
-    adds the callgrind counts."""
+    adds the callgrind counts (by default in a full run, when valgrind is installed)."""
+    if instructions is None:
+        instructions = not quick
     seconds, reps, connections = (2.0, 2, 32) if quick else (6.0, 7, 32)
     os.environ[KEY_ENV] = "sk-upstream-bench"
     os.environ[MASTER_ENV] = MASTER_KEY
@@ -387,13 +390,15 @@ def run(quick: bool, instructions: bool = False) -> dict[str, Any]:
             cpu[workload.name] = cpu_per_request(workload, seconds, reps, connections)
             if instructions and _callgrind.available():
                 counted[workload.name] = instructions_per_request(
-                    workload, 200 if quick else 1000, 1 if quick else 3
+                    workload,
+                    200 if quick else 1000,
+                    1,  # deterministic: one window will do
                 )
     updates = update_rates(200_000 if quick else 2_000_000, 3 if quick else 5)
     scrape = scrape_time(20 if quick else 100)
     return {
         "machine": machine(),
-        "metrics": declared_metrics(cpu, updates, scrape),
+        "metrics": declared_metrics(cpu, updates, scrape, counted),
         "cpu_per_request": cpu,
         "instructions_per_request": counted,
         "updates_per_s": updates,
@@ -409,7 +414,10 @@ def run(quick: bool, instructions: bool = False) -> dict[str, Any]:
 
 
 def declared_metrics(
-    cpu: dict[str, Any], updates: dict[str, float], scrape: dict[str, float]
+    cpu: dict[str, Any],
+    updates: dict[str, float],
+    scrape: dict[str, float],
+    counted: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The figures the suite compares across runs and the comprehensive table shows; the
     first one named ``overhead`` is "instrumentation overhead" (metrics vs off, proxied)."""
@@ -424,6 +432,13 @@ def declared_metrics(
             if config in configs:
                 metrics.append({"name": f"{name}.{workload}", "value": configs[config][key],
                                 "unit": "%", "better": "lower"})  # fmt: skip
+    for workload, configs in (counted or {}).items():  # callgrind: deterministic
+        for config, key, name in (
+            ("metrics only", "vs_off_pct", "metrics_overhead_instructions_pct"),
+            ("metrics + 10% tracing", "vs_metrics_pct", "tracing_10pct_instructions_pct"),
+        ):
+            metrics.append({"name": f"{name}.{workload}", "value": configs[config][key],
+                            "unit": "%", "better": "lower"})  # fmt: skip
     metrics.append({"name": "counter_updates_per_s", "value": updates["Counter.inc / s"],
                     "unit": "1/s", "better": "higher"})  # fmt: skip
     metrics.append({"name": "scrape_ms", "value": scrape["scrape_ms"], "unit": "ms",
@@ -475,7 +490,8 @@ def report(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--instructions", action="store_true", help="callgrind counts too")
+    parser.add_argument("--instructions", action=argparse.BooleanOptionalAction,
+                        help="callgrind counts (default: in a full run)")  # fmt: skip
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     results = run(args.quick, args.instructions)
