@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections import ChainMap
+from collections.abc import Mapping, Sequence
 from time import monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,7 @@ from llmkit.tracing import (
     INTERNAL,
     SERVER,
     TRACEPARENT,
+    SharedAttributes,
     SpanData,
     TraceContext,
     Tracing,
@@ -123,6 +125,7 @@ __all__ = [
 )
 _MODEL_ROUTES = len(MODEL_ROUTES)  # route indexes below this carry a model
 _SERIES_MAX = 8192
+_SHARED_MAX = 4096
 
 
 def error_kind(error: BaseException) -> int:
@@ -167,6 +170,8 @@ class Observability:
         self.active = self.counting or self.detailed
         self._traced = self.tracing.enabled
         self._draw, self._rate = self.tracing.random, self.tracing.rate
+        # Span attributes many requests share, by what they are made of (``share``).
+        self.shared: dict[tuple[Any, ...], SharedAttributes] = {}
         self._deployments = self.series.deployments
         self._series = dict(self._deployments)  # deployment name -> series, see series_of
         self._unrouted = self.series.unrouted
@@ -299,6 +304,13 @@ class Observability:
             previous = (target.deployment, stats)
         return words
 
+    def share(self, key: tuple[Any, ...], attributes: dict[str, Any]) -> SharedAttributes:
+        """``attributes`` as the one ``SharedAttributes`` for ``key`` (``shared``)."""
+        if len(self.shared) >= _SHARED_MAX:
+            self.shared.clear()
+        shared = self.shared[key] = SharedAttributes(attributes)
+        return shared
+
     def series_of(self, target: Target) -> int:
         """The metric series of an attempt at ``target`` (``Series.target_of``), kept
         by deployment name for ``count`` (direct ``provider/model`` names included)."""
@@ -358,8 +370,8 @@ class RequestObs:
         self.messages: Any = None
         self.trace = trace
         self._start_ns = time_ns() if trace is not None else 0
-        # The open attempt span: (span id, start ns, name, attributes).
-        self._attempt: tuple[int, int, str, dict[str, Any]] | None = None
+        # The open attempt span: (span id, start ns, target, attempt number).
+        self._attempt: tuple[int, int, Target, int] | None = None
         self._spans: list[SpanData] = []  # finished, queued together with the root
 
     @property
@@ -380,13 +392,16 @@ class RequestObs:
         if access is not None and access.log_prompts:
             self.messages = call.request.messages
         if self.trace is not None and mark:
-            order = [t.deployment for t in targets]
-            self._stage("llmkit.router", mark, {"llmkit.router.order": order})
+            order = ("router", *[t.deployment for t in targets])
+            shared = self._o.shared.get(order)
+            if shared is None:
+                shared = self._o.share(order, {"llmkit.router.order": list(order[1:])})
+            self._stage("llmkit.router", mark, shared)
 
     def admitted(self, mark: int, refused: bool) -> None:
         """The request's own limits (global, key) admitted or refused it."""
         if self.trace is not None and mark:
-            self._stage("llmkit.limiter", mark, {"llmkit.limiter.refused": refused})
+            self._stage("llmkit.limiter", mark, _REFUSED[refused])
 
     def attempt_started(self, target: Target, headers: dict[str, str]) -> None:
         """An admitted try at ``target`` is about to go upstream with ``headers``."""
@@ -394,14 +409,8 @@ class RequestObs:
         self.target = target
         trace = self.trace
         if trace is not None:
-            operation = self._operation()
-            attributes = {
-                "gen_ai.operation.name": operation, "gen_ai.request.model": target.model,
-                "gen_ai.provider.name": target.provider.name,
-                "llmkit.deployment": target.deployment, "llmkit.attempt": self.attempts,
-            }  # fmt: skip
             span_id = self._o.tracing.span_id()
-            self._attempt = (span_id, time_ns(), f"{operation} {target.model}", attributes)
+            self._attempt = (span_id, time_ns(), target, self.attempts)
             headers[TRACEPARENT] = format_traceparent(trace.trace_id, span_id)
 
     def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
@@ -445,7 +454,7 @@ class RequestObs:
     def _operation(self) -> str:
         return MODEL_ROUTES[self.route] if self.route < _MODEL_ROUTES else "chat"
 
-    def _stage(self, name: str, mark: int, attributes: dict[str, Any]) -> None:
+    def _stage(self, name: str, mark: int, attributes: Mapping[str, Any]) -> None:
         trace = self.trace
         assert trace is not None
         self._spans.append((trace.trace_id, self._o.tracing.span_id(), trace.span_id, False, name,
@@ -455,11 +464,23 @@ class RequestObs:
         trace, attempt = self.trace, self._attempt
         assert trace is not None and attempt is not None
         self._attempt = None
-        span_id, start, name, attributes = attempt
-        if outcome is not None:
-            attributes["llmkit.outcome"] = outcome
-        self._spans.append((trace.trace_id, span_id, trace.span_id, False, name, CLIENT, start,
-                            time_ns(), attributes, error))  # fmt: skip
+        span_id, start, target, number = attempt
+        operation = self._operation()
+        key = ("attempt", operation, target.model, target.provider.name, target.deployment,
+               number, outcome)  # fmt: skip
+        attributes = self._o.shared.get(key)
+        if attributes is None:
+            made = {
+                "gen_ai.operation.name": operation, "gen_ai.request.model": target.model,
+                "gen_ai.provider.name": target.provider.name,
+                "llmkit.deployment": target.deployment, "llmkit.attempt": number,
+            }  # fmt: skip
+            if outcome is not None:
+                made["llmkit.outcome"] = outcome
+            attributes = self._o.share(key, made)
+        self._spans.append((trace.trace_id, span_id, trace.span_id, False,
+                            f"{operation} {target.model}", CLIENT, start, time_ns(), attributes,
+                            error))  # fmt: skip
 
     def _end_root(self, status: int, cost: float) -> None:
         trace = self.trace
@@ -467,38 +488,51 @@ class RequestObs:
         if self._attempt is not None:  # a stream the client left mid-way
             self._end_attempt(None, None)
         attributes: dict[str, Any] = {
-            "http.request.method": self.method, "url.path": self.path,
             "llmkit.request_id": self.request_id, "http.response.status_code": status,
             "llmkit.attempts": self.attempts,
         }  # fmt: skip
-        name = f"{self.method} {ROUTES[self.route]}"
-        if self.model is not None:
-            operation = self._operation()
-            name = f"{operation} {self.model}"
-            attributes["gen_ai.operation.name"] = operation
-            attributes["gen_ai.request.model"] = self.model
-            attributes["llmkit.key"] = self.key or ""
-        target, usage = self.target, self.usage
-        if target is not None:
-            attributes["gen_ai.provider.name"] = target.provider.name
-            attributes["gen_ai.response.model"] = target.model
-            attributes["llmkit.deployment"] = target.deployment
+        usage = self.usage
         if usage is not None:
             attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
             attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
             attributes["llmkit.cost_usd"] = cost
-        if self.finish_reasons:
-            attributes["gen_ai.response.finish_reasons"] = self.finish_reasons
-        if self.role is not None:
-            attributes["llmkit.multiplexer.role"] = self.role
+        operation = self._operation() if self.model is not None else None
+        name = f"{operation} {self.model}" if operation else f"{self.method} {ROUTES[self.route]}"
+        target = self.target
+        served = (target.provider.name, target.model, target.deployment) if target else None
+        reasons = tuple(self.finish_reasons) if self.finish_reasons else ()
+        key = ("root", self.method, self.path, operation, self.model, self.key, served, reasons,
+               self.role)  # fmt: skip
+        shared = self._o.shared.get(key)
+        if shared is None:
+            shared = self._o.share(key, self._root_attributes(operation, reasons))
         error = None
         if status >= 400:
             kind = self.error_kind
             error = ERROR_KINDS[kind] if kind is not None and status >= 500 else str(status)
         spans = self._spans
         spans.append((trace.trace_id, trace.span_id, trace.parent, trace.remote_parent, name,
-                      SERVER, self._start_ns, time_ns(), attributes, error))  # fmt: skip
+                      SERVER, self._start_ns, time_ns(), ChainMap(attributes, shared),
+                      error))  # fmt: skip
         self._o.tracing.record(spans)
+
+    def _root_attributes(self, operation: str | None, reasons: tuple[str, ...]) -> dict[str, Any]:
+        """The root span's attributes that many requests share (``_end_root``)."""
+        attributes: dict[str, Any] = {"http.request.method": self.method, "url.path": self.path}
+        if operation is not None:
+            attributes["gen_ai.operation.name"] = operation
+            attributes["gen_ai.request.model"] = self.model
+            attributes["llmkit.key"] = self.key or ""
+        target = self.target
+        if target is not None:
+            attributes["gen_ai.provider.name"] = target.provider.name
+            attributes["gen_ai.response.model"] = target.model
+            attributes["llmkit.deployment"] = target.deployment
+        if reasons:
+            attributes["gen_ai.response.finish_reasons"] = list(reasons)
+        if self.role is not None:
+            attributes["llmkit.multiplexer.role"] = self.role
+        return attributes
 
     # -- access log -------------------------------------------------------------------
 
@@ -524,3 +558,5 @@ class RequestObs:
 
 
 _OUTCOMES = {True: "ok", False: "failed", None: "released"}
+_REFUSED = {refused: SharedAttributes({"llmkit.limiter.refused": refused})
+            for refused in (False, True)}  # fmt: skip
