@@ -2,7 +2,7 @@
 on two workloads, metric updates per second in one process, and a ``/metrics`` scrape
 over 1,000 series.
 
-Usage: ``python bench/observability_bench.py [--quick] [--json PATH]``
+Usage: ``python bench/observability_bench.py [--quick] [--instructions] [--json PATH]``
 
 CPU per request is the CPU time of the server's worker processes (every thread, from
 ``/proc/<pid>/task/<tid>/schedstat``: nanoseconds, so clock-tick resolution does not
@@ -19,7 +19,14 @@ four in an order that alternates, so background load smears over all of them; fi
 are medians with the min–max over repetitions. Traced configurations export over
 OTLP/HTTP to a sink in this process (its CPU is not counted). On a shared machine the
 spread between repetitions can exceed the differences measured: compare the min–max
-columns before reading a percentage.
+columns before reading a percentage. The ``paired`` columns are the median over
+repetitions of each repetition's own ratio (the configurations of one repetition ran
+back to back), which cancels slow drifts of the machine's load.
+
+A full run (or ``--instructions``) adds the deterministic figure: instructions per
+request of one worker under valgrind's callgrind (``bench/_callgrind.py``), per workload
+and configuration, the same requests; they repeat to 0.1%, so a difference of 0.5% is
+real (the 10% tracing row also carries the sampling's binomial spread: ~±1 point).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _callgrind  # noqa: E402
 from _harness import LLMKitServer, machine, wrk  # noqa: E402
 from _upstreams import mock_upstream  # noqa: E402
 from e2e_bench import AUTH, JSON_BODY, KEY_ENV, MASTER_ENV, MASTER_KEY, llmkit_config  # noqa: E402
@@ -159,7 +167,11 @@ def summarise(samples: dict[str, list[tuple[float, float, float]]]) -> dict[str,
     rows = {}
     for name, values in totals.items():
         median = statistics.median(values)
+        paired_off = [v / o - 1 for v, o in zip(values, totals["off"], strict=True)]
+        paired_metrics = [v / m - 1 for v, m in zip(values, totals["metrics only"], strict=True)]
         rows[name] = {
+            "paired_vs_off_pct": statistics.median(paired_off) * 100,
+            "paired_vs_metrics_pct": statistics.median(paired_metrics) * 100,
             "cpu_us_per_request": median,
             "min": min(values),
             "max": max(values),
@@ -170,6 +182,26 @@ def summarise(samples: dict[str, list[tuple[float, float, float]]]) -> dict[str,
             "requests_per_s": statistics.median(s[2] for s in samples[name]),
         }
     return rows
+
+
+def instructions_per_request(
+    workload: Workload, requests: int, reps: int
+) -> dict[str, dict[str, float]]:
+    """Every configuration's instructions per request on ``workload`` (callgrind)."""
+    counts: dict[str, float] = {}
+    with otlp_sink() as sink:
+        for name, section in observability_sections(sink).items():
+            if name == "off (control)":
+                continue  # deterministic: no noise floor to show
+            counts[name] = _callgrind.worker_instructions(
+                workload.config + section, workload.body, workload.headers, requests, reps
+            )
+    off, metrics = counts["off"], counts["metrics only"]
+    return {
+        name: {"instructions": value, "vs_off_pct": (value / off - 1) * 100,
+               "vs_metrics_pct": (value / metrics - 1) * 100}
+        for name, value in counts.items()
+    }  # fmt: skip
 
 
 def workloads(mock_url: str) -> list[Workload]:
@@ -192,7 +224,6 @@ def _rate(fn: Callable[[int], None], n: int, reps: int) -> float:
 def update_rates(n: int, reps: int) -> dict[str, float]:
     """Metric updates per second in this one process, on a real segment."""
     from llmkit.config import Config
-    from llmkit.observability import Observability
     from llmkit.state import SharedState
 
     state = SharedState.create(f"/llmkit-obsbench-{os.getpid()}", Config())
@@ -202,7 +233,6 @@ def update_rates(n: int, reps: int) -> dict[str, float]:
         add = metrics.atomics.add_i64
         offset = counter.offset
         hist = metrics.duration[0]
-        observability = Observability(Config(), metrics)
 
         def raw_adds(k: int) -> None:
             for _ in range(k):
@@ -217,18 +247,17 @@ def update_rates(n: int, reps: int) -> dict[str, float]:
                 hist.observe(0.0123)
 
         def request_records(k: int) -> None:
-            begin = observability.begin
+            record = metrics.record_model_request
             for _ in range(k):
-                obs = begin(0, "POST", "/v1/chat/completions", "r", None)
-                assert obs is not None
-                obs.finish(200)
+                record(0, 200, 0.0123, 0, 0, 9, 9, 0.0001, 0.004, None)
 
-        per_request = request_records  # the metrics-only recorder: begin + finish
         return {
             "atomic add_i64 / s": _rate(raw_adds, n, reps),
             "Counter.inc / s": _rate(counter_incs, n, reps),
             "Histogram.observe / s": _rate(histogram_observes, n, reps),
-            "metrics-only requests (begin + finish) / s": _rate(per_request, n // 4, reps),
+            "model requests recorded (record_model_request) / s": _rate(
+                request_records, n // 4, reps
+            ),
         }
     finally:
         state.segment.unlink()
@@ -236,8 +265,9 @@ def update_rates(n: int, reps: int) -> dict[str, float]:
 
 
 def hook_costs(n: int, reps: int) -> dict[str, float]:
-    """µs per request of the observability hooks alone, in the order a proxied chat
-    request calls them, metrics only and sampled; and µs to OTLP-encode its spans."""
+    """µs per request of observability alone, as a proxied chat request calls it: metrics
+    only (``count`` from the run) and sampled (the hooks too); and µs to OTLP-encode its
+    spans."""
     from llmkit.config import load_config
     from llmkit.observability import Observability
     from llmkit.otlp import encode_request
@@ -260,6 +290,9 @@ def hook_costs(n: int, reps: int) -> dict[str, float]:
         call.key = "master"
         targets = gateway.resolve("gpt")
         usage = Usage(prompt_tokens=9, completion_tokens=9, total_tokens=18)
+        run = gateway.start_run(call, stream=False)  # a real run: one attempt, answered
+        next(run.tries()).succeeded(usage)
+        run.close(usage)
         traced: list[list[Any]] = []
         tracing = Tracing(1.0, lambda batch: None)
         tracing.record = lambda spans: None  # type: ignore[method-assign]
@@ -267,20 +300,22 @@ def hook_costs(n: int, reps: int) -> dict[str, float]:
         sampled = Observability(config, state.metrics, tracing)
 
         def requests(observability: Observability) -> Callable[[int], None]:
-            def run(k: int) -> None:
+            def requests_of(k: int) -> None:
                 for _ in range(k):
+                    started = time.monotonic_ns()
                     obs = observability.begin(0, "POST", CHAT, "r", None)
-                    assert obs is not None
-                    obs.routed(call, targets, obs.mark())
-                    obs.admitted(obs.mark(), False)
-                    obs.attempt_started(targets[0], call)
-                    obs.attempt_settled(True, None)
-                    obs.settled(usage)
-                    if obs.sampled:
+                    if obs is not None:
+                        obs.routed(call, targets, obs.mark())
+                        obs.admitted(obs.mark(), False)
+                        obs.attempt_started(targets[0], call.headers)
+                        obs.attempt_settled(True, None)
+                        obs.settled(usage)
                         obs.answered(["stop"])
-                    obs.finish(200)
+                    observability.count(0, 200, started, call)
+                    if obs is not None:
+                        obs.finish(200)
 
-            return run
+            return requests_of
 
         results = {
             "metrics only": 1e6 / _rate(requests(plain), n, reps),
@@ -341,21 +376,31 @@ def scrape_time(reps: int) -> dict[str, float]:
         state.close()
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Every figure of this benchmark; ``quick`` for a short smoke run."""
-    seconds, reps, connections = (2.0, 2, 32) if quick else (6.0, 5, 32)
+def run(quick: bool, instructions: bool | None = None) -> dict[str, Any]:
+    """Every figure of this benchmark; ``quick`` for a short smoke run; ``instructions``
+    adds the callgrind counts (by default in a full run, when valgrind is installed)."""
+    if instructions is None:
+        instructions = not quick
+    seconds, reps, connections = (2.0, 2, 32) if quick else (6.0, 7, 32)
     os.environ[KEY_ENV] = "sk-upstream-bench"
     os.environ[MASTER_ENV] = MASTER_KEY
-    cpu = {}
+    cpu, counted = {}, {}
     with mock_upstream() as mock:
         for workload in workloads(f"http://127.0.0.1:{mock.port}"):
             cpu[workload.name] = cpu_per_request(workload, seconds, reps, connections)
+            if instructions and _callgrind.available():
+                counted[workload.name] = instructions_per_request(
+                    workload,
+                    200 if quick else 1000,
+                    1,  # deterministic: one window will do
+                )
     updates = update_rates(200_000 if quick else 2_000_000, 3 if quick else 5)
     scrape = scrape_time(20 if quick else 100)
     return {
         "machine": machine(),
-        "metrics": declared_metrics(cpu, updates, scrape),
+        "metrics": declared_metrics(cpu, updates, scrape, counted),
         "cpu_per_request": cpu,
+        "instructions_per_request": counted,
         "updates_per_s": updates,
         "hooks_us": hook_costs(20_000 if quick else 100_000, 3 if quick else 5),
         "scrape": scrape,
@@ -369,7 +414,10 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 def declared_metrics(
-    cpu: dict[str, Any], updates: dict[str, float], scrape: dict[str, float]
+    cpu: dict[str, Any],
+    updates: dict[str, float],
+    scrape: dict[str, float],
+    counted: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The figures the suite compares across runs and the comprehensive table shows; the
     first one named ``overhead`` is "instrumentation overhead" (metrics vs off, proxied)."""
@@ -384,6 +432,13 @@ def declared_metrics(
             if config in configs:
                 metrics.append({"name": f"{name}.{workload}", "value": configs[config][key],
                                 "unit": "%", "better": "lower"})  # fmt: skip
+    for workload, configs in (counted or {}).items():  # callgrind: deterministic
+        for config, key, name in (
+            ("metrics only", "vs_off_pct", "metrics_overhead_instructions_pct"),
+            ("metrics + 10% tracing", "vs_metrics_pct", "tracing_10pct_instructions_pct"),
+        ):
+            metrics.append({"name": f"{name}.{workload}", "value": configs[config][key],
+                            "unit": "%", "better": "lower"})  # fmt: skip
     metrics.append({"name": "counter_updates_per_s", "value": updates["Counter.inc / s"],
                     "unit": "1/s", "better": "higher"})  # fmt: skip
     metrics.append({"name": "scrape_ms", "value": scrape["scrape_ms"], "unit": "ms",
@@ -400,8 +455,8 @@ def report(results: dict[str, Any]) -> str:
         "/proc schedstat (ns); medians (min–max over repetitions)",
         "",
         "| workload | configuration | worker CPU µs / request | loop thread µs | other threads µs "
-        "| vs off | vs metrics only | requests/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| vs off | vs metrics only | paired vs off | paired vs metrics | requests/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for workload, rows in results["cpu_per_request"].items():
         for name, row in rows.items():
@@ -409,8 +464,18 @@ def report(results: dict[str, Any]) -> str:
                 f"| {workload} | {name} | {row['cpu_us_per_request']:.2f} "
                 f"({row['min']:.2f}–{row['max']:.2f}) | {row['loop_us']:.2f} "
                 f"| {row['other_threads_us']:.2f} | {row['vs_off_pct']:+.2f}% "
-                f"| {row['vs_metrics_pct']:+.2f}% | {row['requests_per_s']:,.0f} |"
+                f"| {row['vs_metrics_pct']:+.2f}% | {row['paired_vs_off_pct']:+.2f}% "
+                f"| {row['paired_vs_metrics_pct']:+.2f}% | {row['requests_per_s']:,.0f} |"
             )
+    if results.get("instructions_per_request"):
+        lines += ["", "| workload | configuration | instructions / request (callgrind) | vs off "
+                  "| vs metrics only |", "|---|---|---|---|---|"]  # fmt: skip
+        for workload, rows in results["instructions_per_request"].items():
+            for name, row in rows.items():
+                lines.append(
+                    f"| {workload} | {name} | {row['instructions']:,.0f} "
+                    f"| {row['vs_off_pct']:+.2f}% | {row['vs_metrics_pct']:+.2f}% |"
+                )
     lines += ["", "| metric updates, one process | per second |", "|---|---|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in results["updates_per_s"].items()]
     lines += ["", "| observability hooks of one proxied chat request, one process | µs |",
@@ -425,9 +490,11 @@ def report(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--instructions", action=argparse.BooleanOptionalAction,
+                        help="callgrind counts (default: in a full run)")  # fmt: skip
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    results = run(args.quick)
+    results = run(args.quick, args.instructions)
     print(report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -41,19 +41,21 @@ class Attempt:
         self, run: Run, target: Target, cell: int | None, admission: Admission | None
     ) -> None:
         self.target = target
-        self._run = run
+        # Not the run itself: the run keeps its attempts, and a cycle would leave every
+        # request's objects to the garbage collector.
+        self._control = run.control
+        self._obs = run.obs
         self._cell = cell
         self._admission = admission
         self._started = Clock()
-        self._first_byte: int | None = None
+        self.first_byte_ns = 0  # when a stream's first chunk came (0: not yet, or no stream)
+        self.error: LLMKitError | None = None  # why it failed, once settled
         self._done = False
 
     def first_byte(self) -> None:
         """A stream's first chunk arrived: its time to first token is known."""
-        if self._first_byte is None:
-            self._first_byte = Clock()
-            if self._run.obs is not None:
-                self._run.obs.first_token()
+        if not self.first_byte_ns:
+            self.first_byte_ns = Clock()
 
     def abandoned(self) -> None:
         """The caller went away or a bug struck: judge nothing; tokens stay at the
@@ -62,7 +64,8 @@ class Attempt:
 
     def succeeded(self, usage: Usage | None) -> None:
         now = Clock()
-        ttft = (self._first_byte - self._started) / 1e9 if self._first_byte else None
+        first = self.first_byte_ns
+        ttft = (first - self._started) / 1e9 if first else None
         self._settle(now, usage, ok=True, ttft_s=ttft)
 
     def failed(self, error: LLMKitError, partial: bool = False) -> None:
@@ -70,7 +73,7 @@ class Attempt:
         for; a stream cut part-way (``partial``) keeps its estimate."""
         now = Clock()
         nothing = None if partial else Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-        control, cell = self._run.control, self._cell
+        control, cell = self._control, self._cell
         if control is not None and cell is not None and isinstance(error, RateLimitError):
             # The provider is busy, not broken: skip it until it says to come back.
             wait_s = error.retry_after if error.retry_after is not None else 1.0
@@ -90,9 +93,10 @@ class Attempt:
         if self._done:
             return
         self._done = True
-        if self._run.obs is not None:
-            self._run.obs.attempt_settled(ok, error)
-        control = self._run.control
+        self.error = error
+        if self._obs is not None:
+            self._obs.attempt_settled(ok, error)
+        control = self._control
         if control is None:
             return
         if self._cell is not None:
@@ -121,8 +125,13 @@ class Run:
     ) -> None:
         self.control = control
         self.obs = call.obs
-        self._call = call
-        self._targets = targets
+        # The call's parts, not the call: the call keeps its run (``Call.run``).
+        self._key = call.key
+        self._model = call.request.model
+        self._headers = call.headers
+        self.targets = targets
+        self.attempts: list[Attempt] = []  # admitted tries, in order
+        self.usage: Usage | None = None  # what the serving upstream reported, once closed
         self._tokens = tokens
         self._attempts = attempts
         self._backoff = backoff
@@ -154,15 +163,16 @@ class Run:
         A plain generator (the hot path pays for no async one): it is lazy, so the next
         deployment is admitted only after the caller's ``await run.failed(...)``.
         """
-        for position, target in enumerate(self._targets):
+        for position, target in enumerate(self.targets):
             if self._tried >= self._attempts:
                 return
             self._position = position
             attempt = self._open(target)
             if attempt is not None:
                 self._tried += 1
+                self.attempts.append(attempt)
                 if self.obs is not None:
-                    self.obs.attempt_started(target, self._call)
+                    self.obs.attempt_started(target, self._headers)
                 yield attempt
 
     def _open(self, target: Target) -> Attempt | None:
@@ -187,7 +197,7 @@ class Run:
         self._errors.append(error)
         if not retryable(error):
             raise error
-        if self._tried < self._attempts and self._position + 1 < len(self._targets):
+        if self._tried < self._attempts and self._position + 1 < len(self.targets):
             await asyncio.sleep(backoff_s(self._tried, *self._backoff, self._rng))
 
     def error(self) -> LLMKitError:
@@ -198,10 +208,10 @@ class Run:
         elif self._refusals:
             error = min(self._refusals, key=lambda e: e.retry_after or 0.0)
             if self.control is not None:
-                target = self._targets[0] if self._targets else None
-                error.headers.update(self.control.limit_headers(self._call.key, target, Clock()))
+                target = self.targets[0] if self.targets else None
+                error.headers.update(self.control.limit_headers(self._key, target, Clock()))
         else:
-            model = self._call.request.model
+            model = self._model
             error = ServiceUnavailableError(
                 f"every deployment of '{model}' is unavailable (circuit open or cooling down)",
                 retry_after=1.0,
@@ -214,6 +224,8 @@ class Run:
         Unknown ``usage`` means no tokens were used (every try failed), unless
         ``keep_estimate``: a stream cut part-way, whose real usage nobody reported.
         """
+        if usage is not None:
+            self.usage = usage
         if self.obs is not None:
             self.obs.settled(usage)
         control, admission = self.control, self._admission

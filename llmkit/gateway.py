@@ -259,22 +259,36 @@ class Gateway:
         key: str | None = None,
         response_headers: dict[str, str] | None = None,
         obs: RequestObs | None = None,
+        call: Call | None = None,
     ) -> tuple[Target, EmbeddingResponse]:
         """Embeddings, with the same limits, breakers and fallbacks as chat.
 
-        ``response_headers``, when given, receives the ``x-ratelimit-*`` headers.
+        ``response_headers``, when given, receives the ``x-ratelimit-*`` headers;
+        ``call``, when given, is ``embedding_call``'s (and replaces the three before).
         """
-        texts = [Message(role="user", content=str(request.input))]
-        chat = ChatRequest(model=request.model, messages=texts, max_tokens=1)
-        call = Call(chat, key=key, obs=obs)
-        if response_headers is not None:
-            call.response_headers = response_headers
+        if call is None:
+            call = self.embedding_call(request, key, response_headers, obs)
 
         def embed(target: Target) -> Awaitable[EmbeddingResponse]:
             return self._adapter(target).embed(request, target)
 
         run = self._run(call, request.model, stream=False)
         return await self._first_answer(call, run, embed, _embedding_usage)
+
+    def embedding_call(
+        self,
+        request: EmbeddingRequest,
+        key: str | None = None,
+        response_headers: dict[str, str] | None = None,
+        obs: RequestObs | None = None,
+    ) -> Call:
+        """The chat-shaped call an embeddings request is limited and routed as."""
+        texts = [Message(role="user", content=str(request.input))]
+        chat = ChatRequest(model=request.model, messages=texts, max_tokens=1)
+        call = Call(chat, key=key, obs=obs)
+        if response_headers is not None:
+            call.response_headers = response_headers
+        return call
 
     def state(self, now_ns: int) -> dict[str, object]:
         """The control plane's shared state, for ``/admin/state``."""
@@ -302,6 +316,7 @@ class Gateway:
                 obs.routed(call, targets, mark if control is not None else 0)
         run = Run(control, call, targets, prompt + completion, router.attempts,
                   (router.backoff_base_s, router.backoff_max_s))  # fmt: skip
+        call.run = run
         try:
             run.admit(call.key)
         except RateLimitError as refused:

@@ -29,15 +29,18 @@ Byte layouts (every word int64 unless marked f64; each cell starts its own 64-by
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from llmkit.config import Config
 from llmkit.providers.registry import provider_names
 from shm import Counter, Histogram, LayoutBuilder, WorkerSlot
 from shm.layout import Layout
 from shm.segment import Segment
+
+if TYPE_CHECKING:
+    from shm._atomics import RequestPlan
 
 ROUTES = ("chat", "embeddings", "models", "health", "metrics", "admin", "other")
 STATUSES = (200, 400, 401, 403, 404, 405, 408, 413, 422, 429, 499, 500, 502, 503, 504)
@@ -64,9 +67,8 @@ _OTHER_STATUS = len(STATUSES)
 TOKENS_IN, TOKENS_OUT, COST, RETRIES, FALLBACKS, ATTEMPTS, ERRORS = 48, 56, 64, 72, 80, 88, 96
 TARGET_WORDS = 12 + len(ERROR_KINDS)
 KEY_WORDS = 4
+_PLANS_MAX = 65536
 _STATUS_SPAN = 600  # statuses 0..599 index precomputed tables; above clips to 599 (5xx)
-_DURATION_SUM = 8 * (len(DURATION_BOUNDS) + 1)
-_TTFT_SUM = 8 * (len(TTFT_BOUNDS) + 1)
 
 
 def route_index(route: str) -> int:
@@ -151,10 +153,10 @@ def declare(builder: LayoutBuilder, config: Config, worker_slots: int) -> None:
 class Metrics:
     """Typed views over the metric regions of one segment, and the recording calls.
 
-    Recording is a handful of C atomic adds at precomputed offsets; nothing allocates.
+    Recording is a few batched C calls at precomputed offsets; nothing allocates.
     ``record_model_request`` is the one call a finished chat or embeddings request
     makes: every offset it needs comes from a list indexed by ``route * 600 + status``
-    or by series number, and one bucket search serves both duration histograms.
+    or by series number, and one bucket search (in C) serves both duration histograms.
     """
 
     def __init__(self, segment: Segment, layout: Layout, config: Config) -> None:
@@ -192,48 +194,56 @@ class Metrics:
         self._http_hist = [h.offset for h in self.http_duration]
         self._duration = [h.offset for h in self.duration]
         self._ttft = [h.offset for h in self.ttft]
+        # Per model route, by status (0-599): the http_requests word, and the status class
+        # word inside a TargetStats cell (Atomics.record_request's tables).
+        self._status_words = [
+            tuple(self._http_counter[route * _STATUS_SPAN : (route + 1) * _STATUS_SPAN])
+            for route in range(len(MODEL_ROUTES))
+        ]
+        self._class_words = [
+            tuple(self._class_word[route * _STATUS_SPAN : (route + 1) * _STATUS_SPAN])
+            for route in range(len(MODEL_ROUTES))
+        ]
+        self.plans: dict[tuple[int, int, int, bool], RequestPlan] = {}
 
     # -- recording (hot) ----------------------------------------------------------
 
     def record_http(self, route: int, status: int, seconds: float) -> None:
         """Count one finished HTTP request; ``route`` from ``route_index``."""
-        add = self._add
-        add(self._http_counter[route * _STATUS_SPAN + min(status, _STATUS_SPAN - 1)], 1)
-        base = self._http_hist[route]
-        add(base + 8 * bisect_left(DURATION_BOUNDS, seconds), 1)
-        self._addf(base + _DURATION_SUM, seconds)
+        a = self.atomics
+        a.add_ones(self._http_counter[route * _STATUS_SPAN + min(status, _STATUS_SPAN - 1)])
+        a.observe(DURATION_BOUNDS, seconds, self._http_hist[route])
 
     def record_model_request(
         self, route: int, status: int, seconds: float, target: int, key: int,
         tokens_in: int, tokens_out: int, cost: float, ttft: float | None,
+        words: Sequence[int] | None,
     ) -> None:  # fmt: skip
-        """Everything a finished model request (``route`` 0 chat, 1 embeddings) counts:
-        ``record_http``, ``record_request``, ``record_usage`` and ``record_ttft`` in one."""
-        add, addf = self._add, self._addf
-        index = route * _STATUS_SPAN + min(status, _STATUS_SPAN - 1)
-        add(self._http_counter[index], 1)
-        bucket = 8 * bisect_left(DURATION_BOUNDS, seconds)
-        base = self._http_hist[route]
-        add(base + bucket, 1)
-        addf(base + _DURATION_SUM, seconds)
-        base = self._duration[target]
-        add(base + bucket, 1)
-        addf(base + _DURATION_SUM, seconds)
+        """Everything a finished model request (``route`` 0 chat, 1 embeddings) counts,
+        ``record_http`` included, in one C call (``Atomics.record_request``). ``words``
+        are its tries' counters (attempts, retries, fallbacks, errors) that gain 1; None
+        is the usual case, one attempt at ``target`` that did not fail."""
+        plan = self.plans.get((route, target, key, words is None))
+        if plan is None:
+            plan = self.plan(route, target, key, words is None)
+        self.atomics.record_request(plan, status, seconds, tokens_in, tokens_out, cost, ttft,
+                                    *(words or ()))  # fmt: skip
+
+    def plan(self, route: int, target: int, key: int, attempted: bool) -> RequestPlan:
+        """The words a model request of ``route`` at ``target`` by ``key`` adds to
+        (``Atomics.record_request``), with its one attempt's when ``attempted``; kept in
+        ``plans``, so a request looks its plan up with one dict probe."""
         stats, key_stats = self.targets[target], self.keys[key]
-        add(stats + self._class_word[index], 1)
-        add(key_stats, 1)
-        if tokens_in or tokens_out:
-            add(stats + TOKENS_IN, tokens_in)
-            add(stats + TOKENS_OUT, tokens_out)
-            add(key_stats + 8, tokens_in)
-            add(key_stats + 16, tokens_out)
-        if cost:
-            addf(stats + COST, cost)
-            addf(key_stats + 24, cost)
-        if ttft is not None:
-            base = self._ttft[target]
-            add(base + 8 * bisect_left(TTFT_BOUNDS, ttft), 1)
-            addf(base + _TTFT_SUM, ttft)
+        ones = (key_stats, stats + ATTEMPTS) if attempted else (key_stats,)
+        hists = (self._http_hist[route], self._duration[target])
+        io = (stats + TOKENS_IN, stats + TOKENS_OUT, key_stats + 8, key_stats + 16)
+        plan = (ones, DURATION_BOUNDS, hists, io, (stats + COST, key_stats + 24), TTFT_BOUNDS,
+                self._ttft[target], self._status_words[route], self._class_words[route],
+                stats)  # fmt: skip
+        if len(self.plans) >= _PLANS_MAX:  # a bound, for configs with very many keys
+            self.plans.clear()
+        self.plans[route, target, key, attempted] = plan
+        return plan
 
     def record_request(
         self, target: int, route: int, status: int, seconds: float, key: int

@@ -3,20 +3,22 @@
 The pieces live in their own modules: ``llmkit.metrics`` (series, shm layout, recording),
 ``llmkit.collector`` (the prometheus_client collector, ``MetricSource`` for regions
 declared elsewhere), ``llmkit.tracing`` (sampling, ``traceparent``, spans) and
-``llmkit.accesslog``. This module ties them to one request: the HTTP surface calls
-``Observability.begin`` and gets a ``RequestObs`` (or None when everything is off, so
-the pipeline pays one ``is not None`` test per hook), which the gateway, the run and
-its attempts feed with one call per event, and ``finish`` turns into metric updates, a
-log line and the root span's end. A request that is neither sampled nor logged gets
-the metrics-only ``RequestObs``, whose hooks keep a few fields and whose ``finish`` is
-one call of C atomic adds at precomputed offsets; a sampled or logged one gets a
-``DetailedObs``, which also records its spans as plain tuples (``llmkit.tracing``).
+``llmkit.accesslog``. This module ties them to one request.
 
-Hooks (who calls what): the HTTP surface ``begin`` / ``answered`` / ``finish``;
+Metrics cost no per-request object and no hook call: the pipeline already keeps what
+they need for its own books (``Call.run`` is the request's ``attempts.Run``: its tries,
+their targets and errors, the first byte's time, the usage), so when a request is over
+the HTTP surface calls ``Observability.count`` once, which reads those and makes three
+to five C calls (``Atomics.add_ones`` / ``observe`` / ``add_i64s`` / ``add_f64s``: every
+add of the request at offsets precomputed at boot, the bucket search in C).
+
+Tracing and the access log do need a recorder: the surface calls ``Observability.begin``,
+which returns a ``RequestObs`` for a request that is sampled (one ``random()`` compare)
+or logged and None for any other, so an unsampled request pays one ``is not None`` test
+per hook. Hooks (who calls what): the HTTP surface ``begin`` / ``answered`` / ``finish``;
 ``Gateway._run`` ``mark`` + ``routed``; ``Run.admit`` ``mark`` + ``admitted``;
 ``Run._open`` ``attempt_started``; ``Attempt._settle`` ``attempt_settled``;
-``Attempt.first_byte`` ``first_token``; ``Run.close`` ``settled``; the multiplexer
-``multiplexer_role``.
+``Run.close`` ``settled``; the multiplexer ``multiplexer_role``.
 
 Metric names and the OpenTelemetry GenAI semantic conventions (Prometheus names carry
 ``_total`` on counters; every series also has ``model``, ``deployment``, ``provider``)::
@@ -49,8 +51,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from time import time_ns
+from collections import ChainMap
+from collections.abc import Mapping, Sequence
+from time import monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -65,9 +68,13 @@ from llmkit.errors import (
     UpstreamTimeoutError,
 )
 from llmkit.metrics import (
+    ATTEMPTS,
     DURATION_BOUNDS,
     ERROR_KINDS,
+    ERRORS,
+    FALLBACKS,
     MODEL_ROUTES,
+    RETRIES,
     ROUTES,
     STATUSES,
     Metrics,
@@ -81,6 +88,7 @@ from llmkit.tracing import (
     INTERNAL,
     SERVER,
     TRACEPARENT,
+    SharedAttributes,
     SpanData,
     TraceContext,
     Tracing,
@@ -92,6 +100,7 @@ from llmkit.upstream import UpstreamStatus
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
+    from llmkit.attempts import Attempt
     from llmkit.providers.base import Call, Target
     from llmkit.types import Usage
 
@@ -104,7 +113,6 @@ __all__ = [
     "Metrics",
     "Observability",
     "RequestObs",
-    "DetailedObs",
     "ShmCollector",
     "declare",
     "error_kind",
@@ -116,6 +124,8 @@ __all__ = [
     len(ERROR_KINDS)
 )
 _MODEL_ROUTES = len(MODEL_ROUTES)  # route indexes below this carry a model
+_SERIES_MAX = 8192
+_SHARED_MAX = 4096
 
 
 def error_kind(error: BaseException) -> int:
@@ -155,11 +165,22 @@ class Observability:
         self.series = metrics.series if metrics is not None else Series.of(config)
         self.tracing = tracing or Tracing.off()
         self.access = access
-        self.active = self.metrics is not None or self.tracing.enabled or access is not None
+        self.counting = self.metrics is not None
+        self.detailed = self.tracing.enabled or access is not None
+        self.active = self.counting or self.detailed
         self._traced = self.tracing.enabled
+        self._draw, self._rate = self.tracing.random, self.tracing.rate
+        # Span attributes many requests share, by what they are made of (``share``).
+        self.shared: dict[tuple[Any, ...], SharedAttributes] = {}
         self._deployments = self.series.deployments
-        self.key_index: dict[str | None, int] = {None: self.series.no_key}
+        self._series = dict(self._deployments)  # deployment name -> series, see series_of
+        self._unrouted = self.series.unrouted
+        self._no_key = self.series.no_key
+        self.key_index: dict[str | None, int] = {None: self._no_key}
         self.key_index.update(self.series.key_index)
+        if self.metrics is not None:
+            self._plans = self.metrics.plans
+            self._record = self.metrics.atomics.record_request
 
     @classmethod
     def build(
@@ -175,21 +196,131 @@ class Observability:
     def begin(
         self, route: int, method: str, path: str, request_id: str, traceparent: str | None
     ) -> RequestObs | None:
-        """A request's recorder: a ``DetailedObs`` when it is sampled or logged, else a
-        metrics-only ``RequestObs``; None when there is nothing to record."""
+        """The recorder of a request that is sampled or logged; None for any other (its
+        metrics are counted by ``count``, from the pipeline's own objects)."""
         trace = None
         if self._traced and route < _MODEL_ROUTES:  # no traces of /health, /metrics
-            trace = self.tracing.sample(traceparent)
-        if trace is not None or self.access is not None:
-            return DetailedObs(self, route, method, path, request_id, trace)
-        if self.metrics is None:
+            if traceparent:
+                trace = self.tracing.sample(traceparent)
+            elif self._draw() < self._rate:  # Tracing.sample, inline: most are not drawn
+                trace = self.tracing.root()
+        if trace is None and self.access is None:
             return None
-        return RequestObs(self, route)
+        return RequestObs(self, route, method, path, request_id, trace)
+
+    def count(self, route: int, status: int, started_ns: int, call: Call | None) -> None:
+        """Count a finished request (only when ``counting``): ``started_ns`` is when it
+        arrived (``time.monotonic_ns``), ``call`` its chat call if one was decoded. The
+        call's run knows the rest: its tries, the tokens, the first byte.
+
+        The usual request (one attempt that did not fail) costs a few attribute reads,
+        one dict probe for its plan and one C call; anything else goes the long way."""
+        seconds = (monotonic_ns() - started_ns) / 1e9
+        if call is None or (run := call.run) is None or len(run.attempts) != 1:
+            self._count_other(route, status, seconds, started_ns, call)
+            return
+        attempt = run.attempts[0]
+        target = attempt.target
+        series = self._series.get(target.deployment)
+        if attempt.error is not None or series is None:
+            self._count_other(route, status, seconds, started_ns, call)
+            return
+        plan = self._plans.get((route, series, self.key_index.get(call.key, -1), True))
+        if plan is None:
+            self._count_other(route, status, seconds, started_ns, call)
+            return
+        ttft = (attempt.first_byte_ns - started_ns) / 1e9 if attempt.first_byte_ns else None
+        usage = run.usage
+        if usage is None:
+            self._record(plan, status, seconds, 0, 0, 0.0, ttft)
+            return
+        price = target.price
+        cost = 0.0
+        if price is not None:  # Price.cost, inline: the same arithmetic, bit for bit
+            if usage.prompt_tokens_details is None:
+                cost = (usage.prompt_tokens * price.input
+                        + usage.completion_tokens * price.output) / 1_000_000  # fmt: skip
+            else:
+                cost = price.cost(usage)
+        self._record(plan, status, seconds, usage.prompt_tokens, usage.completion_tokens,
+                     cost, ttft)  # fmt: skip
+
+    def _count_other(
+        self, route: int, status: int, seconds: float, started_ns: int, call: Call | None
+    ) -> None:
+        """``count`` for all but the usual request; also plans the usual one's words."""
+        metrics = self.metrics
+        assert metrics is not None
+        if route >= _MODEL_ROUTES:
+            metrics.record_http(route, status, seconds)
+            return
+        run = call.run if call is not None else None
+        if run is None:  # refused before routing (400, 401, 404) or a multiplexer follower
+            metrics.record_model_request(
+                route, status, seconds, self._unrouted, self._no_key, 0, 0, 0.0, None, ()
+            )
+            return
+        assert call is not None
+        key = self.key_index.get(call.key, self._no_key)
+        attempts, ttft = run.attempts, None
+        words: Sequence[int] | None = None  # None: one attempt, at target, that did not fail
+        if attempts:
+            last = attempts[-1]
+            target: Target | None = last.target
+            series = self.series_of(last.target)
+            if len(attempts) > 1 or last.error is not None:
+                words = self._attempt_words(metrics, attempts)
+            if last.first_byte_ns:
+                ttft = (last.first_byte_ns - started_ns) / 1e9
+        else:  # every deployment refused by a limit or an open breaker
+            target = run.targets[0] if run.targets else None
+            series = self.series_of(target) if target is not None else self._unrouted
+            words = ()
+        usage, cost, tokens_in, tokens_out = run.usage, 0.0, 0, 0
+        if usage is not None:
+            tokens_in, tokens_out = usage.prompt_tokens, usage.completion_tokens
+            if target is not None and target.price is not None:
+                cost = target.price.cost(usage)
+        metrics.record_model_request(
+            route, status, seconds, series, key, tokens_in, tokens_out, cost, ttft, words
+        )
+
+    def _attempt_words(self, metrics: Metrics, attempts: Sequence[Attempt]) -> list[int]:
+        """The words a run's tries add 1 to: attempts, errors by kind, and each later
+        try a retry (same deployment) or a fallback (of the one it moved away from)."""
+        words: list[int] = []
+        previous: tuple[str, int] | None = None
+        for attempt in attempts:
+            target = attempt.target
+            stats = metrics.targets[self.series_of(target)]
+            words.append(stats + ATTEMPTS)
+            if previous is not None:
+                if previous[0] == target.deployment:
+                    words.append(stats + RETRIES)
+                else:
+                    words.append(previous[1] + FALLBACKS)
+            if attempt.error is not None:
+                words.append(stats + ERRORS + 8 * error_kind(attempt.error))
+            previous = (target.deployment, stats)
+        return words
+
+    def share(self, key: tuple[Any, ...], attributes: dict[str, Any]) -> SharedAttributes:
+        """``attributes`` as the one ``SharedAttributes`` for ``key`` (``shared``)."""
+        if len(self.shared) >= _SHARED_MAX:
+            self.shared.clear()
+        shared = self.shared[key] = SharedAttributes(attributes)
+        return shared
 
     def series_of(self, target: Target) -> int:
-        """The metric series of an attempt at ``target`` (``Series.target_of``)."""
+        """The metric series of an attempt at ``target`` (``Series.target_of``), kept
+        by deployment name for ``count`` (direct ``provider/model`` names included)."""
         index = self._deployments.get(target.deployment)
-        return index if index is not None else self.series.target_of("", target.provider.name)
+        if index is None:
+            index = self.series.target_of("", target.provider.name)
+        if len(self._series) >= _SERIES_MAX:  # direct names are unbounded: bound the memo
+            self._series = dict(self._deployments)
+        self._series[target.deployment] = index
+        return index
 
     def close(self) -> None:
         """Flush and stop tracing and the access log (no event loop needed)."""
@@ -205,117 +336,13 @@ class Observability:
 
 
 class RequestObs:
-    """One request's metrics: a few fields set by the hooks, then one batch of atomic
-    adds in ``finish``. The hooks tracing and the access log need do nothing here."""
+    """A request that is sampled for tracing or written to the access log: keeps what
+    the log line and the spans say, and records spans as plain ``SpanData``. Its hooks
+    count nothing: ``Observability.count`` does that for every request alike."""
 
-    __slots__ = ("_o", "_metrics", "route", "started", "series", "key", "target", "attempts",
-                 "usage", "ttft")  # fmt: skip
-
-    sampled = False
-
-    def __init__(self, obs: Observability, route: int) -> None:
-        self._o = obs
-        self._metrics = obs.metrics
-        self.route = route
-        self.started = time.perf_counter()
-        self.series = obs.series.unrouted
-        self.key: str | None = None
-        self.target: Target | None = None
-        self.attempts = 0
-        self.usage: Usage | None = None
-        self.ttft: float | None = None
-
-    def mark(self) -> int:
-        """A span start time when sampled, else 0 (no clock read)."""
-        return 0
-
-    # -- pipeline hooks -------------------------------------------------------------
-
-    def routed(self, call: Call, targets: Sequence[Target], mark: int) -> None:
-        """The model resolved to ``targets`` (ordered by the router when ``mark``)."""
-        self.key = call.key
-        if targets:
-            series = self._o._deployments.get(targets[0].deployment)
-            self.series = series if series is not None else self._o.series_of(targets[0])
-
-    def admitted(self, mark: int, refused: bool) -> None:
-        """The request's own limits (global, key) admitted or refused it."""
-
-    def attempt_started(self, target: Target, call: Call) -> None:
-        """An admitted try at ``target`` is about to go upstream."""
-        series = self._o.series_of(target)
-        metrics = self._metrics
-        if metrics is not None:
-            previous = self.target
-            if previous is not None:
-                if previous.deployment == target.deployment:
-                    metrics.record_retry(series)
-                else:
-                    metrics.record_fallback(self.series)
-            metrics.record_attempt(series)
-        self.attempts += 1
-        self.target = target
-        self.series = series
-
-    def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
-        """The current try ended: answered (``ok``), failed, or abandoned (None)."""
-        if error is not None and self._metrics is not None:
-            self._metrics.record_error(self.series, error_kind(error))
-
-    def first_token(self) -> None:
-        if self.ttft is None:
-            self.ttft = time.perf_counter() - self.started
-
-    def settled(self, usage: Usage | None) -> None:
-        """The tokens the serving upstream reported (None: unknown)."""
-        if usage is not None:
-            self.usage = usage
-
-    def answered(self, finish_reasons: list[str]) -> None:
-        """The finish reasons of a sampled request's answer."""
-
-    def multiplexer_role(self, role: str) -> None:
-        """``leader`` or ``follower``: set by the multiplexer for deduplicated requests."""
-
-    def finish(self, status: int) -> None:
-        """The response is complete: update the metrics."""
-        elapsed = time.perf_counter() - self.started
-        target, usage = self.target, self.usage
-        if usage is None or target is None or target.price is None:
-            self._count(status, elapsed, 0.0)
-        else:
-            self._count(status, elapsed, target.price.cost(usage))
-
-    # -- helpers ----------------------------------------------------------------------
-
-    def _count(self, status: int, elapsed: float, cost: float) -> None:
-        metrics = self._metrics
-        if metrics is None:
-            return
-        route = self.route
-        if route >= _MODEL_ROUTES:
-            metrics.record_http(route, status, elapsed)
-            return
-        usage = self.usage
-        tokens_in, tokens_out = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-        key = self._o.key_index.get(self.key, self._o.series.no_key)
-        metrics.record_model_request(route, status, elapsed, self.series, key, tokens_in,
-                                     tokens_out, cost, self.ttft)  # fmt: skip
-
-    def _cost(self) -> float:
-        target, usage = self.target, self.usage
-        if target is None or usage is None or target.price is None:
-            return 0.0
-        return target.price.cost(usage)
-
-
-class DetailedObs(RequestObs):
-    """A request that is sampled for tracing or written to the access log: also keeps
-    what the log line and the spans say, and records spans as plain ``SpanData``."""
-
-    __slots__ = ("method", "path", "request_id", "model", "error_kind", "role",
-                 "finish_reasons", "messages", "trace", "_start_ns", "_attempt",
-                 "_spans")  # fmt: skip
+    __slots__ = ("_o", "route", "started", "key", "target", "attempts", "usage", "method",
+                 "path", "request_id", "model", "error_kind", "role", "finish_reasons",
+                 "messages", "trace", "_start_ns", "_attempt", "_spans")  # fmt: skip
 
     def __init__(
         self,
@@ -326,7 +353,13 @@ class DetailedObs(RequestObs):
         request_id: str,
         trace: TraceContext | None,
     ) -> None:
-        super().__init__(obs, route)
+        self._o = obs
+        self.route = route
+        self.started = time.perf_counter()
+        self.key: str | None = None
+        self.target: Target | None = None
+        self.attempts = 0
+        self.usage: Usage | None = None
         self.method = method
         self.path = path
         self.request_id = request_id
@@ -337,77 +370,91 @@ class DetailedObs(RequestObs):
         self.messages: Any = None
         self.trace = trace
         self._start_ns = time_ns() if trace is not None else 0
-        # The open attempt span: (span id, start ns, name, attributes).
-        self._attempt: tuple[int, int, str, dict[str, Any]] | None = None
+        # The open attempt span: (span id, start ns, target, attempt number).
+        self._attempt: tuple[int, int, Target, int] | None = None
         self._spans: list[SpanData] = []  # finished, queued together with the root
 
     @property
-    def sampled(self) -> bool:  # type: ignore[override]
+    def sampled(self) -> bool:
         return self.trace is not None
 
     def mark(self) -> int:
+        """A span start time when sampled, else 0 (no clock read)."""
         return time_ns() if self.trace is not None else 0
 
+    # -- pipeline hooks -------------------------------------------------------------
+
     def routed(self, call: Call, targets: Sequence[Target], mark: int) -> None:
-        super().routed(call, targets, mark)
+        """The model resolved to ``targets`` (ordered by the router when ``mark``)."""
+        self.key = call.key
         self.model = call.request.model
         access = self._o.access
         if access is not None and access.log_prompts:
             self.messages = call.request.messages
         if self.trace is not None and mark:
-            order = [t.deployment for t in targets]
-            self._stage("llmkit.router", mark, {"llmkit.router.order": order})
+            order = ("router", *[t.deployment for t in targets])
+            shared = self._o.shared.get(order)
+            if shared is None:
+                shared = self._o.share(order, {"llmkit.router.order": list(order[1:])})
+            self._stage("llmkit.router", mark, shared)
 
     def admitted(self, mark: int, refused: bool) -> None:
+        """The request's own limits (global, key) admitted or refused it."""
         if self.trace is not None and mark:
-            self._stage("llmkit.limiter", mark, {"llmkit.limiter.refused": refused})
+            self._stage("llmkit.limiter", mark, _REFUSED[refused])
 
-    def attempt_started(self, target: Target, call: Call) -> None:
-        super().attempt_started(target, call)
+    def attempt_started(self, target: Target, headers: dict[str, str]) -> None:
+        """An admitted try at ``target`` is about to go upstream with ``headers``."""
+        self.attempts += 1
+        self.target = target
         trace = self.trace
         if trace is not None:
-            operation = self._operation()
-            attributes = {
-                "gen_ai.operation.name": operation, "gen_ai.request.model": target.model,
-                "gen_ai.provider.name": target.provider.name,
-                "llmkit.deployment": target.deployment, "llmkit.attempt": self.attempts,
-            }  # fmt: skip
             span_id = self._o.tracing.span_id()
-            self._attempt = (span_id, time_ns(), f"{operation} {target.model}", attributes)
-            call.headers[TRACEPARENT] = format_traceparent(trace.trace_id, span_id)
+            self._attempt = (span_id, time_ns(), target, self.attempts)
+            headers[TRACEPARENT] = format_traceparent(trace.trace_id, span_id)
 
     def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
+        """The current try ended: answered (``ok``), failed, or abandoned (None)."""
         kind = error_kind(error) if error is not None else None
         if kind is not None:
             self.error_kind = kind
-            if self._metrics is not None:
-                self._metrics.record_error(self.series, kind)
         if self._attempt is not None:
             self._end_attempt(_OUTCOMES[ok], ERROR_KINDS[kind] if kind is not None else None)
 
+    def settled(self, usage: Usage | None) -> None:
+        """The tokens the serving upstream reported (None: unknown)."""
+        if usage is not None:
+            self.usage = usage
+
     def answered(self, finish_reasons: list[str]) -> None:
+        """The finish reasons of a sampled request's answer."""
         self.finish_reasons = finish_reasons
 
     def multiplexer_role(self, role: str) -> None:
+        """``leader`` or ``follower``: set by the multiplexer for deduplicated requests."""
         self.role = role
 
     def finish(self, status: int) -> None:
-        """Update the metrics, write the log line, record the root span."""
+        """The response is complete: write the log line, record the root span."""
         elapsed = time.perf_counter() - self.started
         cost = self._cost()
-        self._count(status, elapsed, cost)
         access = self._o.access
         if access is not None:
             access.write(self._record(status, elapsed, cost))
         if self.trace is not None:
             self._end_root(status, cost)
 
-    # -- spans ------------------------------------------------------------------------
+    def _cost(self) -> float:
+        target, usage = self.target, self.usage
+        if target is None or usage is None or target.price is None:
+            return 0.0
+        return target.price.cost(usage)
 
+    # -- spans ------------------------------------------------------------------------
     def _operation(self) -> str:
         return MODEL_ROUTES[self.route] if self.route < _MODEL_ROUTES else "chat"
 
-    def _stage(self, name: str, mark: int, attributes: dict[str, Any]) -> None:
+    def _stage(self, name: str, mark: int, attributes: Mapping[str, Any]) -> None:
         trace = self.trace
         assert trace is not None
         self._spans.append((trace.trace_id, self._o.tracing.span_id(), trace.span_id, False, name,
@@ -417,11 +464,23 @@ class DetailedObs(RequestObs):
         trace, attempt = self.trace, self._attempt
         assert trace is not None and attempt is not None
         self._attempt = None
-        span_id, start, name, attributes = attempt
-        if outcome is not None:
-            attributes["llmkit.outcome"] = outcome
-        self._spans.append((trace.trace_id, span_id, trace.span_id, False, name, CLIENT, start,
-                            time_ns(), attributes, error))  # fmt: skip
+        span_id, start, target, number = attempt
+        operation = self._operation()
+        key = ("attempt", operation, target.model, target.provider.name, target.deployment,
+               number, outcome)  # fmt: skip
+        attributes = self._o.shared.get(key)
+        if attributes is None:
+            made = {
+                "gen_ai.operation.name": operation, "gen_ai.request.model": target.model,
+                "gen_ai.provider.name": target.provider.name,
+                "llmkit.deployment": target.deployment, "llmkit.attempt": number,
+            }  # fmt: skip
+            if outcome is not None:
+                made["llmkit.outcome"] = outcome
+            attributes = self._o.share(key, made)
+        self._spans.append((trace.trace_id, span_id, trace.span_id, False,
+                            f"{operation} {target.model}", CLIENT, start, time_ns(), attributes,
+                            error))  # fmt: skip
 
     def _end_root(self, status: int, cost: float) -> None:
         trace = self.trace
@@ -429,38 +488,51 @@ class DetailedObs(RequestObs):
         if self._attempt is not None:  # a stream the client left mid-way
             self._end_attempt(None, None)
         attributes: dict[str, Any] = {
-            "http.request.method": self.method, "url.path": self.path,
             "llmkit.request_id": self.request_id, "http.response.status_code": status,
             "llmkit.attempts": self.attempts,
         }  # fmt: skip
-        name = f"{self.method} {ROUTES[self.route]}"
-        if self.model is not None:
-            operation = self._operation()
-            name = f"{operation} {self.model}"
-            attributes["gen_ai.operation.name"] = operation
-            attributes["gen_ai.request.model"] = self.model
-            attributes["llmkit.key"] = self.key or ""
-        target, usage = self.target, self.usage
-        if target is not None:
-            attributes["gen_ai.provider.name"] = target.provider.name
-            attributes["gen_ai.response.model"] = target.model
-            attributes["llmkit.deployment"] = target.deployment
+        usage = self.usage
         if usage is not None:
             attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
             attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
             attributes["llmkit.cost_usd"] = cost
-        if self.finish_reasons:
-            attributes["gen_ai.response.finish_reasons"] = self.finish_reasons
-        if self.role is not None:
-            attributes["llmkit.multiplexer.role"] = self.role
+        operation = self._operation() if self.model is not None else None
+        name = f"{operation} {self.model}" if operation else f"{self.method} {ROUTES[self.route]}"
+        target = self.target
+        served = (target.provider.name, target.model, target.deployment) if target else None
+        reasons = tuple(self.finish_reasons) if self.finish_reasons else ()
+        key = ("root", self.method, self.path, operation, self.model, self.key, served, reasons,
+               self.role)  # fmt: skip
+        shared = self._o.shared.get(key)
+        if shared is None:
+            shared = self._o.share(key, self._root_attributes(operation, reasons))
         error = None
         if status >= 400:
             kind = self.error_kind
             error = ERROR_KINDS[kind] if kind is not None and status >= 500 else str(status)
         spans = self._spans
         spans.append((trace.trace_id, trace.span_id, trace.parent, trace.remote_parent, name,
-                      SERVER, self._start_ns, time_ns(), attributes, error))  # fmt: skip
+                      SERVER, self._start_ns, time_ns(), ChainMap(attributes, shared),
+                      error))  # fmt: skip
         self._o.tracing.record(spans)
+
+    def _root_attributes(self, operation: str | None, reasons: tuple[str, ...]) -> dict[str, Any]:
+        """The root span's attributes that many requests share (``_end_root``)."""
+        attributes: dict[str, Any] = {"http.request.method": self.method, "url.path": self.path}
+        if operation is not None:
+            attributes["gen_ai.operation.name"] = operation
+            attributes["gen_ai.request.model"] = self.model
+            attributes["llmkit.key"] = self.key or ""
+        target = self.target
+        if target is not None:
+            attributes["gen_ai.provider.name"] = target.provider.name
+            attributes["gen_ai.response.model"] = target.model
+            attributes["llmkit.deployment"] = target.deployment
+        if reasons:
+            attributes["gen_ai.response.finish_reasons"] = list(reasons)
+        if self.role is not None:
+            attributes["llmkit.multiplexer.role"] = self.role
+        return attributes
 
     # -- access log -------------------------------------------------------------------
 
@@ -486,3 +558,5 @@ class DetailedObs(RequestObs):
 
 
 _OUTCOMES = {True: "ok", False: "failed", None: "released"}
+_REFUSED = {refused: SharedAttributes({"llmkit.limiter.refused": refused})
+            for refused in (False, True)}  # fmt: skip

@@ -26,20 +26,29 @@ from __future__ import annotations
 import http.client
 import logging
 import struct
+from collections import ChainMap
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from llmkit.tracing import SpanData
+from llmkit.tracing import SharedAttributes, SpanData
 
 log = logging.getLogger("llmkit.tracing")
 
 HEADERS = {"Content-Type": "application/x-protobuf"}
-_FIXED64 = struct.Struct("<Q").pack
 _DOUBLE = struct.Struct("<d").pack
 _SAMPLED, _HAS_REMOTE, _IS_REMOTE = 0x01, 0x100, 0x200
+# A span's fixed-size fields in one pack each: trace id (two halves) and span id, parent
+# span id (bytes, big-endian), then kind, start and end (varint tag, fixed64 little-endian).
+_IDS = struct.Struct(">2sQQ2sQ").pack
+_PARENT = struct.Struct(">2sQ").pack
+_TIMES = struct.Struct("<BBBQBQ").pack
+_LOW64 = (1 << 64) - 1
+_FLAGS = {flags: b"\x85\x01" + flags.to_bytes(4, "little")
+          for flags in (_SAMPLED | _HAS_REMOTE, _SAMPLED | _HAS_REMOTE | _IS_REMOTE)}  # fmt: skip
+_NAMES: dict[str, bytes] = {}  # span names, as encoded fields
 _ERROR_STATUS = b"\x7a\x02\x18\x02"  # field 15 {code: ERROR}
 
 
@@ -82,6 +91,28 @@ _ENCODED: dict[tuple[int, str, type, Any], bytes] = {}
 _ENCODED_MAX = 4096
 
 
+# SharedAttributes encoded before, by identity: (the mapping, which pins it, its bytes).
+_SHARED: dict[int, tuple[Mapping[str, Any], bytes]] = {}
+
+
+def _span_attributes(attributes: Mapping[str, Any]) -> bytes:
+    """A span's ``KeyValue`` fields: a ``SharedAttributes`` block is encoded once."""
+    cls = attributes.__class__
+    if cls is ChainMap:  # in dict(chain) order: its last map's keys first
+        maps = reversed(attributes.maps)  # type: ignore[attr-defined]
+        return b"".join([_span_attributes(part) for part in maps])
+    if cls is SharedAttributes:
+        known = _SHARED.get(id(attributes))
+        if known is not None and known[0] is attributes:
+            return known[1]
+        encoded = _attributes(attributes, 0x4A)
+        if len(_SHARED) >= _ENCODED_MAX:
+            _SHARED.clear()
+        _SHARED[id(attributes)] = (attributes, encoded)
+        return encoded
+    return _attributes(attributes, 0x4A)
+
+
 def _attributes(attributes: Mapping[str, Any], tag: int) -> bytes:
     """Repeated ``KeyValue`` fields under ``tag`` (0x4A in a Span, 0x0A in a Resource)."""
     parts = []
@@ -103,22 +134,22 @@ def _attributes(attributes: Mapping[str, Any], tag: int) -> bytes:
 def encode_span(span: SpanData) -> bytes:
     """One ``Span`` message (without its field tag)."""
     trace_id, span_id, parent, remote, name, kind, start, end, attributes, error = span
-    parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
+    parts = [_IDS(b"\x0a\x10", trace_id >> 64, trace_id & _LOW64, b"\x12\x08", span_id)]
     flags = _SAMPLED | _HAS_REMOTE
     if parent:
-        parts += (b"\x22\x08", parent.to_bytes(8, "big"))
+        parts.append(_PARENT(b"\x22\x08", parent))
         if remote:
             flags |= _IS_REMOTE
-    parts += (
-        _field(0x2A, name.encode()), b"\x30", bytes((kind + 1,)),
-        b"\x39", _FIXED64(start), b"\x41", _FIXED64(end),
-    )  # fmt: skip
+    name_field = _NAMES.get(name)
+    if name_field is None:
+        if len(_NAMES) >= _ENCODED_MAX:
+            _NAMES.clear()
+        name_field = _NAMES[name] = _field(0x2A, name.encode())
+    parts += (name_field, _TIMES(0x30, kind + 1, 0x39, start, 0x41, end),
+              _span_attributes(attributes))  # fmt: skip
     if error is not None:
-        attributes = {**attributes, "error.type": error}
-    parts.append(_attributes(attributes, 0x4A))
-    if error is not None:
-        parts.append(_ERROR_STATUS)
-    parts += (b"\x85\x01", flags.to_bytes(4, "little"))
+        parts += (_attributes({"error.type": error}, 0x4A), _ERROR_STATUS)
+    parts.append(_FLAGS[flags])
     return b"".join(parts)
 
 

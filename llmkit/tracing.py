@@ -51,6 +51,13 @@ MAX_QUEUED = 4096  # traces kept when the exporter falls behind; later ones are 
 SpanData = tuple[int, int, int, bool, str, int, int, int, Mapping[str, Any], "str | None"]
 
 
+class SharedAttributes(dict[str, Any]):
+    """Span attributes that many spans share (an attempt's target, a route's order):
+    built once, never changed after, so the OTLP encoder can keep their bytes by
+    identity. A span's attributes may also be a ``ChainMap`` of a per-request dict and
+    these."""
+
+
 class TraceContext(NamedTuple):
     """A sampled request's root span: its ids and its parent's (0: a new trace)."""
 
@@ -108,7 +115,7 @@ class Tracing:
         self.enabled = export is not None and rate > 0
         self.rate = rate
         rng = rng or random.Random()
-        self._random = rng.random
+        self.random = rng.random  # the head-sampling draw: random() < rate
         self._bits = rng.getrandbits
         self._export = export  # synchronous: flush() and shutdown
         self._send = send  # asynchronous, on the loop; None: ``export`` there too
@@ -133,8 +140,12 @@ class Tracing:
                 if not parent[2]:
                     return None
                 return TraceContext(parent[0], self.span_id(), parent[1], True)
-        if self._random() >= self.rate:
+        if self.random() >= self.rate:
             return None
+        return self.root()
+
+    def root(self) -> TraceContext:
+        """A new trace's root span (the request was drawn for sampling)."""
         return TraceContext(self._bits(128) or 1, self.span_id(), 0, False)
 
     def span_id(self) -> int:
@@ -265,6 +276,8 @@ def sdk_spans(resource: Any) -> Callable[[Sequence[SpanData]], list[ReadableSpan
             parent = SpanContext(trace_id, parent_id, remote, sampled) if parent_id else None
             if error is not None:
                 attrs = {**attrs, "error.type": error}
+            elif attrs.__class__ is not dict:
+                attrs = dict(attrs)
             spans.append(ReadableSpan(
                 name, context, parent, resource, attrs, kind=kinds[kind],
                 status=failed if error is not None else ok, start_time=start, end_time=end,

@@ -653,6 +653,328 @@ Atomics_ewma_read(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
 }
 
 /* ------------------------------------------------------------------------ */
+/* --- observability ---                                                     */
+/* Batched updates: one call does every add a finished request makes, so a   */
+/* request pays one Python->C transition per kind of update, not one per word.*/
+/* Every offset is parsed and checked before any word changes: a bad offset   */
+/* raises and leaves the buffer untouched.                                    */
+/* ------------------------------------------------------------------------ */
+
+#define MAX_BATCH 32
+
+/* Checks `count` offsets at args[0], args[stride], ... (cells of `words` words). */
+static int
+batch_cells(AtomicsObject *self, const char *name, PyObject *const *args, Py_ssize_t count,
+            Py_ssize_t stride, Py_ssize_t words, int64_t **cells)
+{
+    if (count > MAX_BATCH) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d cells (%zd given)", name,
+                     MAX_BATCH, count);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t offset = PyLong_AsLongLong(args[i * stride]);
+        if (offset == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        cells[i] = word_at(self, offset, words);
+        if (cells[i] == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+Atomics_add_ones(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t *cells[MAX_BATCH];
+    if (batch_cells(self, "add_ones", args, nargs, 1, 1, cells) < 0) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        __atomic_fetch_add(cells[i], 1, __ATOMIC_SEQ_CST);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Parses (offset, delta) pairs: the deltas into `deltas` as kind 'i' or 'f'. */
+static Py_ssize_t
+batch_pairs(AtomicsObject *self, const char *name, char kind, PyObject *const *args,
+            Py_ssize_t nargs, int64_t **cells, Arg *deltas)
+{
+    if (nargs % 2 != 0) {
+        PyErr_Format(PyExc_TypeError, "%s() takes (offset, delta) pairs", name);
+        return -1;
+    }
+    Py_ssize_t count = nargs / 2;
+    if (batch_cells(self, name, args, count, 2, 1, cells) < 0) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (convert_arg(kind, args[2 * i + 1], &deltas[i]) < 0) {
+            return -1;
+        }
+    }
+    return count;
+}
+
+static PyObject *
+Atomics_add_i64s(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t *cells[MAX_BATCH];
+    Arg deltas[MAX_BATCH];
+    Py_ssize_t count = batch_pairs(self, "add_i64s", 'i', args, nargs, cells, deltas);
+    if (count < 0) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        __atomic_fetch_add(cells[i], deltas[i].i, __ATOMIC_SEQ_CST);
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+add_f64_at(int64_t *cell, double delta)
+{
+    int64_t old = __atomic_load_n(cell, __ATOMIC_ACQUIRE);
+    while (!__atomic_compare_exchange_n(cell, &old, f64_bits(f64_value(old) + delta), 1,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+    }
+}
+
+static PyObject *
+Atomics_add_f64s(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t *cells[MAX_BATCH];
+    Arg deltas[MAX_BATCH];
+    Py_ssize_t count = batch_pairs(self, "add_f64s", 'f', args, nargs, cells, deltas);
+    if (count < 0) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        add_f64_at(cells[i], deltas[i].f);
+    }
+    Py_RETURN_NONE;
+}
+
+/* bisect.bisect_left over a tuple of floats: the first index whose bound is >= value
+ * (a NaN lands in bucket 0, as bisect puts it). */
+static Py_ssize_t
+bucket_of(PyObject *bounds, double value)
+{
+    Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(bounds);
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(bounds, mid)) < value) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+/* observe(bounds, value, *offsets): one sample into every histogram at `offsets`
+ * (shm.Histogram layout for `bounds`: n bucket words, +Inf word, float64 sum). */
+static PyObject *
+Atomics_observe(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "observe() takes bounds, value and offsets");
+        return NULL;
+    }
+    PyObject *bounds = args[0];
+    if (!PyTuple_CheckExact(bounds)) {
+        PyErr_SetString(PyExc_TypeError, "observe() bounds must be a tuple of floats");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(bounds);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyFloat_CheckExact(PyTuple_GET_ITEM(bounds, i))) {
+            PyErr_SetString(PyExc_TypeError, "observe() bounds must be a tuple of floats");
+            return NULL;
+        }
+    }
+    Arg value;
+    if (convert_arg('f', args[1], &value) < 0) {
+        return NULL;
+    }
+    int64_t *cells[MAX_BATCH];
+    if (batch_cells(self, "observe", args + 2, nargs - 2, 1, n + 2, cells) < 0) {
+        return NULL;
+    }
+    Py_ssize_t bucket = bucket_of(bounds, value.f);
+    for (Py_ssize_t i = 0; i < nargs - 2; i++) {
+        __atomic_fetch_add(cells[i] + bucket, 1, __ATOMIC_SEQ_CST);
+        add_f64_at(cells[i] + n + 1, value.f);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Checks one offset given as a Python int (a plan's word). */
+static int64_t *
+plan_cell(AtomicsObject *self, PyObject *item, Py_ssize_t words)
+{
+    int64_t offset = PyLong_AsLongLong(item);
+    if (offset == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return word_at(self, offset, words);
+}
+
+/* A tuple of `size` offsets, each checked (cells of `words` words) into cells. */
+static int
+plan_cells(AtomicsObject *self, PyObject *tuple, Py_ssize_t size, Py_ssize_t words,
+           int64_t **cells)
+{
+    if (!PyTuple_CheckExact(tuple) || (size >= 0 && PyTuple_GET_SIZE(tuple) != size) ||
+        PyTuple_GET_SIZE(tuple) > MAX_BATCH) {
+        PyErr_SetString(PyExc_TypeError, "record_request() plan has a malformed part");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tuple); i++) {
+        cells[i] = plan_cell(self, PyTuple_GET_ITEM(tuple, i), words);
+        if (cells[i] == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+float_bounds(PyObject *bounds)
+{
+    if (!PyTuple_CheckExact(bounds)) {
+        PyErr_SetString(PyExc_TypeError, "bounds must be a tuple of floats");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(bounds); i++) {
+        if (!PyFloat_CheckExact(PyTuple_GET_ITEM(bounds, i))) {
+            PyErr_SetString(PyExc_TypeError, "bounds must be a tuple of floats");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A status-indexed tuple's offset: status clamped to the table. */
+static int64_t *
+status_cell(AtomicsObject *self, PyObject *table, int64_t status, int64_t base)
+{
+    if (!PyTuple_CheckExact(table) || PyTuple_GET_SIZE(table) == 0) {
+        PyErr_SetString(PyExc_TypeError, "record_request() status table must be a tuple");
+        return NULL;
+    }
+    Py_ssize_t last = PyTuple_GET_SIZE(table) - 1;
+    Py_ssize_t index = status < 0 ? 0 : (status > last ? last : (Py_ssize_t)status);
+    int64_t offset = PyLong_AsLongLong(PyTuple_GET_ITEM(table, index));
+    if (offset == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return word_at(self, base + offset, 1);
+}
+
+/* record_request(plan, status, value, in_delta, out_delta, cost, second, *ones)
+ *
+ * Every add one finished request makes, in one call. `plan` is a 10-tuple prepared
+ * once per kind of request:
+ *   0 ones          offsets that gain 1 (and so does each of the trailing *ones)
+ *   1 bounds        float bounds of the histograms in 2 (shm.Histogram layout)
+ *   2 hists         `value` is observed into each
+ *   3 io_words      (in, out, in, out ...): in_delta is added to the even ones and
+ *                   out_delta to the odd ones, when either is not 0
+ *   4 cost_words    float64 words that gain `cost` when it is not 0.0
+ *   5 second_bounds, 6 second_hist: `second` (None: nothing) is observed there
+ *   7 status_words  offsets by status (clamped to the table): that one gains 1
+ *   8 class_words, 9 class_base: class_base + class_words[status] gains 1
+ * All offsets are checked before any word changes. */
+static PyObject *
+Atomics_record_request(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 7 || nargs - 7 > MAX_BATCH) {
+        PyErr_SetString(PyExc_TypeError, "record_request() takes plan, status, value, "
+                                         "in_delta, out_delta, cost, second, *ones");
+        return NULL;
+    }
+    PyObject *plan = args[0];
+    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 10) {
+        PyErr_SetString(PyExc_TypeError, "record_request() plan must be a 10-tuple");
+        return NULL;
+    }
+    PyObject *ones = PyTuple_GET_ITEM(plan, 0), *bounds = PyTuple_GET_ITEM(plan, 1);
+    PyObject *hists = PyTuple_GET_ITEM(plan, 2), *io = PyTuple_GET_ITEM(plan, 3);
+    PyObject *costs = PyTuple_GET_ITEM(plan, 4), *bounds2 = PyTuple_GET_ITEM(plan, 5);
+    if (float_bounds(bounds) < 0 || float_bounds(bounds2) < 0) {
+        return NULL;
+    }
+    Py_ssize_t n1 = PyTuple_GET_SIZE(bounds), n2 = PyTuple_GET_SIZE(bounds2);
+    Arg status, value, in_delta, out_delta, cost, second = {.f = 0.0}, base;
+    if (convert_arg('i', args[1], &status) < 0 || convert_arg('f', args[2], &value) < 0 ||
+        convert_arg('i', args[3], &in_delta) < 0 || convert_arg('i', args[4], &out_delta) < 0 ||
+        convert_arg('f', args[5], &cost) < 0 ||
+        convert_arg('i', PyTuple_GET_ITEM(plan, 9), &base) < 0) {
+        return NULL;
+    }
+    int has_second = args[6] != Py_None;
+    if (has_second && convert_arg('f', args[6], &second) < 0) {
+        return NULL;
+    }
+    int64_t *one_cells[2 * MAX_BATCH + 2], *hist_cells[MAX_BATCH], *io_cells[MAX_BATCH];
+    int64_t *cost_cells[MAX_BATCH], *second_cell = NULL;
+    if (plan_cells(self, ones, -1, 1, one_cells) < 0 ||
+        plan_cells(self, hists, -1, n1 + 2, hist_cells) < 0 ||
+        plan_cells(self, io, -1, 1, io_cells) < 0 || plan_cells(self, costs, -1, 1, cost_cells) < 0) {
+        return NULL;
+    }
+    Py_ssize_t n_ones = PyTuple_GET_SIZE(ones);
+    one_cells[n_ones] = status_cell(self, PyTuple_GET_ITEM(plan, 7), status.i, 0);
+    if (one_cells[n_ones++] == NULL) {
+        return NULL;
+    }
+    one_cells[n_ones] = status_cell(self, PyTuple_GET_ITEM(plan, 8), status.i, base.i);
+    if (one_cells[n_ones++] == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 7; i < nargs; i++) {
+        one_cells[n_ones] = plan_cell(self, args[i], 1);
+        if (one_cells[n_ones++] == NULL) {
+            return NULL;
+        }
+    }
+    if (has_second) {
+        second_cell = plan_cell(self, PyTuple_GET_ITEM(plan, 6), n2 + 2);
+        if (second_cell == NULL) {
+            return NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n_ones; i++) {
+        __atomic_fetch_add(one_cells[i], 1, __ATOMIC_SEQ_CST);
+    }
+    Py_ssize_t bucket = bucket_of(bounds, value.f);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(hists); i++) {
+        __atomic_fetch_add(hist_cells[i] + bucket, 1, __ATOMIC_SEQ_CST);
+        add_f64_at(hist_cells[i] + n1 + 1, value.f);
+    }
+    if (in_delta.i || out_delta.i) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(io); i++) {
+            __atomic_fetch_add(io_cells[i], i % 2 ? out_delta.i : in_delta.i, __ATOMIC_SEQ_CST);
+        }
+    }
+    if (cost.f != 0.0) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(costs); i++) {
+            add_f64_at(cost_cells[i], cost.f);
+        }
+    }
+    if (second_cell != NULL) {
+        __atomic_fetch_add(second_cell + bucket_of(bounds2, second.f), 1, __ATOMIC_SEQ_CST);
+        add_f64_at(second_cell + n2 + 1, second.f);
+    }
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Type and module                                                           */
 /* ------------------------------------------------------------------------ */
 
@@ -689,6 +1011,23 @@ static PyMethodDef Atomics_methods[] = {
              "Fold sample into the 16-byte EWMA cell; return the new (mean, variance)."),
     FASTCALL(ewma_read, "($self, offset)",
              "Return (mean, variance) of the 16-byte EWMA cell; (0.0, 0.0) if empty."),
+    {"add_ones", (PyCFunction)(void (*)(void))Atomics_add_ones, METH_FASTCALL,
+     "add_ones($self, /, *offsets)\n--\n\n"
+     "Atomically add 1 to the int64 at each offset (at most 32)."},
+    {"add_i64s", (PyCFunction)(void (*)(void))Atomics_add_i64s, METH_FASTCALL,
+     "add_i64s($self, /, *offset_delta_pairs)\n--\n\n"
+     "Atomically add each delta to the int64 at its offset (at most 32 pairs)."},
+    {"add_f64s", (PyCFunction)(void (*)(void))Atomics_add_f64s, METH_FASTCALL,
+     "add_f64s($self, /, *offset_delta_pairs)\n--\n\n"
+     "Atomically add each delta to the float64 at its offset (at most 32 pairs)."},
+    {"record_request", (PyCFunction)(void (*)(void))Atomics_record_request, METH_FASTCALL,
+     "record_request($self, plan, status, value, in_delta, out_delta, cost, second, /,\n"
+     "               *ones)\n--\n\n"
+     "Every add of one finished request in one call; see the C source for the plan."},
+    {"observe", (PyCFunction)(void (*)(void))Atomics_observe, METH_FASTCALL,
+     "observe($self, bounds, value, /, *offsets)\n--\n\n"
+     "Add value to the histogram at each offset: its bucket (bisect_left over the\n"
+     "tuple of float bounds) gains 1 and its sum value."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,6 +13,21 @@ from typing import final
 
 from typing_extensions import Buffer
 
+# (ones, bounds, hists, io_words, cost_words, second_bounds, second_hist, status_words,
+#  class_words, class_base): see record_request in _atomics.c
+RequestPlan = tuple[
+    tuple[int, ...],
+    tuple[float, ...],
+    tuple[int, ...],
+    tuple[int, ...],
+    tuple[int, ...],
+    tuple[float, ...],
+    int,
+    tuple[int, ...],
+    tuple[int, ...],
+    int,
+]
+
 @final
 class Atomics:
     """Atomic operations on 8-byte words of one writable buffer (mmap, bytearray, ...)."""
@@ -36,3 +51,20 @@ class Atomics:
     def gcra_peek(self, offset: int, now_ns: int, interval_ns: int, capacity_ns: int) -> int: ...
     def ewma_update(self, offset: int, sample: float, alpha: float) -> tuple[float, float]: ...
     def ewma_read(self, offset: int) -> tuple[float, float]: ...
+    # --- observability: batched updates, every offset checked before any word changes
+    def add_ones(self, *offsets: int) -> None: ...
+    def add_i64s(self, *offset_delta_pairs: int) -> None: ...
+    def add_f64s(self, *offset_delta_pairs: float) -> None: ...
+    def observe(self, bounds: tuple[float, ...], value: float, /, *offsets: int) -> None: ...
+    def record_request(
+        self,
+        plan: RequestPlan,
+        status: int,
+        value: float,
+        in_delta: int,
+        out_delta: int,
+        cost: float,
+        second: float | None,
+        /,
+        *ones: int,
+    ) -> None: ...

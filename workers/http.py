@@ -40,7 +40,7 @@ from llmkit.errors import (
 from llmkit.gateway import Gateway
 from llmkit.multiplexer import HEADER as DEDUP_HEADER
 from llmkit.observability import Metrics, Observability, RequestObs, ShmCollector
-from llmkit.providers.base import PROPAGATED_HEADERS, SSE_DONE, Target
+from llmkit.providers.base import PROPAGATED_HEADERS, SSE_DONE, Call, Target
 from llmkit.state import METRIC_SOURCES
 from llmkit.tracing import TRACEPARENT
 from llmkit.types import encoder
@@ -55,7 +55,6 @@ CLIENT_GONE = 499
 OTHER_ROUTE = observability.route_index("other")
 CLIENT_GONE_KEY = web.ResponseKey("llmkit.client_gone", bool)
 REQUEST_ID = web.RequestKey("llmkit.request_id", str)
-OBS = web.RequestKey("llmkit.obs", RequestObs)
 FORWARDED_HEADERS = (*PROPAGATED_HEADERS, DEDUP_HEADER)  # client headers the gateway reads
 
 
@@ -81,6 +80,12 @@ class HttpSurface:
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(ShmCollector(metrics, METRIC_SOURCES))
         self._table = self._routes()
+        # The chat call of each request in flight whose metrics count it at the end:
+        # what its run did is read from there, with no recorder object per request.
+        self._calls: dict[int, Call] = {}
+        # The recorder of each request in flight that is sampled or logged (a dict probe
+        # costs less than the request's own mapping, above all when the key is absent).
+        self._recorders: dict[int, RequestObs] = {}
 
     def server(self, **kwargs: object) -> web.Server:
         """The low-level aiohttp server; ``kwargs`` go to its protocol (size limits ...)."""
@@ -118,11 +123,15 @@ class HttpSurface:
         request_id = request.headers.get("x-request-id", "")[:128] or next(self._request_ids)
         request[REQUEST_ID] = request_id
         route, handler = self._dispatch(request)
-        obs = self._observe.begin(
-            route, request.method, request.path, request_id, request.headers.get(TRACEPARENT)
-        )
-        if obs is not None:
-            request[OBS] = obs
+        observe = self._observe
+        started = time.monotonic_ns() if observe.counting else 0
+        obs = None
+        if observe.detailed:
+            obs = observe.begin(
+                route, request.method, request.path, request_id, request.headers.get(TRACEPARENT)
+            )
+            if obs is not None:
+                self._recorders[id(request)] = obs
         status = 500
         self._slot.add_in_flight(1)
         try:
@@ -144,7 +153,10 @@ class HttpSurface:
         finally:
             self._slot.add_in_flight(-1)
             self._slot.add_served()
+            if started:
+                observe.count(route, status, started, self._calls.pop(id(request), None))
             if obs is not None:
+                del self._recorders[id(request)]
                 obs.finish(status)
 
     def _dispatch(self, request: web.BaseRequest) -> tuple[int, Handler]:
@@ -161,7 +173,10 @@ class HttpSurface:
         key = self._gateway.authenticate(request.headers.get("Authorization"))
         call = self._gateway.decode_chat(body)
         call.key = key
-        call.obs = obs = request.get(OBS)
+        observe = self._observe
+        call.obs = obs = self._recorders.get(id(request)) if observe.detailed else None
+        if observe.counting:
+            self._calls[id(request)] = call
         call.profile = request.headers.get("x-llmkit-route-profile")
         call.headers["x-request-id"] = request[REQUEST_ID]
         headers = request.headers
@@ -187,7 +202,12 @@ class HttpSurface:
         key = self._gateway.authenticate(request.headers.get("Authorization"))
         headers = dict(JSON_TYPE)
         embedding = self._gateway.decode_embeddings(body)
-        target, result = await self._gateway.embed(embedding, key, headers, request.get(OBS))
+        observe = self._observe
+        obs = self._recorders.get(id(request)) if observe.detailed else None
+        call = self._gateway.embedding_call(embedding, key, headers, obs)
+        if observe.counting:
+            self._calls[id(request)] = call
+        target, result = await self._gateway.embed(embedding, call=call)
         response = web.Response(body=encoder.encode(result), headers=headers)
         _target_headers(response, target)
         return response

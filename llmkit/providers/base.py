@@ -38,6 +38,7 @@ from llmkit.types import (
 from llmkit.upstream import Upstream, retry_after_from
 
 if TYPE_CHECKING:
+    from llmkit.attempts import Run
     from llmkit.observability import RequestObs
 
 T = TypeVar("T")
@@ -105,7 +106,8 @@ class Call:
     profile: str | None = None  # routing profile override (x-llmkit-route-profile)
     # Headers the response must carry whatever happens (x-ratelimit-* ...).
     response_headers: dict[str, str] = field(default_factory=dict)
-    obs: RequestObs | None = None  # metrics/tracing/log recorder; None when all are off
+    obs: RequestObs | None = None  # tracing/log recorder of a sampled or logged request
+    run: Run | None = None  # its tries, once resolved: what its metrics are counted from
 
 
 SSE_DONE = b"data: [DONE]\n\n"

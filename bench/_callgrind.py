@@ -1,0 +1,198 @@
+"""Instructions per request of one LLMKit worker, counted by valgrind's callgrind.
+
+Wall-clock CPU under wrk moves by 1-2% between runs on a shared machine; an instruction
+count does not. ``worker_instructions(config, body, headers)`` serves ``config`` from
+one worker process running under ``valgrind --tool=callgrind``, sends warm-up requests,
+zeroes the counters (``callgrind_control -z``), sends ``requests`` more from a few
+keep-alive connections, dumps the counters (``callgrind_control -d``) and returns the
+instructions per request, the median over ``reps`` such windows.
+
+The worker runs the real worker entry (``workers.worker.run``) in the process valgrind
+starts, not forked by the supervisor: valgrind's gdbserver, through which
+``callgrind_control`` reaches a process, is not there in a forked child. This process
+plays the supervisor's boot part (bind, create the segment) and nothing else, so the
+production path is exactly what is counted, and nothing in it knows about valgrind.
+Instrumentation starts off (``--instr-atstart=no``), so imports run at valgrind's
+uninstrumented speed; it is switched on before the warm-up.
+
+Usage, alone: ``python bench/_callgrind.py CONFIG.toml BODY_JSON [requests]`` (the demo
+provider needs no upstream).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_TOTALS = re.compile(r"^(?:totals|summary):\s+(\d+)", re.MULTILINE)
+CHAT = "/v1/chat/completions"
+
+
+def available() -> bool:
+    return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
+
+
+class CallgrindWorker:
+    """One worker serving ``config`` under callgrind, on a free 127.0.0.1 port."""
+
+    def __init__(self, config: str, start_timeout_s: float = 300.0) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="llmkit-callgrind-")
+        path = Path(self._dir.name)
+        (path / "llmkit.toml").write_text(config)
+        self._port_file = path / "port"
+        self._out = path / "callgrind.out"
+        self._log = (path / "worker.log").open("w+")
+        args = [
+            "valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=no",
+            "--dump-instr=no", "--dump-line=no", "--compress-strings=no",
+            f"--callgrind-out-file={self._out}",
+            sys.executable, __file__, "--serve", str(path / "llmkit.toml"), str(self._port_file),
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.port = self._wait_port(start_timeout_s)
+        self._control("-i", "on")
+        self._dumps = 0
+
+    def _wait_port(self, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._port_file.exists() and self._port_file.read_text().strip():
+                return int(self._port_file.read_text())
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self._log.seek(0)
+        raise RuntimeError(f"the callgrind worker did not start:\n{self._log.read()[-4000:]}")
+
+    def _control(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(self.proc.pid)], check=True,
+                       capture_output=True, timeout=120)  # fmt: skip
+
+    def instructions(
+        self, body: str, headers: Mapping[str, str], requests: int, connections: int
+    ) -> int:
+        """Instructions the worker executed while answering ``requests`` requests."""
+        self._control("-z")
+        send(self.port, body, headers, requests, connections)
+        self._control("-d")
+        self._dumps += 1
+        dump = Path(f"{self._out}.{self._dumps}")
+        deadline = time.monotonic() + 60
+        while not (dump.exists() and _TOTALS.search(dump.read_text())):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"callgrind wrote no dump at {dump}")
+            time.sleep(0.1)
+        match = _TOTALS.search(dump.read_text())
+        assert match is not None
+        return int(match.group(1))
+
+    def __enter__(self) -> CallgrindWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        self._dir.cleanup()
+
+
+def send(port: int, body: str, headers: Mapping[str, str], requests: int, connections: int) -> None:
+    """``requests`` POSTs of ``body`` to the chat route over ``connections`` kept-alive
+    connections; every answer must be a 200."""
+    payload = body.encode()
+    all_headers = {"Content-Type": "application/json", **headers}
+    failures: list[str] = []
+
+    def client(count: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        try:
+            for _ in range(count):
+                connection.request("POST", CHAT, payload, all_headers)
+                answer = connection.getresponse()
+                answer.read()
+                if answer.status != 200:
+                    failures.append(f"HTTP {answer.status}")
+        finally:
+            connection.close()
+
+    share, extra = divmod(requests, connections)
+    threads = [
+        threading.Thread(target=client, args=(share + (i < extra),)) for i in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} failed requests, first: {failures[0]}")
+
+
+def worker_instructions(
+    config: str,
+    body: str,
+    headers: Mapping[str, str] | None = None,
+    requests: int = 300,
+    reps: int = 3,
+    connections: int = 4,
+    warmup: int = 100,
+) -> float:
+    """Median instructions per request of one worker serving ``config`` (see the module)."""
+    with CallgrindWorker(config) as worker:
+        send(worker.port, body, headers or {}, warmup, connections)
+        counts = [worker.instructions(body, headers or {}, requests, connections)
+                  for _ in range(reps)]  # fmt: skip
+    return statistics.median(counts) / requests
+
+
+def serve(config_path: str, port_file: str) -> int:
+    """The process valgrind runs: bind, create the segment, run one worker in place."""
+    from llmkit.config import load_config, shm_name_for
+    from llmkit.gateway import check_secrets
+    from llmkit.state import SharedState
+    from workers import supervisor, worker
+
+    config = load_config(config_path)
+    check_secrets(config)
+    tcp = supervisor._bind_tcp(config.server.host, 0)
+    config = supervisor._with_port(config, tcp.getsockname()[1])
+    name = shm_name_for(config, config_path)
+    state = SharedState.create(name, config)
+    try:
+        state.metrics.workers[0].reserve(time.monotonic_ns())
+        state.metrics.workers[0].set_pid(os.getpid())
+        Path(port_file).write_text(str(config.server.port))
+        return worker.run(worker.WorkerSpec(config, 0, name, tcp, None))
+    finally:
+        tcp.close()
+        state.segment.unlink()
+        state.close()
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--serve"]:
+        sys.exit(serve(sys.argv[2], sys.argv[3]))
+    config = Path(sys.argv[1]).read_text()
+    requests = int(sys.argv[3]) if len(sys.argv) > 3 else 300
+    per_request = worker_instructions(config, sys.argv[2], requests=requests)
+    print(f"{per_request:,.0f} instructions per request")
+
+
+if __name__ == "__main__":
+    main()
