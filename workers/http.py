@@ -53,8 +53,6 @@ JSON_TYPE = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 CLIENT_GONE = 499
 OTHER_ROUTE = observability.route_index("other")
-CLIENT_GONE_KEY = web.ResponseKey("llmkit.client_gone", bool)
-REQUEST_ID = web.RequestKey("llmkit.request_id", str)
 FORWARDED_HEADERS = (*PROPAGATED_HEADERS, DEDUP_HEADER)  # client headers the gateway reads
 
 
@@ -86,6 +84,7 @@ class HttpSurface:
         # The recorder of each request in flight that is sampled or logged (a dict probe
         # costs less than the request's own mapping, above all when the key is absent).
         self._recorders: dict[int, RequestObs] = {}
+        self._ids: dict[int, str] = {}  # x-request-id of each request in flight
 
     def server(self, **kwargs: object) -> web.Server:
         """The low-level aiohttp server; ``kwargs`` go to its protocol (size limits ...)."""
@@ -121,7 +120,6 @@ class HttpSurface:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Every request: dispatch, answer errors, and account for it in shm."""
         request_id = request.headers.get("x-request-id", "")[:128] or next(self._request_ids)
-        request[REQUEST_ID] = request_id
         route, handler = self._dispatch(request)
         observe = self._observe
         started = time.monotonic_ns() if observe.counting else 0
@@ -133,6 +131,9 @@ class HttpSurface:
             if obs is not None:
                 self._recorders[id(request)] = obs
         status = 500
+        # Per-request values live in the surface's dicts, keyed by id(request), not in
+        # aiohttp's request mapping: its Python-level item access costs more.
+        self._ids[id(request)] = request_id
         self._slot.add_in_flight(1)
         try:
             # The handler is awaited here, not through a helper coroutine: every
@@ -146,11 +147,13 @@ class HttpSurface:
             except Exception:
                 log.exception("unhandled error on %s %s", request.method, request.path)
                 response = error_response(InternalError("internal error; see the server log"))
-            status = CLIENT_GONE if response.get(CLIENT_GONE_KEY) else response.status
+            gone = isinstance(response, _EventStream) and response.client_gone
+            status = CLIENT_GONE if gone else response.status
             if not response.prepared:
                 response.headers["x-request-id"] = request_id
             return response
         finally:
+            del self._ids[id(request)]
             self._slot.add_in_flight(-1)
             self._slot.add_served()
             if started:
@@ -178,7 +181,7 @@ class HttpSurface:
         if observe.counting:
             self._calls[id(request)] = call
         call.profile = request.headers.get("x-llmkit-route-profile")
-        call.headers["x-request-id"] = request[REQUEST_ID]
+        call.headers["x-request-id"] = self._ids[id(request)]
         headers = request.headers
         for name in FORWARDED_HEADERS:
             value = headers.get(name)
@@ -263,7 +266,7 @@ class HttpSurface:
         headers: dict[str, str],
     ) -> web.StreamResponse:
         response = _EventStream(headers={**SSE_HEADERS, **headers})
-        response.headers["x-request-id"] = request[REQUEST_ID]
+        response.headers["x-request-id"] = self._ids[id(request)]
         _target_headers(response, target)
         tail = SSE_DONE
         try:
@@ -278,7 +281,7 @@ class HttpSurface:
             # Headers are gone already: the error becomes the stream's last event.
             tail = b"data: " + encoder.encode(exc.body()) + b"\n\n"
         except ConnectionResetError:
-            response[CLIENT_GONE_KEY] = True
+            response.client_gone = True
             return response
         finally:
             await _close(chunks)
@@ -294,6 +297,7 @@ class _EventStream(web.StreamResponse):
     """
 
     _send_headers_immediately = False
+    client_gone = False  # the client hung up before the stream's end
 
 
 class _ProtocolErrors(RequestHandler):
