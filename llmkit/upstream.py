@@ -122,7 +122,7 @@ class Upstream:
         except LLMKitError:
             raise
         except Exception as exc:
-            mapped = _mapped(exc, provider, timeout_s)
+            mapped = client_error(exc, provider, timeout_s)
             if mapped is exc:
                 raise
             raise mapped from exc
@@ -228,9 +228,9 @@ class Exchange:
                 raise mapped from exc
 
     def _mapped(self, exc: Exception) -> BaseException:
-        return (
-            exc if isinstance(exc, LLMKitError) else _mapped(exc, self._provider, self._timeout_s)
-        )
+        if isinstance(exc, LLMKitError):
+            return exc
+        return client_error(exc, self._provider, self._timeout_s)
 
 
 @contextlib.contextmanager
@@ -241,13 +241,13 @@ def map_client_errors(provider: str, timeout_s: float | None) -> Iterator[None]:
     except LLMKitError:
         raise
     except Exception as exc:
-        mapped = _mapped(exc, provider, timeout_s)
+        mapped = client_error(exc, provider, timeout_s)
         if mapped is exc:
             raise
         raise mapped from exc
 
 
-def _mapped(exc: Exception, provider: str, timeout_s: float | None) -> Exception:
+def client_error(exc: Exception, provider: str, timeout_s: float | None) -> Exception:
     """The ``llmkit.errors`` error for an aiohttp failure; anything else unchanged."""
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         after = f" after {timeout_s:g} s" if timeout_s else ""
@@ -297,7 +297,7 @@ async def iter_sse(
     Comment lines (``:``) are skipped; an event with no data is skipped. A stream
     cut before its final blank line raises ``BadUpstreamResponseError``.
     """
-    framing = _Framing(provider, max_event_bytes)
+    framing = SSEFraming(provider, max_event_bytes)
     with map_client_errors(provider, None):
         async for piece in response.content.iter_any():
             for raw in framing.feed(piece):
@@ -310,36 +310,18 @@ async def iter_sse(
             yield event
 
 
-async def iter_sse_data(
-    response: aiohttp.ClientResponse, provider: str, max_event_bytes: int = MAX_EVENT_BYTES
-) -> AsyncIterator[list[bytes]]:
-    """Each event's ``data`` as bytes, grouped by the upstream read that completed them.
+class SSEFraming:
+    """SSE framing, fed one upstream read at a time: blank-line separated events,
+    CRLF folded, each event bounded.
 
-    For proxies that pass events through: one list per read lets the caller write all
-    of a read's events at once, and the common single-line ``data: ...`` event is sliced,
-    never decoded. Framing is the same as ``iter_sse``'s.
-    """
-    framing = _Framing(provider, max_event_bytes)
-    with map_client_errors(provider, None):
-        async for piece in response.content.iter_any():
-            batch = _data_of(framing.feed(piece))
-            if batch:
-                yield batch
-    batch = _data_of(framing.rest())
-    if batch:
-        yield batch
-
-
-class _Framing:
-    """SSE framing shared by both iterators: blank-line separated events, CRLF folded.
-
-    Plain code the iterators call per read, rather than an async generator they
-    iterate: each upstream read then resumes one generator, not two.
+    Plain code a reader calls per read (``iter_sse``, and the OpenAI passthrough,
+    which reads the body itself) rather than an async generator it iterates: each
+    upstream read then resumes one coroutine chain, not two.
     """
 
     __slots__ = ("_buffer", "_provider", "_limit")
 
-    def __init__(self, provider: str, max_event_bytes: int) -> None:
+    def __init__(self, provider: str, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._buffer = b""
         self._provider = provider
         self._limit = max_event_bytes
@@ -360,7 +342,9 @@ class _Framing:
         return [self._buffer] if self._buffer.strip() else []
 
 
-def _data_of(raws: list[bytes]) -> list[bytes]:
+def sse_data(raws: list[bytes]) -> list[bytes]:
+    """The ``data`` of each raw event that has one, as bytes: the common one-line
+    ``data: ...`` event is sliced, never decoded."""
     batch = []
     for raw in raws:
         # The common one-line event, sliced (a slice compare: on 3.11 startswith
