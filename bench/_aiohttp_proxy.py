@@ -6,7 +6,8 @@ bearer key, and nothing else: no config, no limits, no routing, no metrics. What
 serves is the most any gateway built on these parts can serve on this machine, so
 LLMKit's distance to it is what LLMKit's own logic costs.
 
-Run as a script (``python bench/_aiohttp_proxy.py PORT UPSTREAM_URL KEY WORKERS``) or
+Run as a script (``python bench/_aiohttp_proxy.py PORT UPSTREAM_URL KEY WORKERS``), as
+one in-process worker (``--one UPSTREAM_URL KEY PORT_FILE``, for ``_callgrind``), or
 through ``aiohttp_proxy()``.
 """
 
@@ -120,5 +121,20 @@ def aiohttp_proxy(
         stop_group(proc, 10)
 
 
+def run_one(upstream: str, key: str, port_file: str) -> None:
+    """One worker in this process on a free port, written to ``port_file`` (how
+    ``_callgrind`` runs a server under valgrind: no fork)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    sock.setblocking(False)
+    with open(port_file, "w") as out:
+        out.write(str(sock.getsockname()[1]))
+    serve(sock, upstream, key)
+
+
 if __name__ == "__main__":
-    run(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if sys.argv[1] == "--one":
+        run_one(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        run(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -45,20 +45,28 @@ def available() -> bool:
 
 
 class CallgrindWorker:
-    """One worker serving ``config`` under callgrind, on a free 127.0.0.1 port."""
+    """One worker serving ``config`` under callgrind, on a free 127.0.0.1 port.
 
-    def __init__(self, config: str, start_timeout_s: float = 300.0) -> None:
+    ``program``, when given, is run instead of an LLMKit worker (a Python script and
+    its arguments; the port file's path is appended): any server that binds port 0
+    and writes its port there, such as the aiohttp floor proxy.
+    """
+
+    def __init__(
+        self, config: str, start_timeout_s: float = 300.0, program: list[str] | None = None
+    ) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="llmkit-callgrind-")
         path = Path(self._dir.name)
         (path / "llmkit.toml").write_text(config)
         self._port_file = path / "port"
         self._out = path / "callgrind.out"
         self._log = (path / "worker.log").open("w+")
+        served = program or [__file__, "--serve", str(path / "llmkit.toml")]
         args = [
             "valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=no",
             "--dump-instr=no", "--dump-line=no", "--compress-strings=no",
             f"--callgrind-out-file={self._out}",
-            sys.executable, __file__, "--serve", str(path / "llmkit.toml"), str(self._port_file),
+            sys.executable, *served, str(self._port_file),
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -152,9 +160,11 @@ def worker_instructions(
     reps: int = 3,
     connections: int = 4,
     warmup: int = 100,
+    program: list[str] | None = None,
 ) -> float:
-    """Median instructions per request of one worker serving ``config`` (see the module)."""
-    with CallgrindWorker(config) as worker:
+    """Median instructions per request of one worker serving ``config`` (see the module),
+    or of ``program`` (see ``CallgrindWorker``)."""
+    with CallgrindWorker(config, program=program) as worker:
         send(worker.port, body, headers or {}, warmup, connections)
         counts = [worker.instructions(body, headers or {}, requests, connections)
                   for _ in range(reps)]  # fmt: skip

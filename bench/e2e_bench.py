@@ -165,6 +165,10 @@ def main() -> None:
         "--no-floor", dest="floor", action="store_false",
         help="skip the bare aiohttp proxy (the floor of any gateway built on aiohttp)",
     )  # fmt: skip
+    parser.add_argument(
+        "--instructions", action="store_true",
+        help="also count instructions per request, LLMKit vs the floor (callgrind, slow)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not shutil.which(args.litellm):
         sys.exit(f"LiteLLM not found at {args.litellm} (see this file's docstring)")
@@ -182,9 +186,30 @@ def main() -> None:
             floor = aiohttp_proxy(mock.url, MASTER_KEY, free_port())
             gateways["aiohttp floor"] = stack.enter_context(floor)[0]
         results = measure(gateways, args)
+        if args.instructions:
+            results["instructions"] = instructions(mock.url)
     print(report(results, args))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=asdict))
+
+
+def instructions(mock_url: str, requests: int = 500) -> dict[str, dict[str, float]]:
+    """Instructions per request of one LLMKit worker and of one floor worker, each run
+    under callgrind in front of the same mock: what LLMKit's own logic costs, counted
+    rather than timed (``_callgrind``)."""
+    from _callgrind import worker_instructions
+
+    # Under valgrind every request is ~50x slower and its latency erratic; the breaker's
+    # latency-anomaly check would rightly open on that, so it is widened here.
+    config = llmkit_config(mock_url) + "\n[breaker]\nanomaly_min_s = 1000.0\n"
+    floor = [str(Path(__file__).with_name("_aiohttp_proxy.py")), "--one", mock_url, MASTER_KEY]
+    counts: dict[str, dict[str, float]] = {}
+    for kind, body in (("json", JSON_BODY), ("stream", STREAM_BODY)):
+        counts[kind] = {
+            "LLMKit": worker_instructions(config, body, AUTH, requests=requests),
+            "aiohttp floor": worker_instructions("", body, AUTH, requests=requests, program=floor),
+        }
+    return counts
 
 
 def paths(name: str) -> tuple[str, str, str, str]:
@@ -234,6 +259,8 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> s
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        if name == "instructions":
+            continue
         js: list[WrkResult] = r["json"]  # type: ignore[assignment]
         st: list[WrkResult] = r["stream"]  # type: ignore[assignment]
         fixed = r["fixed"]
@@ -269,6 +296,13 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> s
             f"LLMKit / bare aiohttp proxy (the floor of these parts): JSON **{ours / floor:.0%}**"
             f", streams **{ours_stream / floor_stream:.0%}**"
         )
+    counted: dict[str, dict[str, float]] | None = results.get("instructions")  # type: ignore[assignment]
+    if counted:
+        lines.append("Instructions per request (callgrind, one worker each, median of 3 windows"
+                     " of 500): " + "; ".join(
+            f"{kind} LLMKit {c['LLMKit']:,.0f} vs floor {c['aiohttp floor']:,.0f} "
+            f"({c['LLMKit'] / c['aiohttp floor'] - 1:+.0%})" for kind, c in counted.items()
+        ))  # fmt: skip
     return "\n".join(lines)
 
 
