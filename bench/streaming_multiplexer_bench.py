@@ -12,7 +12,13 @@ Measured, each comparison inside one run:
 - memory per subscriber: tracemalloc growth per extra subscriber of a finished
   stream, against the stream's payload size (no per-subscriber payload copies);
 - overhead on unshared streams: CPU per request with the multiplexer on vs off
-  (``enabled = false``), demo provider in-process, alternating rounds, medians.
+  (``enabled = false``): in-process and end to end (worker CPU over HTTP, demo provider
+  and an OpenAI-wire deployment behind nginx), alternating rounds, median of the
+  per-round ratios;
+- the same overhead as a deterministic count: instructions per request under
+  valgrind (callgrind), of a worker's in-process path (shm state, control plane, the
+  multiplexer with its shm table), two runs of different lengths per side so that
+  start-up cancels. ``--instructions`` runs only this.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -267,6 +275,84 @@ async def overhead_end_to_end(
     return {"cpu_us_on": on * 1e6, "cpu_us_off": off * 1e6, "overhead": on / off - 1}
 
 
+COUNT_WARMUP = 30
+
+
+def count_config(upstream: str, on: bool) -> Config:
+    """A worker's config for the instruction count: the demo provider, or an
+    OpenAI-wire deployment at ``upstream`` (a URL)."""
+    text = "" if upstream == "demo" else llmkit_config(upstream)
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as file:
+        file.write(f"{text}\n[multiplexer]\nenabled = {str(on).lower()}\n")
+        file.flush()
+        return load_config(file.name)
+
+
+async def count_requests(gateway: Gateway, model: str, requests: int) -> None:
+    for seed in range(requests):
+        body = {"model": model, "seed": seed, "stream": True,
+                "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
+        call = Call(msgspec.convert(body, ChatRequest), key="master")
+        _, stream = await gateway.stream(call)
+        await drain(stream)
+    await gateway.close()
+
+
+def count_child(on: bool, requests: int, upstream: str) -> None:
+    """Run under valgrind by ``instructions``: ``requests`` distinct streamed requests
+    (after a warm-up) through a worker's in-process path: its shm state, control plane
+    and, when ``on``, the multiplexer with its shm table."""
+    import uvloop
+
+    from llmkit.state import SharedState
+
+    config = count_config(upstream, on)
+    model = "demo/x" if upstream == "demo" else "gpt-stream"
+    name = f"/llmkit-bench-count-{os.getpid()}"
+    state = SharedState.create(name, config)
+    try:
+        control = state.control(config, 0)
+        mux = state.multiplexer(config, 0, name) if on else None
+        gateway = Gateway(config, control=control, multiplexer=mux)
+        uvloop.run(count_requests(gateway, model, COUNT_WARMUP + requests))
+    finally:
+        state.segment.unlink()
+        state.close()
+
+
+def instructions_of(on: bool, requests: int, upstream: str) -> int:
+    """Instructions a ``count_child`` run executes, counted by callgrind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "callgrind.out")
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                   sys.executable, __file__, "--count-child", "on" if on else "off",
+                   str(requests), upstream]  # fmt: skip
+        env = {**os.environ, "PYTHONMALLOC": "malloc", "PYTHONHASHSEED": "0"}
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        totals = [line for line in out.read_text().splitlines() if line.startswith("totals:")]
+        return int(totals[0].split()[1])
+
+
+def instructions(upstream: str, short: int = 100, long: int = 400) -> dict[str, float]:
+    """Instructions per unshared streamed request, multiplexer on vs off: the difference
+    of a long and a short run per side, so start-up and warm-up cancel."""
+    per: dict[bool, float] = {}
+    for on in (True, False):
+        counts = [instructions_of(on, n, upstream) for n in (short, long)]
+        per[on] = (counts[1] - counts[0]) / (long - short)
+    return {"instr_on": per[True], "instr_off": per[False], "overhead": per[True] / per[False] - 1}
+
+
+def instructions_both(short: int = 100, long: int = 400) -> dict[str, Any]:
+    """``instructions`` for the demo provider and for an OpenAI-wire deployment behind
+    nginx (outside the counted process)."""
+    os.environ[KEY_ENV] = "bench-key"
+    os.environ[MASTER_ENV] = MASTER_KEY
+    with mock_upstream(workers=1) as mock:
+        openai = instructions(mock.url, short, long)
+    return {"demo": instructions("demo", short, long), "openai": openai}
+
+
 def run(quick: bool) -> dict[str, Any]:
     """Every measurement; ``quick`` shrinks the sizes for a smoke run."""
     n = 300 if quick else 2000
@@ -342,13 +428,36 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def instructions_table(counts: dict[str, Any]) -> str:
+    return "\n".join(
+        f"instructions per unshared stream, in-process, {name}: {c['instr_on']:,.0f} vs "
+        f"{c['instr_off']:,.0f} ({c['overhead']:+.2%}, {c['instr_on'] - c['instr_off']:+,.0f})"
+        for name, c in counts.items()
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--json", type=Path, default=None, help="also save results here")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="only the valgrind instruction counts of the overhead",
+    )
+    parser.add_argument("--count-child", nargs=3, metavar=("ON", "REQUESTS", "UPSTREAM"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args(argv)
-    results = run(args.quick)
-    print(table(results))
+    if args.count_child:
+        on, requests, upstream = args.count_child
+        count_child(on == "on", int(requests), upstream)
+        return
+    if args.instructions:
+        results = {"instructions": instructions_both()}
+        print(instructions_table(results["instructions"]))
+    else:
+        results = run(args.quick)
+        print(table(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
 
