@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -39,6 +40,21 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def steady_clocks() -> None:
+    """Clocks that advance one fixed step per reading, for a counted run: the control
+    plane's time-driven work (rate windows, latency averages, breaker epochs) is then
+    the same in every run however slowly valgrind runs it, and counts repeat."""
+    import itertools
+
+    readings = itertools.count(10**12, 20_000)
+    time.monotonic_ns = lambda: next(readings)
+    time.monotonic = time.perf_counter = lambda: next(readings) / 1e9
+
+
+if __name__ == "__main__" and "--count-child" in sys.argv:
+    steady_clocks()  # before llmkit is imported: it binds its clock at import
 
 import aiohttp  # noqa: E402
 import msgspec  # noqa: E402
@@ -289,19 +305,32 @@ def count_config(upstream: str, on: bool) -> Config:
 
 
 async def count_requests(gateway: Gateway, model: str, requests: int) -> None:
-    for seed in range(requests):
+    """``requests`` distinct streamed requests after ``COUNT_WARMUP`` of them, each read
+    to the end and closed, as the HTTP surface does."""
+    for seed in range(COUNT_WARMUP + requests):
+        if seed == COUNT_WARMUP:
+            freeze_heap()
         body = {"model": model, "seed": seed, "stream": True,
                 "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
         call = Call(msgspec.convert(body, ChatRequest), key="master")
         _, stream = await gateway.stream(call)
         await drain(stream)
+        await stream.aclose()  # type: ignore[attr-defined]
     await gateway.close()
+
+
+def freeze_heap() -> None:
+    """Start-up's objects out of the collector's sight: a full collection over them
+    lands in one run and not in another, and would swamp the per-request counts."""
+    gc.collect()
+    gc.freeze()
 
 
 def count_child(on: bool, requests: int, upstream: str) -> None:
     """Run under valgrind by ``instructions``: ``requests`` distinct streamed requests
     (after a warm-up) through a worker's in-process path: its shm state, control plane
-    and, when ``on``, the multiplexer with its shm table."""
+    and, when ``on``, the multiplexer with its shm table. ``requests`` 0: serve them
+    over HTTP instead, the way a worker does, until SIGTERM (the port goes to stdout)."""
     import uvloop
 
     from llmkit.state import SharedState
@@ -314,43 +343,110 @@ def count_child(on: bool, requests: int, upstream: str) -> None:
         control = state.control(config, 0)
         mux = state.multiplexer(config, 0, name) if on else None
         gateway = Gateway(config, control=control, multiplexer=mux)
-        uvloop.run(count_requests(gateway, model, COUNT_WARMUP + requests))
+        if requests:
+            uvloop.run(count_requests(gateway, model, requests))
+        else:
+            uvloop.run(serve_counted(gateway, state))
     finally:
         state.segment.unlink()
         state.close()
 
 
-def instructions_of(on: bool, requests: int, upstream: str) -> int:
-    """Instructions a ``count_child`` run executes, counted by callgrind."""
+async def serve_counted(gateway: Gateway, state: Any) -> None:
+    """A worker's HTTP surface over ``gateway`` on a free port, until SIGTERM."""
+    import signal
+    import socket
+
+    from aiohttp import web
+
+    from llmkit.observability import Observability
+    from workers.http import HttpSurface
+
+    observability = Observability.build(gateway.config, state.metrics)
+    surface = HttpSurface(gateway, state.metrics, state.metrics.workers[0], observability)
+    runner = web.ServerRunner(surface.server(access_log=None))
+    await runner.setup()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, listener).start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    freeze_heap()
+    print(listener.getsockname()[1], flush=True)
+    await stop.wait()
+    await runner.cleanup()
+    await gateway.close()
+    await observability.aclose()
+
+
+def callgrind(child_args: list[str], drive: Any = None) -> int:
+    """Instructions a ``--count-child`` run executes, counted by callgrind; ``drive``,
+    if given, gets the served port and sends the requests, then the child is stopped."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "callgrind.out")
         command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                   sys.executable, __file__, "--count-child", "on" if on else "off",
-                   str(requests), upstream]  # fmt: skip
-        env = {**os.environ, "PYTHONMALLOC": "malloc", "PYTHONHASHSEED": "0"}
-        subprocess.run(command, env=env, check=True, capture_output=True)
+                   sys.executable, __file__, "--count-child", *child_args]  # fmt: skip
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) as child:  # fmt: skip
+            if drive is not None:
+                assert child.stdout is not None
+                drive(int(child.stdout.readline()))
+                child.terminate()
+            if child.wait() != 0:
+                raise RuntimeError(f"counted run failed: {child_args}")
         totals = [line for line in out.read_text().splitlines() if line.startswith("totals:")]
         return int(totals[0].split()[1])
 
 
-def instructions(upstream: str, short: int = 100, long: int = 400) -> dict[str, float]:
+def drive_http(requests: int, model: str) -> Any:
+    """Sends ``requests`` distinct streamed requests, one at a time, to the port."""
+
+    async def send(port: int) -> None:
+        headers = {"Authorization": f"Bearer {MASTER_KEY}"}
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession(url, headers=headers) as session:
+            for seed in range(requests):
+                body = {"model": model, "seed": seed, "stream": True,
+                        "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
+                async with session.post("/v1/chat/completions", json=body) as response:
+                    assert response.status == 200, await response.text()
+                    await response.read()
+
+    return lambda port: asyncio.run(send(port))
+
+
+def instructions(
+    upstream: str, http: bool = False, short: int = 100, long: int = 1100
+) -> dict[str, float]:
     """Instructions per unshared streamed request, multiplexer on vs off: the difference
-    of a long and a short run per side, so start-up and warm-up cancel."""
+    of a long and a short run per side, so start-up and warm-up cancel. ``http``: the
+    server side of requests over HTTP (the client runs outside the count)."""
+    model = "demo/x" if upstream == "demo" else "gpt-stream"
     per: dict[bool, float] = {}
     for on in (True, False):
-        counts = [instructions_of(on, n, upstream) for n in (short, long)]
+        side = "on" if on else "off"
+        counts = [
+            callgrind([side, "0", upstream], drive_http(COUNT_WARMUP + n, model))
+            if http
+            else callgrind([side, str(n), upstream])
+            for n in (short, long)
+        ]
         per[on] = (counts[1] - counts[0]) / (long - short)
     return {"instr_on": per[True], "instr_off": per[False], "overhead": per[True] / per[False] - 1}
 
 
-def instructions_both(short: int = 100, long: int = 400) -> dict[str, Any]:
+def instructions_both(short: int = 100, long: int = 1100) -> dict[str, Any]:
     """``instructions`` for the demo provider and for an OpenAI-wire deployment behind
-    nginx (outside the counted process)."""
+    nginx (outside the counted process), in-process and over HTTP."""
     os.environ[KEY_ENV] = "bench-key"
     os.environ[MASTER_ENV] = MASTER_KEY
+    results = {}
     with mock_upstream(workers=1) as mock:
-        openai = instructions(mock.url, short, long)
-    return {"demo": instructions("demo", short, long), "openai": openai}
+        for name, upstream in (("demo", "demo"), ("openai", mock.url)):
+            results[name] = instructions(upstream, False, short, long)
+            results[f"{name} over HTTP"] = instructions(upstream, True, short, long)
+    return results
 
 
 def run(quick: bool) -> dict[str, Any]:
