@@ -22,9 +22,10 @@ or always with ``[multiplexer] eligible = "all"``. ``n > 1`` shares only with th
 
 Shape. The shared upstream call is made the way its leader asked (streamed or not):
 the leader's request reaches the provider exactly as without the multiplexer, which
-keeps the overhead on unshared requests to one key hash, one dict lookup, one pass
-over the shm table's probe window (find-or-claim) and one release; the leader's
-caller reads its own upstream stream inline until someone joins. A
+keeps the overhead on unshared requests to one key hash, one dict lookup, one C call
+to find-or-claim in the shm table and one to release; the leader's caller reads its
+own upstream stream inline until someone joins, keeping each read with a list append
+(``bench/streaming_multiplexer_bench.py --instructions`` counts what is left). A
 non-streaming follower of a stream gets the completion assembled from its frames; a
 streaming follower of a whole completion gets it as chunks (both computed once per
 entry). A streamed shared call always asks the provider for the usage chunk; each
