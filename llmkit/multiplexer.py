@@ -56,7 +56,6 @@ request leads afresh.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import os
@@ -235,11 +234,13 @@ class Multiplexer:
         self._live: set[Entry] = set()  # entries whose task has started
         self._link = LinkServer(self._entries.get)
         self._labels: dict[str, list[str]] = {}  # model name -> its key labels
-        # Whether a call may share (the module function, bound: one call per request).
-        self.eligible: Callable[[Call], bool] = functools.partial(eligible, config=config)
 
     def in_flight(self) -> int:
         return len(self._entries)
+
+    def eligible(self, call: Call) -> bool:
+        """Whether ``call`` may share an upstream call, under this configuration."""
+        return eligible(call, self.config)
 
     async def start(self) -> None:
         """Listen for followers on other workers (when there are peers)."""
@@ -265,7 +266,7 @@ class Multiplexer:
         else:  # the common case, nothing to share: lead at once (``_lead``, inline)
             entry, run = self._enter(digest, claim, call, gateway, streamed=True)
             try:
-                target, chunks = await gateway.open_stream(call, run, strip_usage=False)
+                target, chunks = await gateway.open_stream(call, run, False)  # keep usage
             except BaseException as exc:
                 _lead_failed(entry, exc)
                 raise
@@ -410,7 +411,7 @@ class Multiplexer:
         except BaseException:
             self._release(digest, claim)
             raise
-        entry = Entry(digest, subscribers=1)
+        entry = Entry(digest, 1)  # its leader subscribes
         entry.claim = claim
         entry.on_idle = self._abandon
         entry.on_done = self._forget  # the table holds calls in flight, never results
