@@ -21,7 +21,8 @@ Measured, each comparison inside one run:
   with its shm table) in-process and as an HTTP server driven from outside the count;
   two runs of different lengths per side so that start-up cancels, clocks that step
   per reading and a frozen start-up heap so that runs repeat to the instruction
-  in-process (over HTTP, within ~0.1%: reads split where the kernel splits them).
+  in-process (over HTTP, within a few tenths of a percent: reads split where the
+  kernel splits them).
 """
 
 from __future__ import annotations
