@@ -1,6 +1,7 @@
 """Streaming multiplexer benchmark (the seed suite's ``streaming_multiplexer_bench``).
 
-Usage: ``python bench/streaming_multiplexer_bench.py [--quick] [--json PATH]``
+Usage: ``python bench/streaming_multiplexer_bench.py [--quick] [--json PATH]`` and
+``python bench/streaming_multiplexer_bench.py --instructions`` (valgrind, ~30 min).
 
 Measured, each comparison inside one run:
 
@@ -12,7 +13,16 @@ Measured, each comparison inside one run:
 - memory per subscriber: tracemalloc growth per extra subscriber of a finished
   stream, against the stream's payload size (no per-subscriber payload copies);
 - overhead on unshared streams: CPU per request with the multiplexer on vs off
-  (``enabled = false``), demo provider in-process, alternating rounds, medians.
+  (``enabled = false``): in-process and end to end (worker CPU over HTTP, demo provider
+  and an OpenAI-wire deployment behind nginx), alternating rounds, median of the
+  per-round ratios;
+- the same overhead as a deterministic count: instructions per request under
+  valgrind (callgrind), of a worker's path (shm state, control plane, the multiplexer
+  with its shm table) in-process and as an HTTP server driven from outside the count;
+  two runs of different lengths per side so that start-up cancels, clocks that step
+  per reading and a frozen start-up heap so that runs repeat to the instruction
+  in-process (over HTTP, within a few tenths of a percent: reads split where the
+  kernel splits them).
 """
 
 from __future__ import annotations
@@ -20,17 +30,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def steady_clocks() -> None:
+    """Clocks that advance one fixed step per reading, for a counted run: the control
+    plane's time-driven work (rate windows, latency averages, breaker epochs) is then
+    the same in every run however slowly valgrind runs it, and counts repeat."""
+    import itertools
+
+    readings = itertools.count(10**12, 20_000)
+    time.monotonic_ns = lambda: next(readings)
+    time.monotonic = time.perf_counter = lambda: next(readings) / 1e9
+
+
+if __name__ == "__main__" and "--count-child" in sys.argv:
+    steady_clocks()  # before llmkit is imported: it binds its clock at import
 
 import aiohttp  # noqa: E402
 import msgspec  # noqa: E402
@@ -204,22 +232,36 @@ async def overhead(rounds: int, requests: int) -> dict[str, float]:
             for call in calls:
                 _, stream = await gateways[on].stream(call)
                 await drain(stream)
+                await stream.aclose()  # type: ignore[attr-defined]
             samples[on].append((time.process_time() - started) / requests)
     for gateway in gateways.values():
         await gateway.close()
-    on, off = statistics.median(samples[True]), statistics.median(samples[False])
-    return {"cpu_us_on": on * 1e6, "cpu_us_off": off * 1e6, "overhead": on / off - 1}
+    return compared(samples)
+
+
+def compared(samples: dict[bool, list[float]]) -> dict[str, float]:
+    """Medians per side, and the median of the rounds' on/off ratios: each round ran
+    both sides back to back, so a ratio cancels what the machine did meanwhile."""
+    ratios = [on / off for on, off in zip(samples[True], samples[False], strict=True)]
+    return {
+        "cpu_us_on": statistics.median(samples[True]) * 1e6,
+        "cpu_us_off": statistics.median(samples[False]) * 1e6,
+        "overhead": statistics.median(ratios) - 1,
+        "rounds": len(ratios),
+    }
 
 
 def worker_cpu_s(server: LLMKitServer) -> float:
-    """User + system CPU seconds of the server's worker processes so far."""
+    """CPU seconds the server's worker processes have run so far, every thread, to
+    the nanosecond (``schedstat``; ``stat``'s clock ticks are 10 ms, too coarse for
+    a round of a few hundred requests)."""
     pid = server.proc.pid
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     total = 0
     for child in children:
-        fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
-    return total / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{child}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 async def overhead_end_to_end(
@@ -263,8 +305,165 @@ async def overhead_end_to_end(
                         await asyncio.gather(*(one(seed + start + i) for i in range(8)))
                     seed += requests
                     samples[on].append((worker_cpu_s(server) - before) / requests)
-    on, off = statistics.median(samples[True]), statistics.median(samples[False])
-    return {"cpu_us_on": on * 1e6, "cpu_us_off": off * 1e6, "overhead": on / off - 1}
+    return compared(samples)
+
+
+COUNT_WARMUP = 30
+
+
+def count_config(upstream: str, on: bool) -> Config:
+    """A worker's config for the instruction count: the demo provider, or an
+    OpenAI-wire deployment at ``upstream`` (a URL)."""
+    text = "" if upstream == "demo" else llmkit_config(upstream)
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as file:
+        file.write(f"{text}\n[multiplexer]\nenabled = {str(on).lower()}\n")
+        file.flush()
+        return load_config(file.name)
+
+
+async def count_requests(gateway: Gateway, model: str, requests: int) -> None:
+    """``requests`` distinct streamed requests after ``COUNT_WARMUP`` of them, each read
+    to the end and closed, as the HTTP surface does."""
+    for seed in range(COUNT_WARMUP + requests):
+        if seed == COUNT_WARMUP:
+            freeze_heap()
+        body = {"model": model, "seed": seed, "stream": True,
+                "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
+        call = Call(msgspec.convert(body, ChatRequest), key="master")
+        _, stream = await gateway.stream(call)
+        await drain(stream)
+        await stream.aclose()  # type: ignore[attr-defined]
+    await gateway.close()
+
+
+def freeze_heap() -> None:
+    """Start-up's objects out of the collector's sight: a full collection over them
+    lands in one run and not in another, and would swamp the per-request counts."""
+    gc.collect()
+    gc.freeze()
+
+
+def count_child(on: bool, requests: int, upstream: str) -> None:
+    """Run under valgrind by ``instructions``: ``requests`` distinct streamed requests
+    (after a warm-up) through a worker's in-process path: its shm state, control plane
+    and, when ``on``, the multiplexer with its shm table. ``requests`` 0: serve them
+    over HTTP instead, the way a worker does, until SIGTERM (the port goes to stdout)."""
+    import uvloop
+
+    from llmkit.state import SharedState
+
+    config = count_config(upstream, on)
+    model = "demo/x" if upstream == "demo" else "gpt-stream"
+    name = f"/llmkit-bench-count-{os.getpid()}"
+    state = SharedState.create(name, config)
+    try:
+        control = state.control(config, 0)
+        mux = state.multiplexer(config, 0, name) if on else None
+        gateway = Gateway(config, control=control, multiplexer=mux)
+        if requests:
+            uvloop.run(count_requests(gateway, model, requests))
+        else:
+            uvloop.run(serve_counted(gateway, state))
+    finally:
+        state.segment.unlink()
+        state.close()
+
+
+async def serve_counted(gateway: Gateway, state: Any) -> None:
+    """A worker's HTTP surface over ``gateway`` on a free port, until SIGTERM."""
+    import signal
+    import socket
+
+    from aiohttp import web
+
+    from llmkit.observability import Observability
+    from workers.http import HttpSurface
+
+    observability = Observability.build(gateway.config, state.metrics)
+    surface = HttpSurface(gateway, state.metrics, state.metrics.workers[0], observability)
+    runner = web.ServerRunner(surface.server(access_log=None))
+    await runner.setup()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, listener).start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    freeze_heap()
+    print(listener.getsockname()[1], flush=True)
+    await stop.wait()
+    await runner.cleanup()
+    await gateway.close()
+    await observability.aclose()
+
+
+def callgrind(child_args: list[str], drive: Any = None) -> int:
+    """Instructions a ``--count-child`` run executes, counted by callgrind; ``drive``,
+    if given, gets the served port and sends the requests, then the child is stopped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "callgrind.out")
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                   sys.executable, __file__, "--count-child", *child_args]  # fmt: skip
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) as child:  # fmt: skip
+            if drive is not None:
+                assert child.stdout is not None
+                drive(int(child.stdout.readline()))
+                child.terminate()
+            if child.wait() != 0:
+                raise RuntimeError(f"counted run failed: {child_args}")
+        totals = [line for line in out.read_text().splitlines() if line.startswith("totals:")]
+        return int(totals[0].split()[1])
+
+
+def drive_http(requests: int, model: str) -> Any:
+    """Sends ``requests`` distinct streamed requests, one at a time, to the port."""
+
+    async def send(port: int) -> None:
+        headers = {"Authorization": f"Bearer {MASTER_KEY}"}
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession(url, headers=headers) as session:
+            for seed in range(requests):
+                body = {"model": model, "seed": seed, "stream": True,
+                        "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
+                async with session.post("/v1/chat/completions", json=body) as response:
+                    assert response.status == 200, await response.text()
+                    await response.read()
+
+    return lambda port: asyncio.run(send(port))
+
+
+def instructions(
+    upstream: str, http: bool = False, short: int = 100, long: int = 1100
+) -> dict[str, float]:
+    """Instructions per unshared streamed request, multiplexer on vs off: the difference
+    of a long and a short run per side, so start-up and warm-up cancel. ``http``: the
+    server side of requests over HTTP (the client runs outside the count)."""
+    model = "demo/x" if upstream == "demo" else "gpt-stream"
+    per: dict[bool, float] = {}
+    for on in (True, False):
+        side = "on" if on else "off"
+        counts = [
+            callgrind([side, "0", upstream], drive_http(COUNT_WARMUP + n, model))
+            if http
+            else callgrind([side, str(n), upstream])
+            for n in (short, long)
+        ]
+        per[on] = (counts[1] - counts[0]) / (long - short)
+    return {"instr_on": per[True], "instr_off": per[False], "overhead": per[True] / per[False] - 1}
+
+
+def instructions_both(short: int = 100, long: int = 1100) -> dict[str, Any]:
+    """``instructions`` for the demo provider and for an OpenAI-wire deployment behind
+    nginx (outside the counted process), in-process and over HTTP."""
+    os.environ[KEY_ENV] = "bench-key"
+    os.environ[MASTER_ENV] = MASTER_KEY
+    results = {}
+    with mock_upstream(workers=1) as mock:
+        for name, upstream in (("demo", "demo"), ("openai", mock.url)):
+            results[f"{name}, in-process"] = instructions(upstream, False, short, long)
+            results[f"{name}, over HTTP (server side)"] = instructions(upstream, True, short, long)
+    return results
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -279,12 +478,12 @@ def run(quick: bool) -> dict[str, Any]:
         ),
         "fan_out_end_to_end": asyncio.run(fan_out_end_to_end(100, 200 if quick else 1000)),
         "memory": asyncio.run(memory_per_subscriber(1000, 100)),
-        "overhead": asyncio.run(overhead(5 if quick else 15, 100 if quick else 300)),
+        "overhead": asyncio.run(overhead(7 if quick else 21, 100 if quick else 300)),
         "overhead_end_to_end": asyncio.run(
-            overhead_end_to_end(3 if quick else 7, 1000 if quick else 4000)
+            overhead_end_to_end(5 if quick else 11, 600 if quick else 2500)
         ),
         "overhead_openai_end_to_end": asyncio.run(
-            overhead_end_to_end(3 if quick else 7, 1000 if quick else 4000, "openai")
+            overhead_end_to_end(5 if quick else 11, 600 if quick else 2500, "openai")
         ),
     }
     return {"metrics": declared_metrics(results), **results}
@@ -342,13 +541,36 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def instructions_table(counts: dict[str, Any]) -> str:
+    return "\n".join(
+        f"instructions per unshared stream, mux on vs off, {name}: {c['instr_on']:,.0f} vs "
+        f"{c['instr_off']:,.0f} ({c['overhead']:+.2%}, {c['instr_on'] - c['instr_off']:+,.0f})"
+        for name, c in counts.items()
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--json", type=Path, default=None, help="also save results here")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="only the valgrind instruction counts of the overhead",
+    )
+    parser.add_argument("--count-child", nargs=3, metavar=("ON", "REQUESTS", "UPSTREAM"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args(argv)
-    results = run(args.quick)
-    print(table(results))
+    if args.count_child:
+        on, requests, upstream = args.count_child
+        count_child(on == "on", int(requests), upstream)
+        return
+    if args.instructions:
+        results = {"instructions": instructions_both()}
+        print(instructions_table(results["instructions"]))
+    else:
+        results = run(args.quick)
+        print(table(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
 

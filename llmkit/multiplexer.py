@@ -22,9 +22,10 @@ or always with ``[multiplexer] eligible = "all"``. ``n > 1`` shares only with th
 
 Shape. The shared upstream call is made the way its leader asked (streamed or not):
 the leader's request reaches the provider exactly as without the multiplexer, which
-keeps the overhead on unshared requests to one key hash, one dict lookup, one pass
-over the shm table's probe window (find-or-claim) and one release; the leader's
-caller reads its own upstream stream inline until someone joins. A
+keeps the overhead on unshared requests to one key hash, one dict lookup, one C call
+to find-or-claim in the shm table and one to release; the leader's caller reads its
+own upstream stream inline until someone joins, keeping each read with a list append
+(``bench/streaming_multiplexer_bench.py --instructions`` counts what is left). A
 non-streaming follower of a stream gets the completion assembled from its frames; a
 streaming follower of a whole completion gets it as chunks (both computed once per
 entry). A streamed shared call always asks the provider for the usage chunk; each
@@ -55,7 +56,6 @@ request leads afresh.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import os
@@ -76,7 +76,7 @@ from llmkit.errors import InternalError, LLMKitError
 from llmkit.limiter import Admission
 from llmkit.mux_entry import Entry, LeadSubscription, Retry, Subscription, pull_into
 from llmkit.mux_link import LinkServer, Opened, OwnerGone, connect, mirror_remote
-from llmkit.mux_table import FULL, TAKEN, MuxTable, Owner, pack_owner, tag_of
+from llmkit.mux_table import FULL, TAKEN, MuxTable, Owner, owner_of, pack_owner, tag_of
 from llmkit.providers.base import Call, Target
 from llmkit.types import ChatCompletion, StreamOptions
 from shm import Atomics, Counter, Layout, LayoutBuilder, Segment
@@ -87,7 +87,9 @@ HEADER = "x-llmkit-dedup"
 COUNTERS = "mux_counters"
 LEADERS, FOLLOWERS, AVOIDED = range(3)
 JOIN_TRIES = 3
+LABELS_KEPT = 4096  # model names whose key labels are remembered
 _key_encoder = msgspec.json.Encoder(order="deterministic")
+WITH_USAGE = StreamOptions(include_usage=True)
 
 
 class Leading(Protocol):
@@ -110,10 +112,18 @@ class Leading(Protocol):
 
 def dedup_key(call: Call, targets: list[Target]) -> bytes:
     """The 16-byte digest of everything in ``call`` that can change the output."""
+    return _digest(key_labels(targets), call)
+
+
+def key_labels(targets: list[Target]) -> list[str]:
+    """What of the resolved deployments goes into the key: their ``provider/model``."""
+    return [targets[0].label] if len(targets) == 1 else sorted({t.label for t in targets})
+
+
+def _digest(labels: list[str], call: Call) -> bytes:
     request = msgspec.structs.replace(
         call.request, model="", stream=False, stream_options=None, user=None
     )
-    labels = [targets[0].label] if len(targets) == 1 else sorted({t.label for t in targets})
     canonical = _key_encoder.encode((labels, request, call.extras))
     return hashlib.blake2b(canonical, digest_size=16).digest()
 
@@ -174,6 +184,10 @@ class Peers:
     def __post_init__(self) -> None:
         self.pid = self.pid or os.getpid()
         self.owner = pack_owner(self.worker_slot, self.incarnation)
+        # The table's two C calls, bound: find-or-claim and release (by slot offset).
+        self.claim = self.table.claim
+        self.release = self.table.atomics.mux_release
+        self.offsets = [self.table.offset_of(i) for i in range(self.table.geometry[2])]
 
 
 def collect_metrics(atomics: Atomics, layout: Layout, config: Config) -> Iterator[Metric]:
@@ -219,11 +233,14 @@ class Multiplexer:
         self._tasks: dict[Entry, asyncio.Task[None]] = {}
         self._live: set[Entry] = set()  # entries whose task has started
         self._link = LinkServer(self._entries.get)
-        # Whether a call may share (the module function, bound: one call per request).
-        self.eligible: Callable[[Call], bool] = functools.partial(eligible, config=config)
+        self._labels: dict[str, list[str]] = {}  # model name -> its key labels
 
     def in_flight(self) -> int:
         return len(self._entries)
+
+    def eligible(self, call: Call) -> bool:
+        """Whether ``call`` may share an upstream call, under this configuration."""
+        return eligible(call, self.config)
 
     async def start(self) -> None:
         """Listen for followers on other workers (when there are peers)."""
@@ -239,17 +256,29 @@ class Multiplexer:
         """Join or lead a streamed call; SSE frames for this caller."""
         wants_usage = call.request.wants_usage_chunk()
         if not wants_usage:
-            call.request = msgspec.structs.replace(
-                call.request, stream_options=StreamOptions(include_usage=True)
-            )
-        entry, target, on_leave, chunks = await self._join(call, gateway, streamed=True)
-        if chunks is not None:
-            return target, LeadSubscription(entry, wants_usage, chunks, self._hand_off)
-        return target, Subscription(entry, wants_usage, on_leave)
+            call.request = msgspec.structs.replace(call.request, stream_options=WITH_USAGE)
+        digest = self._key(call, gateway)
+        claim = self._free(digest)
+        if claim is None:  # there may be someone to join
+            entry, target, on_leave, chunks = await self._join(digest, call, gateway, True)
+            if chunks is None:
+                return target, Subscription(entry, wants_usage, on_leave)
+        else:  # the common case, nothing to share: lead at once (``_lead``, inline)
+            entry, run = self._enter(digest, claim, call, gateway, streamed=True)
+            try:
+                target, chunks = await gateway.open_stream(call, run, False)  # keep usage
+            except BaseException as exc:
+                _lead_failed(entry, exc)
+                raise
+            entry.open(target, streamed=True)
+            self.counters.inc(LEADERS)
+            _role(call, "leader")
+        return target, LeadSubscription(entry, wants_usage, chunks, self._hand_off)
 
     async def chat(self, call: Call, gateway: Leading) -> tuple[Target, ChatCompletion]:
         """Join or lead a whole completion."""
-        entry, target, on_leave, _ = await self._join(call, gateway, streamed=False)
+        digest = self._key(call, gateway)
+        entry, target, on_leave, _ = await self._join(digest, call, gateway, streamed=False)
         try:
             return target, await entry.wait_whole()
         finally:
@@ -259,10 +288,32 @@ class Multiplexer:
 
     # -- join or lead -------------------------------------------------------------
 
-    async def _join(self, call: Call, gateway: Leading, streamed: bool) -> Joined:
+    def _key(self, call: Call, gateway: Leading) -> bytes:
+        """``dedup_key``, with each model name's labels resolved once."""
+        model = call.request.model
+        labels = self._labels.get(model)
+        if labels is None:
+            if len(self._labels) >= LABELS_KEPT:
+                self._labels.clear()
+            labels = self._labels[model] = key_labels(gateway.resolve(model))
+        return _digest(labels, call)
+
+    def _free(self, digest: bytes) -> int | None:
+        """This worker's claim on ``digest`` (a slot, or ``FULL``: lead unpublished)
+        when no identical call is in flight anywhere; None when there may be one (then
+        ``_join`` looks again and decides)."""
+        entry = self._entries.get(digest)
+        if entry is not None and not entry.done:
+            return None
+        peers = self._peers
+        if peers is None:
+            return FULL
+        claim = peers.claim(tag_of(digest), peers.owner, peers.pid)  # one C call
+        return claim if isinstance(claim, int) and claim != TAKEN else None
+
+    async def _join(self, digest: bytes, call: Call, gateway: Leading, streamed: bool) -> Joined:
         """Join an identical call in flight (in this worker or another), or lead one
         (``_lead``); followers read what the leader's call appends to the entry."""
-        digest = dedup_key(call, gateway.resolve(call.request.model))
         for _ in range(JOIN_TRIES):
             entry = self._entries.get(digest)
             found: Owner | None = None
@@ -315,11 +366,14 @@ class Multiplexer:
         if peers is None:
             return FULL
         tag = tag_of(digest)
-        found = peers.table.acquire(tag, peers.owner, peers.pid)
-        if isinstance(found, Owner) and found.pid == peers.pid:  # ours, not in flight: stale
-            peers.table.evict(found, tag)
-            found = peers.table.acquire(tag, peers.owner, peers.pid)
-        return found
+        found = peers.claim(tag, peers.owner, peers.pid)  # one C call
+        if isinstance(found, int):
+            return found
+        owner = owner_of(found)
+        if owner.pid == peers.pid:  # ours, yet not in flight here: stale
+            peers.table.evict(owner, tag)
+            return peers.table.acquire(tag, peers.owner, peers.pid)
+        return owner
 
     async def _lead(
         self, digest: bytes, claim: int, call: Call, gateway: Leading, streamed: bool
@@ -330,17 +384,7 @@ class Multiplexer:
         Its errors reach the leader as raised and every follower as the same error; if
         the leader goes away first (cancelled), followers start over.
         """
-        try:
-            run = gateway.start_run(call, streamed)  # 404/429 reach this caller only
-        except BaseException:
-            self._release(digest, claim)
-            raise
-        entry = Entry(digest)
-        entry.claim = claim
-        entry.on_idle = self._abandon
-        entry.on_done = self._forget  # the table holds calls in flight, never results
-        entry.subscribers = 1
-        self._entries[digest] = entry
+        entry, run = self._enter(digest, claim, call, gateway, streamed)
         chunks = None
         try:
             if streamed:
@@ -351,20 +395,33 @@ class Multiplexer:
                 entry.open(target, streamed=False)
                 entry.complete(completion)
         except BaseException as exc:
-            gone = Retry("the leading request went away")
-            entry.fail(exc if isinstance(exc, LLMKitError) else gone)
-            entry.leave()
+            _lead_failed(entry, exc)
             raise
         self.counters.inc(LEADERS)
-        call.response_headers[HEADER] = "leader"
-        if call.obs is not None:
-            call.obs.multiplexer_role("leader")
+        _role(call, "leader")
         return entry, target, None, chunks
+
+    def _enter(
+        self, digest: bytes, claim: int, call: Call, gateway: Leading, streamed: bool
+    ) -> tuple[Entry, Run]:
+        """Admit a leader (404/429 reach this caller only) and put its entry in the
+        table, holding ``claim``, so identical requests from now on join it."""
+        try:
+            run = gateway.start_run(call, streamed)
+        except BaseException:
+            self._release(digest, claim)
+            raise
+        entry = Entry(digest, 1)  # its leader subscribes
+        entry.claim = claim
+        entry.on_idle = self._abandon
+        entry.on_done = self._forget  # the table holds calls in flight, never results
+        self._entries[digest] = entry
+        return entry, run
 
     def _release(self, digest: bytes, claim: int) -> None:
         peers = self._peers
         if peers is not None and claim >= 0:
-            peers.table.release(claim, tag_of(digest), peers.owner)
+            peers.release(peers.offsets[claim], tag_of(digest), peers.owner)
 
     def _mirror(self, digest: bytes, found: Owner, call: Call, gateway: Leading) -> Entry:
         """A local entry filled from the owner's over its attach socket."""
@@ -423,8 +480,9 @@ class Multiplexer:
         if self._tasks or self._live:  # none for a leader reading inline
             self._tasks.pop(entry, None)
             self._live.discard(entry)
-        claim, entry.claim = entry.claim, FULL
-        self._release(entry.digest, claim)
+        if entry.claim >= 0 and (peers := self._peers) is not None:  # _release, inline
+            claim, entry.claim = entry.claim, FULL
+            peers.release(peers.offsets[claim], tag_of(entry.digest), peers.owner)
 
     async def _pump(
         self, entry: Entry, gateway: Leading, call: Call, run: Run, streamed: bool
@@ -503,6 +561,13 @@ async def _pump_frames(entry: Entry, chunks: TrackedStream) -> None:
             pass
     finally:
         await chunks.aclose()
+
+
+def _lead_failed(entry: Entry, exc: BaseException) -> None:
+    """The leader's call failed before its first output: followers get the same error,
+    or start over if the leader just went away."""
+    entry.fail(exc if isinstance(exc, LLMKitError) else Retry("the leading request went away"))
+    entry.leave()
 
 
 def _role(call: Call, role: str) -> None:

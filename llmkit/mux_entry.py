@@ -45,65 +45,52 @@ class Entry:
     when it drops to 0 before the end, ``on_idle`` cancels the source.
     """
 
-    __slots__ = (
-        "_assembled",
-        "_chunked",
-        "_waiters",
-        "claim",
-        "completion",
-        "digest",
-        "done",
-        "error",
-        "frames",
-        "on_done",
-        "on_idle",
-        "on_join",
-        "opened",
-        "streamed",
-        "subscribers",
-        "target",
-        "usage_at",
-    )
+    # Class-level defaults: a new entry sets only what differs (one is made per eligible
+    # request, so its construction is on the unshared path).
+    claim = -2  # its slot in the shm table (mux_table.FULL: none)
+    target: Target | None = None
+    streamed = True
+    usage_at = -1
+    completion: ChatCompletion | None = None
+    error: LLMKitError | None = None
+    opened = False
+    done = False
+    on_idle: Callable[[Entry], None] | None = None
+    on_join: Callable[[], None] | None = None
+    on_done: Callable[[Entry], None] | None = None
+    _waiters: list[asyncio.Future[None]] | None = None
+    _assembled: ChatCompletion | None = None
+    _chunked = False
 
-    def __init__(self, digest: bytes) -> None:
+    def __init__(self, digest: bytes, subscribers: int = 0) -> None:
         self.digest = digest
-        self.claim = -2  # its slot in the shm table (mux_table.FULL: none)
-        self.target: Target | None = None
-        self.streamed = True
         self.frames: list[bytes] = []
-        self.usage_at = -1
-        self.completion: ChatCompletion | None = None
-        self.error: LLMKitError | None = None
-        self.opened = False
-        self.done = False
-        self.subscribers = 0
-        self.on_idle: Callable[[Entry], None] | None = None
-        self.on_join: Callable[[], None] | None = None
-        self.on_done: Callable[[Entry], None] | None = None
-        self._waiters: list[asyncio.Future[None]] = []
-        self._assembled: ChatCompletion | None = None
-        self._chunked = False
+        self.subscribers = subscribers
 
     # -- the source's side --------------------------------------------------------
 
     def open(self, target: Target, streamed: bool) -> None:
         self.target, self.streamed, self.opened = target, streamed, True
         if self._waiters:
-            self._notify()
+            self.notify()
 
     def append(self, frame: bytes, usage: bool = False) -> None:
         if usage:
             self.usage_at = len(self.frames)
         self.frames.append(frame)
         if self._waiters:
-            self._notify()
+            self.notify()
 
     def add(self, frames: Frames) -> None:
         """One upstream read: its events, then its usage event apart."""
+        stored = self.frames
         if frames.events:
-            self.append(frames.events)
+            stored.append(frames.events)
         if frames.usage_event:
-            self.append(frames.usage_event, usage=True)
+            self.usage_at = len(stored)
+            stored.append(frames.usage_event)
+        if self._waiters:
+            self.notify()
 
     def complete(self, completion: ChatCompletion) -> None:
         """A whole (non-streamed) answer arrived: the entry is done."""
@@ -113,7 +100,7 @@ class Entry:
     def finish(self) -> None:
         self.done = True
         if self._waiters:
-            self._notify()
+            self.notify()
         if self.on_done is not None:
             self.on_done(self)
 
@@ -123,8 +110,8 @@ class Entry:
         self.error = error
         self.finish()
 
-    def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters or [], None
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -134,7 +121,10 @@ class Entry:
     async def changed(self) -> None:
         """Wait for the next append, open, finish or failure."""
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
         await waiter
 
     def join(self) -> None:
@@ -245,7 +235,7 @@ class LeadSubscription(Subscription):
     own, so the leader's caller going away can no longer cut the followers short.
     """
 
-    __slots__ = ("_chunks", "_hand_off", "_pulling")
+    __slots__ = ("_chunks", "_frames", "_hand_off", "_pulling")
 
     def __init__(
         self,
@@ -254,8 +244,11 @@ class LeadSubscription(Subscription):
         chunks: TrackedStream,
         hand_off: Callable[[Entry, TrackedStream], None],
     ) -> None:
-        super().__init__(entry, wants_usage)
+        # Subscription.__init__, inline: one call less on every unshared stream.
+        self._entry, self._index, self._wants_usage = entry, 0, wants_usage
+        self._on_leave, self._left = None, False
         self._chunks: TrackedStream | None = chunks
+        self._frames = entry.frames
         self._hand_off = hand_off
         self._pulling = False
         entry.on_join = self._shared
@@ -266,6 +259,7 @@ class LeadSubscription(Subscription):
         """A follower joined: unless a read is under way (it hands off when done), a
         task takes the stream now, so a leader that stalls never stalls the others."""
         if not self._pulling:
+            self._index = len(self._frames)  # every frame so far was returned
             self._give_away()
 
     def _give_away(self) -> None:
@@ -275,40 +269,74 @@ class LeadSubscription(Subscription):
             self._hand_off(self._entry, chunks)
 
     async def __anext__(self) -> bytes:
-        entry = self._entry
-        while (chunks := self._chunks) is not None and not entry.done:
-            # Alone and caught up (a read that others joined during hands off): read
-            # the upstream ourselves, keep the read in the entry for late joiners.
+        # Alone and caught up: read the upstream ourselves and return each read at
+        # once; it is kept in the entry for late joiners (``_index`` catches up only
+        # when we stop reading). This runs per upstream read of every unshared stream,
+        # so it is lean, and loops rather than recursing: the end of the stream is an
+        # exception, and every frame it passes through costs a traceback entry.
+        while (chunks := self._chunks) is not None:
             self._pulling = True
             try:
-                read = await pull_into(entry, chunks)
-            except BaseException:  # cancelled mid-read: the call ends for all
-                entry.fail(_gone(entry))
+                read = await chunks.next_frames()
+            except StopAsyncIteration:
+                self._ended(None)
+                self._left = True  # _leave(), inline: the entry is done, leaving is a count
+                self._entry.subscribers -= 1
                 raise
-            finally:
-                self._pulling = False
-            if read is None:  # finished, or failed with the upstream's error
-                break
-            if entry.subscribers > 1:
-                self._give_away()  # from now on, read the entry like everyone else
-                break
-            self._index = len(entry.frames)  # alone: the read is ours at once
-            events = read.events + read.usage_event if self._wants_usage else read.events
-            if read.last:
-                return events + SSE_DONE  # the end with the last events: one write
+            except LLMKitError as exc:
+                self._ended(exc)
+                break  # the entry raises its copy of the error
+            except BaseException:  # cancelled mid-read: the call ends for all
+                self._entry.fail(_gone(self._entry))
+                raise
+            self._pulling = False
+            events = read.events
+            if events:
+                self._frames.append(events)
+                if not read.usage_event and self._entry.subscribers == 1:
+                    return events + SSE_DONE if read.last else events
+            events = self._kept(read, events)
             if events:
                 return events
-        if self._chunks is not None:
-            await self.aclose()  # the stream ended (or failed): release the upstream
-        return await super().__anext__()
+        return await super().__anext__()  # handed off, or ended: read the entry
+
+    def _kept(self, read: Frames, events: bytes) -> bytes:
+        """The rest of ``__anext__`` for a read that is not plain events: what to
+        return, or b"" to read on (nothing to show, or others joined: handed off)."""
+        if read.usage_event:
+            self._entry.usage_at = len(self._frames)
+            self._frames.append(read.usage_event)
+            if self._wants_usage:
+                events += read.usage_event
+        if self._entry.subscribers > 1:  # joined during the read: hand off, then read
+            self._index = len(self._frames) - bool(read.events) - bool(read.usage_event)
+            self._entry.notify()
+            self._give_away()
+            return b""
+        return events + SSE_DONE if read.last else events
+
+    def _ended(self, error: LLMKitError | None) -> None:
+        """The stream ended (or failed) by itself, settling its own books."""
+        self._chunks = None
+        entry = self._entry
+        entry.on_join = None
+        self._index = len(self._frames)
+        if error is None:
+            entry.finish()
+        else:
+            entry.fail(error)
 
     async def aclose(self) -> None:
-        if self._chunks is not None and self._entry.subscribers > 1 and not self._entry.done:
-            self._give_away()
-        chunks, self._chunks = self._chunks, None
-        self._entry.on_join = None
-        if chunks is not None:
-            await chunks.aclose()
+        chunks = self._chunks
+        if chunks is None and self._left:  # the stream ended: nothing left to do
+            return
+        if chunks is not None:  # left while reading the upstream itself
+            entry = self._entry
+            if entry.subscribers > 1 and not entry.done:
+                self._give_away()  # the others carry on
+            else:
+                self._chunks, entry.on_join = None, None
+                await chunks.aclose()
         self._leave()
 
 

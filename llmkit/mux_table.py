@@ -12,16 +12,19 @@ Slot layout (one 64-byte line each, all int64, native-endian):
 +24   claimed_ns   CLOCK_MONOTONIC ns of the claim (for ``snapshot``)
 ====  ===========  ==============================================================
 
-Acquire (every eligible request, one pass over the window): a slot holding the tag
-with ``owner`` set is the owner to attach to; one holding it with ``owner`` 0 is a claim
-a few instructions from being published (``TAKEN``: look again shortly). Otherwise CAS
-``tag`` 0 -> hash on the first free slot seen, then store ``pid`` and ``claimed_ns``,
-then ``owner`` last. Two workers claiming the same hash at once both see each other
-when they re-check the window's slots before their own right after their CAS; the
-claim nearer the window's start wins and the other gives its slot back and attaches to
-the winner, so even a race ends with one upstream call.
+Acquire (every eligible request: one C call, ``Atomics.mux_acquire``, one pass over
+the window): a slot holding the tag with ``owner`` set is the owner to attach to; one
+holding it with ``owner`` 0 is a claim a few instructions from being published
+(``TAKEN``: look again shortly). Otherwise CAS ``tag`` 0 -> hash on the first free slot
+seen, then store ``pid`` and ``claimed_ns``, then ``owner`` last. Two workers claiming
+the same hash at once: right after its CAS each re-checks the window's other slots,
+and gives its own back (``TAKEN``) if the hash is there. Of two CASes the later one's
+re-check sees the earlier claim (the atomics are sequentially consistent), so at most
+one claim survives and a race ends with one upstream call; both may give up, and then
+both look again a moment later.
 
-Release (owner, when its call ends): store ``owner`` 0, then CAS ``tag`` hash -> 0.
+Release (owner, when its call ends; ``Atomics.mux_release``): CAS ``owner`` -> 0,
+then CAS ``tag`` hash -> 0.
 Reclaim (supervisor, after reaping a worker; or a worker that found the owner's socket
 refusing): the same, for every slot whose ``pid`` is the dead worker's.
 
@@ -32,7 +35,7 @@ missed deduplication, never a wrong answer.
 
 from __future__ import annotations
 
-import time
+import functools
 from typing import NamedTuple
 
 from shm import Atomics, Layout, LayoutBuilder
@@ -66,15 +69,23 @@ class Owner(NamedTuple):
 
 
 class MuxTable:
-    """Typed view over the ``mux_table`` region of one segment."""
+    """Typed view over the ``mux_table`` region of one segment.
+
+    ``acquire`` and ``release`` are one C call each (``Atomics.mux_acquire`` and
+    ``mux_release``, the protocol above); the rest is plain loads, off the hot path.
+    """
 
     def __init__(self, atomics: Atomics, layout: Layout) -> None:
         region = layout[REGION]
-        self._a = atomics
+        self._a = self.atomics = atomics
         self._offsets = [region.offset_of(i) for i in range(region.count)]
         self._size = region.count
         self._probes = min(PROBES, region.count)
         self._ring = self._offsets + self._offsets[: self._probes]  # windows never wrap
+        self.geometry = (region.offset, region.stride, region.count, self._probes)
+        # find-or-claim for one tag: ``claim(tag, owner, pid)``, as ``acquire`` returns
+        # it but with a found owner as a tuple (index, owner word, pid).
+        self.claim = functools.partial(atomics.mux_acquire, *self.geometry)
 
     def find(self, tag: int) -> Owner | None:
         """The published owner of ``tag``; None if nobody holds it (or not published yet)."""
@@ -89,38 +100,16 @@ class MuxTable:
     def acquire(self, tag: int, owner: int, pid: int) -> int | Owner:
         """``tag``'s published owner if there is one, else a slot claimed for ``owner``
         (its index); ``TAKEN`` while another worker's claim is being published or won
-        the race, ``FULL`` when the probe window has no room. One pass over the window,
-        then (usually) one CAS."""
-        a, start = self._a, tag % self._size
-        load, window = a.load_i64, self._ring[start : start + self._probes]
-        tags = list(map(load, window))  # TAG is at +0
-        if tag in tags:
-            position = tags.index(tag)
-            off = window[position]
-            word = load(off + OWNER)
-            if not word:
-                return TAKEN
-            return Owner((start + position) % self._size, (word & 0xFFFF) - 1,
-                         load(off + PID), word)  # fmt: skip
-        free = tags.index(0) if 0 in tags else -1
-        for position in range(free, len(window) if free >= 0 else 0):
-            off = window[position]
-            if not a.cas_i64(off + TAG, 0, tag):
-                continue
-            if position and any(load(earlier + TAG) == tag for earlier in window[:position]):
-                a.store_i64(off + TAG, 0)  # lost the race to a claim nearer the start
-                return TAKEN
-            a.store_i64(off + PID, pid)
-            a.store_i64(off + CLAIMED, time.monotonic_ns())
-            a.store_i64(off + OWNER, owner)
-            return (start + position) % self._size
-        return FULL
+        the race, ``FULL`` when the probe window has no room."""
+        found = self.claim(tag, owner, pid)
+        return found if isinstance(found, int) else owner_of(found)
 
     def release(self, index: int, tag: int, owner: int) -> None:
         """Give back slot ``index`` if it still holds ``tag`` for ``owner``."""
-        off = self._offsets[index]
-        if self._a.cas_i64(off + OWNER, owner, 0):
-            self._a.cas_i64(off + TAG, tag, 0)
+        self._a.mux_release(self._offsets[index], tag, owner)
+
+    def offset_of(self, index: int) -> int:
+        return self._offsets[index]
 
     def evict(self, found: Owner, tag: int) -> None:
         """Clear a slot whose owner is gone (its socket refuses connections)."""
@@ -139,3 +128,9 @@ class MuxTable:
 
     def in_use(self) -> int:
         return sum(1 for off in self._offsets if self._a.load_i64(off + TAG))
+
+
+def owner_of(found: tuple[int, int, int]) -> Owner:
+    """An ``Owner`` from what ``Atomics.mux_acquire`` returns for a published owner."""
+    index, word, pid = found
+    return Owner(index, (word & 0xFFFF) - 1, pid, word)

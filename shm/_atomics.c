@@ -39,9 +39,10 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #define WORD_SIZE 8
-#define MAX_PARAMS 5
+#define MAX_PARAMS 7
 
 /* ------------------------------------------------------------------------ */
 /* Argument parsing                                                          */
@@ -975,6 +976,154 @@ Atomics_record_request(AtomicsObject *self, PyObject *const *args, Py_ssize_t na
 }
 
 /* ------------------------------------------------------------------------ */
+/* --- multiplexer ---                                                       */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * The cross-worker in-flight table (llmkit/mux_table.py is its reference):
+ * `slots` slots of `stride` bytes from `offset`, each slot four int64 words:
+ *
+ *   +0 tag (0 = free)   +8 owner (0 = not yet published)   +16 pid   +24 claimed_ns
+ *
+ * A key's probe window is the `probes` slots from slot (tag mod slots),
+ * wrapping at the end.  One C call does what would otherwise be a dozen
+ * Python-level loads, a CAS and three stores.
+ */
+
+#define MUX_TAG 0
+#define MUX_OWNER 1
+#define MUX_PID 2
+#define MUX_CLAIMED 3
+#define MUX_WORDS 4
+#define MUX_TAKEN -1
+#define MUX_FULL -2
+#define MUX_MAX_PROBES 64
+#define MUX_MAX_SLOTS (1 << 24)
+#define MUX_MAX_STRIDE 4096
+
+static const char *const P_MUX_ACQUIRE[] = {"offset", "stride", "slots", "probes",
+                                            "tag", "owner", "pid"};
+static const char *const P_MUX_RELEASE[] = {"offset", "tag", "owner"};
+
+static const Signature SIG_MUX_ACQUIRE = {"mux_acquire", "iiiiiii", P_MUX_ACQUIRE, 7, 7, 0};
+static const Signature SIG_MUX_RELEASE = {"mux_release", "iii", P_MUX_RELEASE, 3, 3, 2};
+
+/* The table's first word, once its geometry is checked and it lies in the buffer. */
+static int64_t *
+mux_table_at(AtomicsObject *self, const Arg *a)
+{
+    int64_t stride = a[1].i, slots = a[2].i, probes = a[3].i;
+    if (stride < WORD_SIZE * MUX_WORDS || stride > MUX_MAX_STRIDE || stride % WORD_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "stride must be a multiple of 8 in 32..4096");
+        return NULL;
+    }
+    if (slots < 1 || slots > MUX_MAX_SLOTS) {
+        PyErr_SetString(PyExc_ValueError, "slots must be in 1..2**24");
+        return NULL;
+    }
+    if (probes < 1 || probes > slots || probes > MUX_MAX_PROBES) {
+        PyErr_SetString(PyExc_ValueError, "probes must be in 1..min(slots, 64)");
+        return NULL;
+    }
+    if (a[4].i == 0) {
+        PyErr_SetString(PyExc_ValueError, "tag 0 marks a free slot");
+        return NULL;
+    }
+    /* Bounded above, so no overflow: the last slot's four words must fit. */
+    Py_ssize_t words = (Py_ssize_t)(((slots - 1) * stride) / WORD_SIZE + MUX_WORDS);
+    return word_at(self, a[0].i, words);
+}
+
+static int64_t
+mux_now_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
+static PyObject *
+mux_owner_found(int64_t index, int64_t *slot)
+{
+    int64_t owner = __atomic_load_n(slot + MUX_OWNER, __ATOMIC_ACQUIRE);
+    if (owner == 0) {
+        return PyLong_FromLong(MUX_TAKEN); /* claimed, not yet published */
+    }
+    int64_t pid = __atomic_load_n(slot + MUX_PID, __ATOMIC_ACQUIRE);
+    return Py_BuildValue("(LLL)", (long long)index, (long long)owner, (long long)pid);
+}
+
+static PyObject *
+Atomics_mux_acquire(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                    PyObject *kwnames)
+{
+    Arg a[7];
+    if (parse_args(&SIG_MUX_ACQUIRE, args, nargs, kwnames, a) < 0) {
+        return NULL;
+    }
+    int64_t *table = mux_table_at(self, a);
+    if (table == NULL) {
+        return NULL;
+    }
+    int64_t stride = a[1].i / WORD_SIZE, slots = a[2].i, probes = a[3].i, tag = a[4].i;
+    int64_t start = tag % slots, index[MUX_MAX_PROBES], *slot[MUX_MAX_PROBES];
+    int64_t first_free = -1;
+    start += start < 0 ? slots : 0;
+    for (int64_t p = 0; p < probes; p++) {
+        index[p] = (start + p) % slots;
+        slot[p] = table + index[p] * stride;
+        int64_t held = __atomic_load_n(slot[p] + MUX_TAG, __ATOMIC_ACQUIRE);
+        if (held == tag) {
+            return mux_owner_found(index[p], slot[p]);
+        }
+        if (held == 0 && first_free < 0) {
+            first_free = p;
+        }
+    }
+    for (int64_t p = first_free; p >= 0 && p < probes; p++) {
+        int64_t expected = 0;
+        if (!__atomic_compare_exchange_n(slot[p] + MUX_TAG, &expected, tag, 0,
+                                         __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+            continue;
+        }
+        /* A rival may have claimed the same tag elsewhere in the window between
+         * our scan and our CAS.  Of two such CASes the later one's re-check sees
+         * the earlier (sequential consistency), so at most one claim survives;
+         * both may give up, and both callers then look again (TAKEN). */
+        for (int64_t q = 0; q < probes; q++) {
+            if (q != p && __atomic_load_n(slot[q] + MUX_TAG, __ATOMIC_SEQ_CST) == tag) {
+                __atomic_store_n(slot[p] + MUX_TAG, 0, __ATOMIC_SEQ_CST);
+                return PyLong_FromLong(MUX_TAKEN);
+            }
+        }
+        __atomic_store_n(slot[p] + MUX_PID, a[6].i, __ATOMIC_SEQ_CST);
+        __atomic_store_n(slot[p] + MUX_CLAIMED, mux_now_ns(), __ATOMIC_SEQ_CST);
+        __atomic_store_n(slot[p] + MUX_OWNER, a[5].i, __ATOMIC_SEQ_CST);
+        return PyLong_FromLongLong(index[p]);
+    }
+    return PyLong_FromLong(MUX_FULL);
+}
+
+static PyObject *
+Atomics_mux_release(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                    PyObject *kwnames)
+{
+    Arg a[3];
+    int64_t *slot = parse_cell(self, &SIG_MUX_RELEASE, args, nargs, kwnames, a);
+    if (slot == NULL) {
+        return NULL;
+    }
+    int64_t owner = a[2].i, tag = a[1].i;
+    if (!__atomic_compare_exchange_n(slot + MUX_OWNER, &owner, 0, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_ACQUIRE)) {
+        Py_RETURN_FALSE;
+    }
+    __atomic_compare_exchange_n(slot + MUX_TAG, &tag, 0, 0, __ATOMIC_SEQ_CST,
+                                __ATOMIC_ACQUIRE);
+    Py_RETURN_TRUE;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Type and module                                                           */
 /* ------------------------------------------------------------------------ */
 
@@ -1028,6 +1177,14 @@ static PyMethodDef Atomics_methods[] = {
      "observe($self, bounds, value, /, *offsets)\n--\n\n"
      "Add value to the histogram at each offset: its bucket (bisect_left over the\n"
      "tuple of float bounds) gains 1 and its sum value."},
+    /* --- multiplexer --- */
+    FASTCALL(mux_acquire, "($self, offset, stride, slots, probes, tag, owner, pid)",
+             "Find-or-claim tag in the in-flight table (llmkit/mux_table.py): the claimed\n"
+             "slot's index, -1 while another claim is unpublished or won a race, -2 when\n"
+             "the probe window is full, or (index, owner, pid) of the published owner."),
+    FASTCALL(mux_release, "($self, offset, tag, owner)",
+             "Free the table slot at offset if owner still holds it for tag; return\n"
+             "whether it did."),
     {NULL, NULL, 0, NULL},
 };
 

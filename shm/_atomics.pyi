@@ -7,6 +7,9 @@ Layouts (offsets in bytes from the buffer start; every cell 8-byte aligned):
 - GCRA cell, 8 bytes: int64 theoretical arrival time in ns; 0 = idle bucket.
 - EWMA cell, 16 bytes: word 0 = float32 mean (bits 0-31) | float32 variance
   (bits 32-63), all-zero = empty; word 1 = int64 update count.
+- multiplexer table: ``slots`` slots of ``stride`` bytes from ``offset``, each four
+  int64 words: tag (0 = free), owner (0 = unpublished), pid, claimed_ns (see
+  ``llmkit/mux_table.py``).
 """
 
 from typing import final
@@ -68,3 +71,8 @@ class Atomics:
         /,
         *ones: int,
     ) -> None: ...
+    # --- multiplexer ---
+    def mux_acquire(
+        self, offset: int, stride: int, slots: int, probes: int, tag: int, owner: int, pid: int
+    ) -> int | tuple[int, int, int]: ...
+    def mux_release(self, offset: int, tag: int, owner: int) -> bool: ...

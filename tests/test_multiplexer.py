@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +25,7 @@ from llmkit.multiplexer import dedup_key, eligible
 from llmkit.mux_entry import Entry, Subscription, assemble, completion_frames
 from llmkit.mux_table import FULL, OWNER, TAKEN, MuxTable, declare, pack_owner, tag_of
 from llmkit.providers.base import Call
+from llmkit.state import SharedState
 from llmkit.types import ChatRequest, chunk_decoder
 from shm import Atomics, LayoutBuilder
 from tests.mocks.openai import OpenAIMock, chunks
@@ -366,6 +368,67 @@ async def test_completed_calls_leave_the_table(mock: PacedMock) -> None:
     assert len(mock.requests) == 2  # not a cache
 
 
+async def test_a_follower_joining_during_the_leaders_own_read_misses_nothing(
+    mock: PacedMock,
+) -> None:
+    """The leader reads the upstream inline; a follower arriving while that read is
+    under way makes it hand off once the read is in, and both see every frame."""
+    mock.gate, mock.gate_at = threading.Event(), 10
+    gateway = gateway_for(mock)
+    request = {"messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(15))}]}
+    try:
+        _, leader = await gateway.stream(call(**request))
+        early: list[bytes] = []
+        while sum(item.count(b"\n\n") for item in early) < 10:  # all there is before the gate
+            early.append(await anext(leader))
+        pending = asyncio.ensure_future(anext(leader))  # held at the gate, mid-read
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        _, follower = await asyncio.wait_for(gateway.stream(call(**request)), 5)
+        mock.gate.set()
+        middle = await pending
+        rest, everything = await asyncio.gather(read_all(leader), read_all(follower))
+    finally:
+        await gateway.close()
+    assert len(mock.requests) == 1
+    assert b"".join(everything) == b"".join([*early, middle, *rest])
+
+
+async def test_unshared_streams_with_shm_peers_leave_no_claim_behind(mock: PacedMock) -> None:
+    """The path of most requests: lead, read inline, end; the shm slot is given back."""
+    path = f"/tmp/llmkit-mux-test-peers-{id(mock)}.toml"
+    with open(path, "w") as f:
+        f.write(f'[[providers]]\nname = "local"\nbase_url = "{mock.url}/v1"\n')
+    config = load_config(path)
+    name = f"/llmkit-test-mux-{os.getpid()}"
+    state = SharedState.create(name, config)
+    plain = Gateway(msgspec.structs.replace(config, multiplexer=MultiplexerConfig(enabled=False)))
+    try:
+        mux = state.multiplexer(config, 0, name)
+        gateway = Gateway(config, control=state.control(config, 0), multiplexer=mux)
+        try:
+            for seed in range(10):
+                for usage in (False, True):
+                    options = {"stream_options": {"include_usage": True}} if usage else {}
+                    request = call(seed=seed, **options)
+                    _, stream = await gateway.stream(request)
+                    frames = await read_all(stream)
+                    await stream.aclose()  # type: ignore[attr-defined]
+                    assert request.response_headers["x-llmkit-dedup"] == "leader"
+                    _, unshared = await plain.stream(call(seed=seed, **options))
+                    assert b"".join(frames) == b"".join(await read_all(unshared))
+                    assert (b'"usage"' in b"".join(frames)) == usage
+            assert mux.in_flight() == 0 and state.mux_table().in_use() == 0
+            assert mux.counters.value(0) == 20  # leaders
+        finally:
+            await gateway.close()
+            await plain.close()
+    finally:
+        state.segment.unlink()
+        state.close()
+    assert len(mock.requests) == 40
+
+
 # -- the shm table --------------------------------------------------------------------
 
 
@@ -419,31 +482,3 @@ def test_an_unpublished_claim_makes_others_wait() -> None:
     t._a.store_i64(t._offsets[slot] + OWNER, 0)  # the claimer is between CAS and publish
     assert t.acquire(tag, pack_owner(1, 1), 200) == TAKEN
     assert t.in_use() == 1
-
-
-class _Interleaved:
-    """Atomics that let another worker claim ``tag`` at ``slot`` just before our CAS."""
-
-    def __init__(self, atomics: Atomics, offset: int, tag: int) -> None:
-        self._a, self._offset, self._tag = atomics, offset, tag
-
-    def cas_i64(self, offset: int, expected: int, value: int) -> bool:
-        if self._tag:
-            self._a.store_i64(self._offset, self._tag)  # the rival's CAS, nearer the start
-            self._tag = 0
-        return self._a.cas_i64(offset, expected, value)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._a, name)
-
-
-def test_a_racing_claim_nearer_the_window_start_wins() -> None:
-    t = table()
-    tag = tag_of(b"\x09" * 16)
-    first = t._offsets[tag % 16]
-    t._a.store_i64(first, 12345)  # another key holds the window's first slot
-    # We see it taken and claim the second; meanwhile that key leaves and a rival
-    # claims ours in the first slot: our CAS succeeds, but we must give the slot back.
-    t._a = _Interleaved(t._a, first, tag)  # type: ignore[assignment]
-    assert t.acquire(tag, pack_owner(1, 1), 200) == TAKEN
-    assert t.in_use() == 1 and t._a.load_i64(first) == tag
