@@ -284,14 +284,7 @@ class TrackedStream:
 
     async def __anext__(self) -> bytes:
         while True:
-            # ``next_frames`` inline: the client's path resumes one coroutine fewer.
-            frames = self._next
-            if frames is None:
-                frames = await self._pull()
-            else:
-                self._next = None
-            if frames.usage is not None:
-                self._usage = frames.usage
+            frames = await self.next_frames()
             events = frames.events
             if frames.usage_event and not self._strip_usage:
                 events += frames.usage_event
@@ -302,28 +295,32 @@ class TrackedStream:
 
     async def next_frames(self) -> Frames:
         """The next upstream read with its usage event apart, for a reader that decides
-        per subscriber whether to show it (the multiplexer); settles like iteration."""
-        frames = self._next if self._next is not None else await self._pull()
-        self._next = None
+        per subscriber whether to show it (the multiplexer); settles like iteration.
+
+        It reads the upstream itself rather than through a helper coroutine: both the
+        client's iteration and the multiplexer's leader come here once per read.
+        """
+        frames = self._next
+        if frames is not None:
+            self._next = None
+        elif self._closed:
+            self._finish()
+            raise StopAsyncIteration
+        else:
+            try:
+                frames = await anext(self._rest)
+            except StopAsyncIteration:
+                self._closed = True
+                self._finish()
+                raise
+            except LLMKitError as exc:
+                self._closed = True
+                self._attempt.failed(exc, partial=True)
+                self._run.close(self._usage, keep_estimate=True)
+                raise
         if frames.usage is not None:
             self._usage = frames.usage
         return frames
-
-    async def _pull(self) -> Frames:
-        if self._closed:
-            self._finish()
-            raise StopAsyncIteration
-        try:
-            return await anext(self._rest)
-        except StopAsyncIteration:
-            self._closed = True
-            self._finish()
-            raise
-        except LLMKitError as exc:
-            self._closed = True
-            self._attempt.failed(exc, partial=True)
-            self._run.close(self._usage, keep_estimate=True)
-            raise
 
     async def aclose(self) -> None:
         """Stop early (client gone, or done): release the upstream and settle."""
