@@ -4,7 +4,8 @@
 #   bench/bootstrap.sh            # install what is missing, then say what was installed
 #   bench/bootstrap.sh --run      # ... and run the quick suite into bench/results
 #
-# Installs, only when missing: wrk, nginx and redis-server (apt-get), LiteLLM's proxy in
+# Installs, only when missing: wrk, nginx, redis-server and valgrind (apt-get; valgrind for
+# the full run's instruction counts), LiteLLM's proxy in
 # its own venv at /opt/litellm-venv (LITELLM_VENV overrides), and this project with its
 # `bench` extra into .venv at the repository root (PYTHON overrides the interpreter).
 set -euo pipefail
@@ -17,7 +18,7 @@ sudo_cmd=()
 if [ "$(id -u)" -ne 0 ]; then sudo_cmd=(sudo); fi
 
 missing=()
-for tool in wrk nginx redis-server; do
+for tool in wrk nginx redis-server valgrind; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
         missing+=("$tool")
     fi
