@@ -78,13 +78,9 @@ class HttpSurface:
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(ShmCollector(metrics, METRIC_SOURCES))
         self._table = self._routes()
-        # The chat call of each request in flight whose metrics count it at the end:
-        # what its run did is read from there, with no recorder object per request.
-        self._calls: dict[int, Call] = {}
-        # The recorder of each request in flight that is sampled or logged (a dict probe
-        # costs less than the request's own mapping, above all when the key is absent).
-        self._recorders: dict[int, RequestObs] = {}
-        self._ids: dict[int, str] = {}  # x-request-id of each request in flight
+        # Each request in flight by id(request): a dict probe costs less than aiohttp's
+        # request mapping, whose Python-level item access raises and catches on a miss.
+        self._live: dict[int, _InFlight] = {}
 
     def server(self, **kwargs: object) -> web.Server:
         """The low-level aiohttp server; ``kwargs`` go to its protocol (size limits ...)."""
@@ -128,12 +124,8 @@ class HttpSurface:
             obs = observe.begin(
                 route, request.method, request.path, request_id, request.headers.get(TRACEPARENT)
             )
-            if obs is not None:
-                self._recorders[id(request)] = obs
         status = 500
-        # Per-request values live in the surface's dicts, keyed by id(request), not in
-        # aiohttp's request mapping: its Python-level item access costs more.
-        self._ids[id(request)] = request_id
+        live = self._live[id(request)] = _InFlight(request_id, obs)
         self._slot.add_in_flight(1)
         try:
             # The handler is awaited here, not through a helper coroutine: every
@@ -153,13 +145,12 @@ class HttpSurface:
                 response.headers["x-request-id"] = request_id
             return response
         finally:
-            del self._ids[id(request)]
+            del self._live[id(request)]
             self._slot.add_in_flight(-1)
             self._slot.add_served()
             if started:
-                observe.count(route, status, started, self._calls.pop(id(request), None))
+                observe.count(route, status, started, live.call)
             if obs is not None:
-                del self._recorders[id(request)]
                 obs.finish(status)
 
     def _dispatch(self, request: web.BaseRequest) -> tuple[int, Handler]:
@@ -176,12 +167,11 @@ class HttpSurface:
         key = self._gateway.authenticate(request.headers.get("Authorization"))
         call = self._gateway.decode_chat(body)
         call.key = key
-        observe = self._observe
-        call.obs = obs = self._recorders.get(id(request)) if observe.detailed else None
-        if observe.counting:
-            self._calls[id(request)] = call
+        live = self._live[id(request)]
+        live.call = call
+        call.obs = obs = live.obs
         call.profile = request.headers.get("x-llmkit-route-profile")
-        call.headers["x-request-id"] = self._ids[id(request)]
+        call.headers["x-request-id"] = live.request_id
         headers = request.headers
         for name in FORWARDED_HEADERS:
             value = headers.get(name)
@@ -205,11 +195,8 @@ class HttpSurface:
         key = self._gateway.authenticate(request.headers.get("Authorization"))
         headers = dict(JSON_TYPE)
         embedding = self._gateway.decode_embeddings(body)
-        observe = self._observe
-        obs = self._recorders.get(id(request)) if observe.detailed else None
-        call = self._gateway.embedding_call(embedding, key, headers, obs)
-        if observe.counting:
-            self._calls[id(request)] = call
+        live = self._live[id(request)]
+        call = live.call = self._gateway.embedding_call(embedding, key, headers, live.obs)
         target, result = await self._gateway.embed(embedding, call=call)
         response = web.Response(body=encoder.encode(result), headers=headers)
         _target_headers(response, target)
@@ -266,7 +253,7 @@ class HttpSurface:
         headers: dict[str, str],
     ) -> web.StreamResponse:
         response = _EventStream(headers={**SSE_HEADERS, **headers})
-        response.headers["x-request-id"] = self._ids[id(request)]
+        response.headers["x-request-id"] = self._live[id(request)].request_id
         _target_headers(response, target)
         tail = SSE_DONE
         try:
@@ -287,6 +274,18 @@ class HttpSurface:
             await _close(chunks)
         await response.write_eof(tail)
         return response
+
+
+class _InFlight:
+    """What the surface keeps of one request while it runs: its id, its recorder when
+    sampled or logged, and its call once decoded (metrics read the run from there)."""
+
+    __slots__ = ("request_id", "obs", "call")
+
+    def __init__(self, request_id: str, obs: RequestObs | None) -> None:
+        self.request_id = request_id
+        self.obs = obs
+        self.call: Call | None = None
 
 
 class _EventStream(web.StreamResponse):
