@@ -1,4 +1,5 @@
-"""Shared fixtures: a real ``llmkit-serve`` process tree on a free port.
+"""Shared fixtures: a real ``llmkit-serve`` process tree on a free port, and one page of
+anonymous shared memory for tests that fork processes onto it.
 
 Every server gets port 0 (the kernel picks a free one, read back from the ready line),
 its own shared-memory name and its own socket path, so tests run in parallel under
@@ -8,6 +9,7 @@ pytest-xdist and leave nothing behind.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import re
 import shutil
@@ -22,6 +24,7 @@ import httpx
 import pytest
 
 from llmkit.cluster import SYNC_PROCESS_NAME
+from shm._atomics import Atomics
 
 READY = re.compile(r"llmkit: serving http://([\d.]+):(\d+) with (\d+) workers \(pid (\d+)")
 _counter = itertools.count()
@@ -151,3 +154,13 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
 def server(start_server: StartServer) -> Server:
     """A two-worker server on the demo provider."""
     return start_server()
+
+
+@pytest.fixture
+def shared() -> Iterator[Atomics]:
+    """An anonymous shared mmap page and its Atomics, inherited by forked children."""
+    mm = mmap.mmap(-1, mmap.PAGESIZE)
+    atomics = Atomics(mm)
+    yield atomics
+    atomics.release()
+    mm.close()

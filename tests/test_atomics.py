@@ -18,7 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -548,16 +548,6 @@ def run_forked(target: Callable[..., None], *args: Any) -> None:
     for proc in procs:
         proc.join(timeout=60)
     assert [proc.exitcode for proc in procs] == [0] * PROCS
-
-
-@pytest.fixture
-def shared() -> Iterator[Atomics]:
-    """An anonymous shared mmap and its Atomics, inherited by forked children."""
-    mm = mmap.mmap(-1, mmap.PAGESIZE)
-    atomics = Atomics(mm)
-    yield atomics
-    atomics.release()
-    mm.close()
 
 
 def add_worker(barrier: Any, _: int, atomics: Atomics) -> None:

@@ -552,16 +552,6 @@ def run_forked(target: Callable[..., None], *args: Any) -> None:
     assert [proc.exitcode for proc in procs] == [0] * PROCS
 
 
-@pytest.fixture
-def results() -> Iterator[Atomics]:
-    """One int64 per forked worker, shared with the parent."""
-    mm = mmap.mmap(-1, mmap.PAGESIZE)
-    atomics = Atomics(mm)
-    yield atomics
-    atomics.release()
-    mm.close()
-
-
 def hammer(barrier: Any, worker: int, shm: Shm, out: Atomics, attempts: int, tokens: int) -> None:
     """Admit ``attempts`` times at one fixed clock, keeping every admission."""
     limiter = shm.limiter(slot=worker)
@@ -581,33 +571,33 @@ def admitted_total(out: Atomics) -> int:
 
 
 @pytest.mark.multiprocess
-def test_requests_bound_is_exact_across_processes(shm_factory: Any, results: Atomics) -> None:
+def test_requests_bound_is_exact_across_processes(shm_factory: Any, shared: Atomics) -> None:
     shm = shm_factory(*chain_specs(LimitSpec(rpm=60), upper=LimitSpec(rpm=10**4)))
-    run_forked(hammer, shm, results, 75, 0)  # 300 requests
-    assert admitted_total(results) == 60
+    run_forked(hammer, shm, shared, 75, 0)  # 300 requests
+    assert admitted_total(shared) == 60
     interval = MINUTE_NS // 10**4
     assert shm.requests_tat(GLOBAL) == shm.requests_tat(PROVIDER) == NOW + 60 * interval
     assert shm.requests_tat(DEPLOYMENT) == NOW + 60 * SECOND
 
 
 @pytest.mark.multiprocess
-def test_tokens_bound_is_exact_across_processes(shm_factory: Any, results: Atomics) -> None:
+def test_tokens_bound_is_exact_across_processes(shm_factory: Any, shared: Atomics) -> None:
     shm = shm_factory(*chain_specs(LimitSpec(tpm=1000), upper=LimitSpec(tpm=10**6)))
-    run_forked(hammer, shm, results, 500, 7)  # 2000 requests of 7 tokens
-    assert admitted_total(results) == 1000 // 7
+    run_forked(hammer, shm, shared, 500, 7)  # 2000 requests of 7 tokens
+    assert admitted_total(shared) == 1000 // 7
     interval = MINUTE_NS // 10**6
     assert shm.tokens_tat(GLOBAL) == NOW + 142 * 7 * interval
 
 
 @pytest.mark.multiprocess
 def test_concurrency_bound_is_exact_and_a_dead_workers_slots_are_reclaimed(
-    shm_factory: Any, results: Atomics
+    shm_factory: Any, shared: Atomics
 ) -> None:
     shm = shm_factory(
         *chain_specs(LimitSpec(max_concurrency=5), upper=LimitSpec(max_concurrency=50))
     )
-    run_forked(hammer, shm, results, 500, 0)  # every child exits holding its slots
-    assert admitted_total(results) == 5
+    run_forked(hammer, shm, shared, 500, 0)  # every child exits holding its slots
+    assert admitted_total(shared) == 5
     assert [shm.in_flight(e) for e in CHAIN] == [5, 0, 5, 5]
     assert sum(shm.held(w, DEPLOYMENT) for w in range(PROCS)) == 5
     limiter = shm.limiter(slot=PROCS)
@@ -635,14 +625,12 @@ def churn(barrier: Any, worker: int, shm: Shm, out: Atomics, inside_off: int, ro
 
 
 @pytest.mark.multiprocess
-def test_concurrency_never_exceeds_the_bound_under_churn(
-    shm_factory: Any, results: Atomics
-) -> None:
+def test_concurrency_never_exceeds_the_bound_under_churn(shm_factory: Any, shared: Atomics) -> None:
     shm = shm_factory(*chain_specs(LimitSpec(max_concurrency=2)))
     inside = 512
-    run_forked(churn, shm, results, inside, 20_000)
-    assert results.load_i64(inside + 8) <= 2
-    assert admitted_total(results) > 0
+    run_forked(churn, shm, shared, inside, 20_000)
+    assert shared.load_i64(inside + 8) <= 2
+    assert admitted_total(shared) > 0
     assert shm.in_flight(DEPLOYMENT) == 0
     assert all(shm.held(w, DEPLOYMENT) == 0 for w in range(PROCS))
 

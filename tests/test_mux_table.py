@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import random
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -237,15 +236,6 @@ def contend(barrier: Any, index: int, atomics: Atomics, impl: str) -> None:
     base = RESULTS + 24 * index
     for offset, value in ((0, claims), (8, overlaps), (16, torn)):
         atomics.store_i64(base + offset, value)
-
-
-@pytest.fixture
-def shared() -> Iterator[Atomics]:
-    mm = mmap.mmap(-1, mmap.PAGESIZE)
-    atomics = Atomics(mm)
-    yield atomics
-    atomics.release()
-    mm.close()
 
 
 @pytest.mark.multiprocess
