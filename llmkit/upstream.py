@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
+from typing import NoReturn
 
 import aiohttp
 
@@ -119,13 +120,8 @@ class Upstream:
                         response.status
                     )
                 return await self._read(response, provider)
-        except LLMKitError:
-            raise
         except Exception as exc:
-            mapped = client_error(exc, provider, timeout_s)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+            raise_client_error(exc, provider, timeout_s)
 
     async def read(self, response: aiohttp.ClientResponse, provider: str) -> bytes:
         """The whole body, refusing more than ``max_response_bytes``."""
@@ -202,10 +198,7 @@ class Exchange:
             finally:
                 await self._request.__aexit__(None, None, None)
         except Exception as exc:
-            mapped = self._mapped(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+            raise_client_error(exc, self._provider, self._timeout_s)
         status = response.status
         raise self._on_error(status, payload, response.headers) from UpstreamStatus(status)
 
@@ -218,19 +211,11 @@ class Exchange:
         try:
             await self._request.__aexit__(kind, exc, traceback)
         except Exception as failure:
-            mapped = self._mapped(failure)
-            if mapped is failure:
-                raise
-            raise mapped from failure
+            raise_client_error(failure, self._provider, self._timeout_s)
         if isinstance(exc, Exception):
-            mapped = self._mapped(exc)
-            if mapped is not exc:
+            mapped = client_error(exc, self._provider, self._timeout_s)
+            if mapped is not exc:  # else the block's own error goes on as it is
                 raise mapped from exc
-
-    def _mapped(self, exc: Exception) -> BaseException:
-        if isinstance(exc, LLMKitError):
-            return exc
-        return client_error(exc, self._provider, self._timeout_s)
 
 
 @contextlib.contextmanager
@@ -238,17 +223,24 @@ def map_client_errors(provider: str, timeout_s: float | None) -> Iterator[None]:
     """aiohttp's failures as the most specific ``llmkit.errors`` error."""
     try:
         yield
-    except LLMKitError:
-        raise
     except Exception as exc:
-        mapped = client_error(exc, provider, timeout_s)
-        if mapped is exc:
-            raise
-        raise mapped from exc
+        raise_client_error(exc, provider, timeout_s)
+
+
+def raise_client_error(exc: Exception, provider: str, timeout_s: float | None) -> NoReturn:
+    """Raise ``client_error``'s mapping of ``exc`` (chained to it), or ``exc`` itself
+    when nothing maps it; for ``except`` clauses around aiohttp calls."""
+    mapped = client_error(exc, provider, timeout_s)
+    if mapped is exc:
+        raise exc
+    raise mapped from exc
 
 
 def client_error(exc: Exception, provider: str, timeout_s: float | None) -> Exception:
-    """The ``llmkit.errors`` error for an aiohttp failure; anything else unchanged."""
+    """The ``llmkit.errors`` error for an aiohttp failure; anything else (an
+    ``LLMKitError`` included) unchanged."""
+    if isinstance(exc, LLMKitError):
+        return exc
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         after = f" after {timeout_s:g} s" if timeout_s else ""
         return UpstreamTimeoutError(f"{provider} did not answer{after}")

@@ -36,7 +36,7 @@ from llmkit.types import (
     embedding_response_decoder,
     encoder,
 )
-from llmkit.upstream import SSEFraming, client_error, iter_sse, sse_data
+from llmkit.upstream import SSEFraming, iter_sse, raise_client_error, sse_data
 
 
 class _ChoiceShape(msgspec.Struct):
@@ -161,10 +161,7 @@ class OpenAIAdapter(Adapter):
                 try:
                     piece = await content.readany()
                 except Exception as exc:
-                    mapped = client_error(exc, name, None)
-                    if mapped is exc:
-                        raise
-                    raise mapped from exc
+                    raise_client_error(exc, name, None)
                 ended = not piece  # b"" is the end: what is left is the last event
                 batch = sse_data(framing.feed(piece) if piece else framing.rest())
                 if not batch:
