@@ -51,10 +51,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import ChainMap
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from time import monotonic_ns, time_ns
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
@@ -83,18 +82,26 @@ from llmkit.metrics import (
     route_index,
     status_index,
 )
-from llmkit.tracing import (
+from llmkit.otlp import (
+    CHILD_HEAD,
     CLIENT,
+    END_TAG,
     INTERNAL,
+    PARENT_TAG,
     SERVER,
-    TRACEPARENT,
-    SharedAttributes,
-    SpanData,
-    TraceContext,
-    Tracing,
-    build_tracing,
-    format_traceparent,
+    SPAN_TAG,
+    START_TAG,
+    TRACE_TAG,
+    child_shape,
+    double_attribute,
+    error_fields,
+    int_attribute,
+    key_field,
+    root_span,
+    span_tail,
+    string_attribute,
 )
+from llmkit.tracing import TRACEPARENT, TraceContext, Tracing, build_tracing
 from llmkit.upstream import UpstreamStatus
 
 if TYPE_CHECKING:
@@ -125,7 +132,8 @@ __all__ = [
 )
 _MODEL_ROUTES = len(MODEL_ROUTES)  # route indexes below this carry a model
 _SERIES_MAX = 8192
-_SHARED_MAX = 4096
+_SHAPES_MAX = 4096
+_Shape = TypeVar("_Shape", bytes, tuple[bytes, bytes])
 
 
 def error_kind(error: BaseException) -> int:
@@ -170,8 +178,9 @@ class Observability:
         self.active = self.counting or self.detailed
         self._traced = self.tracing.enabled
         self._draw, self._rate = self.tracing.random, self.tracing.rate
-        # Span attributes many requests share, by what they are made of (``share``).
-        self.shared: dict[tuple[Any, ...], SharedAttributes] = {}
+        # Encoded span parts many requests share, by what they are made of (``keep``).
+        self.shapes: dict[tuple[Any, ...], Any] = {}
+        self.span_id = self.tracing.span_id
         self._deployments = self.series.deployments
         self._series = dict(self._deployments)  # deployment name -> series, see series_of
         self._unrouted = self.series.unrouted
@@ -304,12 +313,12 @@ class Observability:
             previous = (target.deployment, stats)
         return words
 
-    def share(self, key: tuple[Any, ...], attributes: dict[str, Any]) -> SharedAttributes:
-        """``attributes`` as the one ``SharedAttributes`` for ``key`` (``shared``)."""
-        if len(self.shared) >= _SHARED_MAX:
-            self.shared.clear()
-        shared = self.shared[key] = SharedAttributes(attributes)
-        return shared
+    def keep(self, key: tuple[Any, ...], shape: _Shape) -> _Shape:
+        """``shape`` (encoded span parts) as the one for ``key`` in ``shapes``."""
+        if len(self.shapes) >= _SHAPES_MAX:
+            self.shapes.clear()
+        self.shapes[key] = shape
+        return shape
 
     def series_of(self, target: Target) -> int:
         """The metric series of an attempt at ``target`` (``Series.target_of``), kept
@@ -337,8 +346,9 @@ class Observability:
 
 class RequestObs:
     """A request that is sampled for tracing or written to the access log: keeps what
-    the log line and the spans say, and records spans as plain ``SpanData``. Its hooks
-    count nothing: ``Observability.count`` does that for every request alike."""
+    the log line says and, when sampled, writes each span as OTLP protobuf when it ends
+    (``llmkit.otlp``: ids and times packed between cached bytes). Its hooks count
+    nothing: ``Observability.count`` does that for every request alike."""
 
     __slots__ = ("_o", "route", "started", "key", "target", "attempts", "usage", "method",
                  "path", "request_id", "model", "error_kind", "role", "finish_reasons",
@@ -371,8 +381,8 @@ class RequestObs:
         self.trace = trace
         self._start_ns = time_ns() if trace is not None else 0
         # The open attempt span: (span id, start ns, target, attempt number).
-        self._attempt: tuple[int, int, Target, int] | None = None
-        self._spans: list[SpanData] = []  # finished, queued together with the root
+        self._attempt: tuple[bytes, int, Target, int] | None = None
+        self._spans: list[bytes] = []  # finished child spans, encoded
 
     @property
     def sampled(self) -> bool:
@@ -392,16 +402,17 @@ class RequestObs:
         if access is not None and access.log_prompts:
             self.messages = call.request.messages
         if self.trace is not None and mark:
-            order = ("router", *[t.deployment for t in targets])
-            shared = self._o.shared.get(order)
-            if shared is None:
-                shared = self._o.share(order, {"llmkit.router.order": list(order[1:])})
-            self._stage("llmkit.router", mark, shared)
+            order = tuple([t.deployment for t in targets])
+            shape = self._o.shapes.get(order)
+            if shape is None:
+                shape = self._o.keep(order, child_shape(
+                    "llmkit.router", INTERNAL, {"llmkit.router.order": list(order)}))  # fmt: skip
+            self._child(shape, self._o.span_id(), mark)
 
     def admitted(self, mark: int, refused: bool) -> None:
         """The request's own limits (global, key) admitted or refused it."""
         if self.trace is not None and mark:
-            self._stage("llmkit.limiter", mark, _REFUSED[refused])
+            self._child(_LIMITER[refused], self._o.span_id(), mark)
 
     def attempt_started(self, target: Target, headers: dict[str, str]) -> None:
         """An admitted try at ``target`` is about to go upstream with ``headers``."""
@@ -409,9 +420,9 @@ class RequestObs:
         self.target = target
         trace = self.trace
         if trace is not None:
-            span_id = self._o.tracing.span_id()
+            span_id = self._o.span_id()
             self._attempt = (span_id, time_ns(), target, self.attempts)
-            headers[TRACEPARENT] = format_traceparent(trace.trace_id, span_id)
+            headers[TRACEPARENT] = f"00-{trace[0].hex()}-{span_id.hex()}-01"
 
     def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
         """The current try ended: answered (``ok``), failed, or abandoned (None)."""
@@ -419,7 +430,7 @@ class RequestObs:
         if kind is not None:
             self.error_kind = kind
         if self._attempt is not None:
-            self._end_attempt(_OUTCOMES[ok], ERROR_KINDS[kind] if kind is not None else None)
+            self._end_attempt(ok, kind)
 
     def settled(self, usage: Usage | None) -> None:
         """The tokens the serving upstream reported (None: unknown)."""
@@ -435,14 +446,13 @@ class RequestObs:
         self.role = role
 
     def finish(self, status: int) -> None:
-        """The response is complete: write the log line, record the root span."""
-        elapsed = time.perf_counter() - self.started
-        cost = self._cost()
+        """The response is complete: write the log line, record the trace."""
         access = self._o.access
         if access is not None:
-            access.write(self._record(status, elapsed, cost))
+            elapsed = time.perf_counter() - self.started
+            access.write(self._record(status, elapsed, self._cost()))
         if self.trace is not None:
-            self._end_root(status, cost)
+            self._end_root(status)
 
     def _cost(self) -> float:
         target, usage = self.target, self.usage
@@ -451,88 +461,90 @@ class RequestObs:
         return target.price.cost(usage)
 
     # -- spans ------------------------------------------------------------------------
+
+    def _child(self, shape: tuple[bytes, bytes], span_id: bytes, start: int) -> None:
+        """A finished child span of the root, ending now, as its OTLP bytes."""
+        trace = self.trace
+        assert trace is not None
+        self._spans.append(shape[0] + CHILD_HEAD(TRACE_TAG, trace[0], SPAN_TAG, span_id,
+                           PARENT_TAG, trace[1], START_TAG, start, END_TAG, time_ns())
+                           + shape[1])  # fmt: skip
+
+    def _end_attempt(self, ok: bool | None, kind: int | None) -> None:
+        attempt = self._attempt
+        assert attempt is not None
+        self._attempt = None
+        span_id, start, target, number = attempt
+        key = (self.route, target.deployment, target.model, number, ok, kind)
+        shape = self._o.shapes.get(key)
+        if shape is None:
+            shape = self._o.keep(key, self._attempt_shape(target, number, ok, kind))
+        self._child(shape, span_id, start)
+
+    def _attempt_shape(
+        self, target: Target, number: int, ok: bool | None, kind: int | None
+    ) -> tuple[bytes, bytes]:
+        operation = self._operation()
+        values = {
+            "gen_ai.operation.name": operation, "gen_ai.request.model": target.model,
+            "gen_ai.provider.name": target.provider.name,
+            "llmkit.deployment": target.deployment, "llmkit.attempt": number,
+        }  # fmt: skip
+        if _OUTCOMES[ok] is not None:
+            values["llmkit.outcome"] = _OUTCOMES[ok]
+        error = ERROR_KINDS[kind] if kind is not None else None
+        return child_shape(f"{operation} {target.model}", CLIENT, values, error)
+
     def _operation(self) -> str:
         return MODEL_ROUTES[self.route] if self.route < _MODEL_ROUTES else "chat"
 
-    def _stage(self, name: str, mark: int, attributes: Mapping[str, Any]) -> None:
-        trace = self.trace
-        assert trace is not None
-        self._spans.append((trace.trace_id, self._o.tracing.span_id(), trace.span_id, False, name,
-                            INTERNAL, mark, time_ns(), attributes, None))  # fmt: skip
-
-    def _end_attempt(self, outcome: str | None, error: str | None) -> None:
-        trace, attempt = self.trace, self._attempt
-        assert trace is not None and attempt is not None
-        self._attempt = None
-        span_id, start, target, number = attempt
-        operation = self._operation()
-        key = ("attempt", operation, target.model, target.provider.name, target.deployment,
-               number, outcome)  # fmt: skip
-        attributes = self._o.shared.get(key)
-        if attributes is None:
-            made = {
-                "gen_ai.operation.name": operation, "gen_ai.request.model": target.model,
-                "gen_ai.provider.name": target.provider.name,
-                "llmkit.deployment": target.deployment, "llmkit.attempt": number,
-            }  # fmt: skip
-            if outcome is not None:
-                made["llmkit.outcome"] = outcome
-            attributes = self._o.share(key, made)
-        self._spans.append((trace.trace_id, span_id, trace.span_id, False,
-                            f"{operation} {target.model}", CLIENT, start, time_ns(), attributes,
-                            error))  # fmt: skip
-
-    def _end_root(self, status: int, cost: float) -> None:
+    def _end_root(self, status: int) -> None:
         trace = self.trace
         assert trace is not None
         if self._attempt is not None:  # a stream the client left mid-way
             self._end_attempt(None, None)
-        attributes: dict[str, Any] = {
-            "llmkit.request_id": self.request_id, "http.response.status_code": status,
-            "llmkit.attempts": self.attempts,
-        }  # fmt: skip
+        target, reasons = self.target, self.finish_reasons
+        key = (self.route, self.method, self.path, self.model, self.key,
+               target.deployment if target is not None else None,
+               tuple(reasons) if reasons else None, self.role)  # fmt: skip
+        tail = self._o.shapes.get(key)
+        if tail is None:
+            tail = self._o.keep(key, self._root_tail())
+        tail += string_attribute(_REQUEST_ID, self.request_id)
+        tail += int_attribute("http.response.status_code", status)
+        tail += int_attribute("llmkit.attempts", self.attempts)
         usage = self.usage
         if usage is not None:
-            attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
-            attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
-            attributes["llmkit.cost_usd"] = cost
-        operation = self._operation() if self.model is not None else None
-        name = f"{operation} {self.model}" if operation else f"{self.method} {ROUTES[self.route]}"
-        target = self.target
-        served = (target.provider.name, target.model, target.deployment) if target else None
-        reasons = tuple(self.finish_reasons) if self.finish_reasons else ()
-        key = ("root", self.method, self.path, operation, self.model, self.key, served, reasons,
-               self.role)  # fmt: skip
-        shared = self._o.shared.get(key)
-        if shared is None:
-            shared = self._o.share(key, self._root_attributes(operation, reasons))
-        error = None
+            tail += int_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
+            tail += int_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
+            tail += double_attribute(_COST, self._cost())
         if status >= 400:
             kind = self.error_kind
-            error = ERROR_KINDS[kind] if kind is not None and status >= 500 else str(status)
+            tail += error_fields(ERROR_KINDS[kind] if kind is not None and status >= 500
+                                 else str(status))  # fmt: skip
         spans = self._spans
-        spans.append((trace.trace_id, trace.span_id, trace.parent, trace.remote_parent, name,
-                      SERVER, self._start_ns, time_ns(), ChainMap(attributes, shared),
-                      error))  # fmt: skip
-        self._o.tracing.record(spans)
+        spans.append(root_span(*trace, self._start_ns, time_ns(), tail))
+        self._o.tracing.record(b"".join(spans))
 
-    def _root_attributes(self, operation: str | None, reasons: tuple[str, ...]) -> dict[str, Any]:
-        """The root span's attributes that many requests share (``_end_root``)."""
-        attributes: dict[str, Any] = {"http.request.method": self.method, "url.path": self.path}
+    def _root_tail(self) -> bytes:
+        """The root span's name, kind and the attributes many requests share."""
+        operation = self._operation() if self.model is not None else None
+        values: dict[str, Any] = {"http.request.method": self.method, "url.path": self.path}
         if operation is not None:
-            attributes["gen_ai.operation.name"] = operation
-            attributes["gen_ai.request.model"] = self.model
-            attributes["llmkit.key"] = self.key or ""
+            values["gen_ai.operation.name"] = operation
+            values["gen_ai.request.model"] = self.model
+            values["llmkit.key"] = self.key or ""
         target = self.target
         if target is not None:
-            attributes["gen_ai.provider.name"] = target.provider.name
-            attributes["gen_ai.response.model"] = target.model
-            attributes["llmkit.deployment"] = target.deployment
-        if reasons:
-            attributes["gen_ai.response.finish_reasons"] = list(reasons)
+            values["gen_ai.provider.name"] = target.provider.name
+            values["gen_ai.response.model"] = target.model
+            values["llmkit.deployment"] = target.deployment
+        if self.finish_reasons:
+            values["gen_ai.response.finish_reasons"] = list(self.finish_reasons)
         if self.role is not None:
-            attributes["llmkit.multiplexer.role"] = self.role
-        return attributes
+            values["llmkit.multiplexer.role"] = self.role
+        name = f"{operation} {self.model}" if operation else f"{self.method} {ROUTES[self.route]}"
+        return span_tail(name, SERVER, values)
 
     # -- access log -------------------------------------------------------------------
 
@@ -551,12 +563,13 @@ class RequestObs:
             "error_kind": ERROR_KINDS[self.error_kind] if self.error_kind is not None else None,
         }  # fmt: skip
         if self.trace is not None:
-            record["trace_id"] = f"{self.trace.trace_id:032x}"
+            record["trace_id"] = self.trace[0].hex()
         if self.messages is not None:
             record["messages"] = self.messages
         return record
 
 
 _OUTCOMES = {True: "ok", False: "failed", None: "released"}
-_REFUSED = {refused: SharedAttributes({"llmkit.limiter.refused": refused})
+_LIMITER = {refused: child_shape("llmkit.limiter", INTERNAL, {"llmkit.limiter.refused": refused})
             for refused in (False, True)}  # fmt: skip
+_REQUEST_ID, _COST = key_field("llmkit.request_id"), key_field("llmkit.cost_usd")

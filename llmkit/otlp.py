@@ -1,8 +1,14 @@
-"""OTLP/HTTP export of ``SpanData`` tuples: protobuf written by hand, sent with aiohttp.
+"""OTLP/HTTP export: spans written as protobuf by hand, a trace at a time, sent with aiohttp.
 
-The SDK's path (``ReadableSpan`` per span, then its OTLP encoder) cost ~50 µs per span
-in the export thread, which shares the worker's core and GIL with the event loop. The
-few messages a trace export needs are small enough to write directly; the wire format
+The SDK's path (``ReadableSpan`` per span, then its OTLP encoder) cost ~50 µs per span,
+and building span records to encode later still cost a sampled request ~100K
+instructions. So a sampled request writes its own spans: each ``Span`` message is a
+fixed-size pack of its ids and times (``struct``) between cached bytes (a head with the
+message's length, and a tail with its name, kind, attributes and flags, the same for
+every span of that shape); only the root span's per-request attributes (request id,
+status, tokens, cost) are written each time. A finished trace is one ``bytes``: the
+concatenation of its ``ScopeSpans.spans`` fields, so a batch is the traces joined
+under one resource and scope. The wire format
 (``opentelemetry/proto/collector/trace/v1/trace_service.proto``)::
 
     ExportTraceServiceRequest { 1: repeated ResourceSpans }
@@ -16,9 +22,11 @@ few messages a trace export needs are small enough to write directly; the wire f
     AnyValue       { 1: string | 2: bool | 3: int64 | 4: double
                      | 5: ArrayValue { 1: repeated AnyValue } }
 
-``flags`` carries the W3C trace flags (sampled) and whether the parent is remote
-(bits 8 and 9, as the SDK's exporter sets them). The encoding is checked against
-the protobuf classes in ``tests/test_tracing.py``.
+A Span's fields are written ids, times, then the tail (protobuf allows any field order;
+a repeated field's entries keep theirs). ``flags`` carries the W3C trace flags (sampled)
+and whether the parent is remote (bits 8 and 9, as the SDK's exporter sets them). The
+encoding is checked against the protobuf classes and the SDK's own encoder in
+``tests/test_tracing.py``.
 """
 
 from __future__ import annotations
@@ -26,29 +34,28 @@ from __future__ import annotations
 import http.client
 import logging
 import struct
-from collections import ChainMap
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from llmkit.tracing import SharedAttributes, SpanData
-
 log = logging.getLogger("llmkit.tracing")
 
 HEADERS = {"Content-Type": "application/x-protobuf"}
+INTERNAL, SERVER, CLIENT = 0, 1, 2  # opentelemetry.trace.SpanKind values; OTLP's are +1
 _DOUBLE = struct.Struct("<d").pack
 _SAMPLED, _HAS_REMOTE, _IS_REMOTE = 0x01, 0x100, 0x200
-# A span's fixed-size fields in one pack each: trace id (two halves) and span id, parent
-# span id (bytes, big-endian), then kind, start and end (varint tag, fixed64 little-endian).
-_IDS = struct.Struct(">2sQQ2sQ").pack
-_PARENT = struct.Struct(">2sQ").pack
-_TIMES = struct.Struct("<BBBQBQ").pack
-_LOW64 = (1 << 64) - 1
-_FLAGS = {flags: b"\x85\x01" + flags.to_bytes(4, "little")
-          for flags in (_SAMPLED | _HAS_REMOTE, _SAMPLED | _HAS_REMOTE | _IS_REMOTE)}  # fmt: skip
-_NAMES: dict[str, bytes] = {}  # span names, as encoded fields
+# A span's ids and times, packed at once: trace id, span id, parent span id (each a tag
+# and its bytes), start and end (a tag and fixed64 little-endian). 56 bytes; 46 without
+# the parent (a root span that starts a trace).
+CHILD_HEAD = struct.Struct("<2s16s2s8s2s8sBQBQ").pack
+_ROOT_HEAD = struct.Struct("<2s16s2s8sBQBQ").pack
+CHILD_SIZE = 56
+TRACE_TAG, SPAN_TAG, PARENT_TAG = b"\x0a\x10", b"\x12\x08", b"\x22\x08"  # fields 1, 2, 4
+START_TAG, END_TAG = 0x39, 0x41  # fields 7, 8 (fixed64)
+FLAGS = {remote: b"\x85\x01" + (_SAMPLED | _HAS_REMOTE | (_IS_REMOTE if remote else 0))
+         .to_bytes(4, "little") for remote in (False, True)}  # fmt: skip
 _ERROR_STATUS = b"\x7a\x02\x18\x02"  # field 15 {code: ERROR}
 
 
@@ -85,81 +92,102 @@ def _any_value(value: Any) -> bytes:
     return _field(0x0A, str(value).encode())
 
 
-# Encoded attribute fields seen before, by (tag, key, type, value): most values repeat
-# (models, providers, statuses), and the type keeps True apart from 1.
-_ENCODED: dict[tuple[int, str, type, Any], bytes] = {}
-_ENCODED_MAX = 4096
+def attribute(key: str, value: Any, tag: int = 0x4A) -> bytes:
+    """One ``KeyValue`` field under ``tag`` (0x4A in a Span, 0x0A in a Resource)."""
+    return _field(tag, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
 
 
-# SharedAttributes encoded before, by identity: (the mapping, which pins it, its bytes).
-_SHARED: dict[int, tuple[Mapping[str, Any], bytes]] = {}
+def attributes(values: Mapping[str, Any], tag: int = 0x4A) -> bytes:
+    return b"".join([attribute(key, value, tag) for key, value in values.items()])
 
 
-def _span_attributes(attributes: Mapping[str, Any]) -> bytes:
-    """A span's ``KeyValue`` fields: a ``SharedAttributes`` block is encoded once."""
-    cls = attributes.__class__
-    if cls is ChainMap:  # in dict(chain) order: its last map's keys first
-        maps = reversed(attributes.maps)  # type: ignore[attr-defined]
-        return b"".join([_span_attributes(part) for part in maps])
-    if cls is SharedAttributes:
-        known = _SHARED.get(id(attributes))
-        if known is not None and known[0] is attributes:
-            return known[1]
-        encoded = _attributes(attributes, 0x4A)
-        if len(_SHARED) >= _ENCODED_MAX:
-            _SHARED.clear()
-        _SHARED[id(attributes)] = (attributes, encoded)
-        return encoded
-    return _attributes(attributes, 0x4A)
-
-
-def _attributes(attributes: Mapping[str, Any], tag: int) -> bytes:
-    """Repeated ``KeyValue`` fields under ``tag`` (0x4A in a Span, 0x0A in a Resource)."""
-    parts = []
-    for key, value in attributes.items():
-        if isinstance(value, list):
-            parts.append(_field(tag, _field(0x0A, key.encode()) + _field(0x12, _any_value(value))))
-            continue
-        cache_key = (tag, key, type(value), value)
-        encoded = _ENCODED.get(cache_key)
-        if encoded is None:
-            encoded = _field(tag, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
-            if len(_ENCODED) >= _ENCODED_MAX:
-                _ENCODED.clear()
-            _ENCODED[cache_key] = encoded
-        parts.append(encoded)
-    return b"".join(parts)
-
-
-def encode_span(span: SpanData) -> bytes:
-    """One ``Span`` message (without its field tag)."""
-    trace_id, span_id, parent, remote, name, kind, start, end, attributes, error = span
-    parts = [_IDS(b"\x0a\x10", trace_id >> 64, trace_id & _LOW64, b"\x12\x08", span_id)]
-    flags = _SAMPLED | _HAS_REMOTE
-    if parent:
-        parts.append(_PARENT(b"\x22\x08", parent))
-        if remote:
-            flags |= _IS_REMOTE
-    name_field = _NAMES.get(name)
-    if name_field is None:
-        if len(_NAMES) >= _ENCODED_MAX:
-            _NAMES.clear()
-        name_field = _NAMES[name] = _field(0x2A, name.encode())
-    parts += (name_field, _TIMES(0x30, kind + 1, 0x39, start, 0x41, end),
-              _span_attributes(attributes))  # fmt: skip
+def span_tail(name: str, kind: int, values: Mapping[str, Any], error: str | None = None) -> bytes:
+    """A Span's fields after its ids and times, but for flags: name, kind, attributes and,
+    when ``error`` is set, ``error.type`` and an ERROR status."""
+    tail = _field(0x2A, name.encode()) + bytes((0x30, kind + 1)) + attributes(values)
     if error is not None:
-        parts += (_attributes({"error.type": error}, 0x4A), _ERROR_STATUS)
-    parts.append(_FLAGS[flags])
-    return b"".join(parts)
+        tail += error_fields(error)
+    return tail
 
 
-def encode_request(spans: Sequence[SpanData], service_name: str) -> bytes:
-    """An ``ExportTraceServiceRequest`` with every span under one resource and scope."""
-    resource = _field(0x0A, _attributes({"service.name": service_name}, 0x0A))
+def child_shape(name: str, kind: int, values: Mapping[str, Any], error: str | None = None
+                ) -> tuple[bytes, bytes]:  # fmt: skip
+    """(head, tail) of a span with a local parent: ``head + CHILD_HEAD(...) + tail`` is its
+    whole ``ScopeSpans.spans`` field (``head`` is the field's tag and length)."""
+    tail = span_tail(name, kind, values, error) + FLAGS[False]
+    return b"\x12" + _varint(CHILD_SIZE + len(tail)), tail
+
+
+def root_span(
+    trace_id: bytes,
+    span_id: bytes,
+    parent: bytes | None,
+    remote: bool,
+    start: int,
+    end: int,
+    tail: bytes,
+) -> bytes:
+    """A root span's whole ``ScopeSpans.spans`` field; ``tail`` as ``span_tail`` and
+    the per-request attributes (flags are added here)."""
+    if parent is None:
+        ids = _ROOT_HEAD(TRACE_TAG, trace_id, SPAN_TAG, span_id, START_TAG, start, END_TAG, end)
+    else:
+        ids = CHILD_HEAD(TRACE_TAG, trace_id, SPAN_TAG, span_id, PARENT_TAG, parent,
+                         START_TAG, start, END_TAG, end)  # fmt: skip
+    body = ids + tail + FLAGS[remote]
+    return b"\x12" + _varint(len(body)) + body
+
+
+# Encoded integer attributes of root spans, by (key, value): statuses and attempt counts
+# repeat, token counts mostly do.
+_INTS: dict[tuple[str, int], bytes] = {}
+_INTS_MAX = 4096
+
+
+def int_attribute(key: str, value: int) -> bytes:
+    """``attribute(key, value)`` for an int, from a bounded cache."""
+    encoded = _INTS.get((key, value))
+    if encoded is None:
+        if len(_INTS) >= _INTS_MAX:
+            _INTS.clear()
+        encoded = _INTS[key, value] = attribute(key, value)
+    return encoded
+
+
+def string_attribute(prefix: bytes, value: str) -> bytes:
+    """A string ``KeyValue`` whose key field (``_field(0x0A, key)``) is ``prefix``."""
+    any_value = _field(0x0A, value.encode())
+    return _field(0x4A, prefix + _field(0x12, any_value))
+
+
+def double_attribute(prefix: bytes, value: float) -> bytes:
+    """A double ``KeyValue`` whose key field is ``prefix`` (``string_attribute``)."""
+    return _field(0x4A, prefix + b"\x12\x09\x21" + _DOUBLE(value))
+
+
+_ERRORS: dict[str, bytes] = {}
+
+
+def error_fields(error: str) -> bytes:
+    """``error.type`` and an ERROR status, for a span's tail (cached: a few kinds)."""
+    encoded = _ERRORS.get(error)
+    if encoded is None:
+        if len(_ERRORS) >= _INTS_MAX:
+            _ERRORS.clear()
+        encoded = _ERRORS[error] = attribute("error.type", error) + _ERROR_STATUS
+    return encoded
+
+
+def key_field(key: str) -> bytes:
+    return _field(0x0A, key.encode())
+
+
+def encode_request(spans: bytes, service_name: str) -> bytes:
+    """An ``ExportTraceServiceRequest`` of ``spans`` (traces' ``ScopeSpans.spans`` fields,
+    joined) under one resource and scope."""
+    resource = _field(0x0A, attributes({"service.name": service_name}, 0x0A))
     scope = _field(0x0A, _field(0x0A, b"llmkit"))
-    body = b"".join([_field(0x12, encode_span(span)) for span in spans])
-    scope_spans = _field(0x12, scope + body)
-    return _field(0x0A, resource + scope_spans)
+    return _field(0x0A, resource + _field(0x12, scope + spans))
 
 
 class OtlpHttpExporter:
@@ -179,8 +207,8 @@ class OtlpHttpExporter:
         self._connection: http.client.HTTPConnection | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def send(self, spans: Sequence[SpanData]) -> Coroutine[Any, Any, None]:
-        """Encode ``spans`` now; the returned coroutine posts them."""
+    def send(self, spans: bytes) -> Coroutine[Any, Any, None]:
+        """The coroutine that posts ``spans`` (``encode_request``)."""
         return self._post(encode_request(spans, self._service))
 
     async def _post(self, body: bytes) -> None:
@@ -203,7 +231,7 @@ class OtlpHttpExporter:
             await self._session.close()
             self._session = None
 
-    def export(self, spans: Sequence[SpanData]) -> None:
+    def export(self, spans: bytes) -> None:
         body = encode_request(spans, self._service)
         headers = HEADERS
         for attempt in (1, 2):  # once more on a fresh connection if the kept one died

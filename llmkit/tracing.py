@@ -1,4 +1,4 @@
-"""Sampled tracing: the head-sampling decision, W3C ``traceparent``, spans as plain data.
+"""Sampled tracing: the head-sampling decision, W3C ``traceparent``, the span queue.
 
 Sampling is decided once per request, at the start, with one call to a seeded
 ``random.Random``: an incoming ``traceparent`` decides by its sampled flag (what OTel's
@@ -7,15 +7,18 @@ that is not sampled records nothing, and with tracing off (rate 0, or no exporte
 configured) nothing here runs past one attribute check.
 
 The request path never touches the OpenTelemetry SDK: a sampled request draws its ids
-from the same RNG, reads ``time.time_ns()`` at span edges, keeps each finished span as
-one ``SpanData`` tuple and, at the request's end, appends its spans to a deque. Every
-64 traces (or after a second), the deque is drained on the event loop, between
-requests, a batch per callback: written as OTLP/HTTP protobuf (``llmkit.otlp``) and
-posted asynchronously, or, when an SDK ``SpanExporter`` is given (tests, embedding),
-turned into ``ReadableSpan``s for it; the SDK is imported only then, so it stays an
-optional extra (``llmkit[tracing]``).
-Measured (``bench/observability_bench.py``): the SDK's tracer cost ~250 µs per sampled
-trace on the event loop; tuples cost a few µs, and encoding ~15 µs per four-span trace.
+from the same RNG (as bytes, as the wire has them), reads ``time.time_ns()`` at span
+edges and writes each finished span straight into OTLP protobuf (``llmkit.otlp``), so
+a finished trace is one ``bytes`` object, queued here. Batches leave on the event loop,
+between requests, when ``BATCH_BYTES`` are queued or ``EXPORT_INTERVAL_S`` after the
+first: posted asynchronously over OTLP/HTTP or, when an SDK ``SpanExporter`` is given
+(tests, embedding), decoded back into ``ReadableSpan``s for it, so it sees exactly the
+bytes a collector would; the SDK is imported only then, so it stays an optional extra
+(``llmkit[tracing]``).
+
+Measured (``bench/observability_bench.py --instructions``): a sampled proxied request
+costs ~50K instructions more than an unsampled one, everything included; the SDK's
+tracer cost ~250 µs per trace, and span records encoded at export ~200K instructions.
 """
 
 from __future__ import annotations
@@ -25,46 +28,32 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from llmkit.config import ObservabilityConfig
+from llmkit.otlp import CLIENT, INTERNAL, SERVER
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.export import SpanExporter
 
+__all__ = ["CLIENT", "INTERNAL", "SERVER", "TRACEPARENT", "Tracing", "build_tracing"]
+
 log = logging.getLogger("llmkit.tracing")
 
 TRACEPARENT = "traceparent"
 _HEX = frozenset("0123456789abcdef")
-INTERNAL, SERVER, CLIENT = 0, 1, 2  # opentelemetry.trace.SpanKind values
-BATCH = 256  # spans per export call: about 1 ms of encoding on the loop
-BATCH_TRACES = 64  # queued traces that are exported at once, not at the interval
+# A batch is what is queued when it reaches BATCH_BYTES (~280 four-span traces, one POST
+# every ~0.6 s at 10% of 5,000 requests/s: the POST's cost spread over that many) or
+# EXPORT_INTERVAL_S after its first trace, whichever comes first.
+BATCH_BYTES = 256 * 1024
 EXPORT_INTERVAL_S = 1.0
-MAX_QUEUED = 4096  # traces kept when the exporter falls behind; later ones are dropped
+MAX_QUEUED_BYTES = 4 * 1024 * 1024  # kept when the exporter falls behind; then dropped
 
-
-# One finished span as the request path records it: (trace id, span id, parent span id
-# (0 for a root), parent is remote, name, kind, start ns, end ns (epoch), attributes,
-# error type or None). A plain tuple: a NamedTuple costs ~0.3 µs more per span to build.
-SpanData = tuple[int, int, int, bool, str, int, int, int, Mapping[str, Any], "str | None"]
-
-
-class SharedAttributes(dict[str, Any]):
-    """Span attributes that many spans share (an attempt's target, a route's order):
-    built once, never changed after, so the OTLP encoder can keep their bytes by
-    identity. A span's attributes may also be a ``ChainMap`` of a per-request dict and
-    these."""
-
-
-class TraceContext(NamedTuple):
-    """A sampled request's root span: its ids and its parent's (0: a new trace)."""
-
-    trace_id: int
-    span_id: int
-    parent: int
-    remote_parent: bool
+# A sampled request's root span: (trace id (16 bytes), span id (8), parent span id (8,
+# or None for a new trace), the parent is remote).
+TraceContext = tuple[bytes, bytes, "bytes | None", bool]
 
 
 def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
@@ -98,18 +87,18 @@ class Tracing:
     then ``sample`` is never called and no OpenTelemetry module is imported.
 
     Export runs on the worker's event loop, between requests: a batch at a time, each
-    a callback of its own, so no request waits behind more than one batch's encoding.
-    A thread was measured first: its work was cheap alone, but contending for the GIL
-    with the loop made each sampled trace cost the worker several times more CPU.
+    a callback of its own, so no request waits behind more than one batch. A thread was
+    measured first: its work was cheap alone, but contending for the GIL with the loop
+    made each sampled trace cost the worker several times more CPU.
     """
 
     def __init__(
         self,
         rate: float,
-        export: Callable[[Sequence[SpanData]], None] | None,
+        export: Callable[[bytes], None] | None,
         shutdown: Callable[[], None] | None = None,
         rng: random.Random | None = None,
-        send: Callable[[Sequence[SpanData]], Coroutine[Any, Any, None]] | None = None,
+        send: Callable[[bytes], Coroutine[Any, Any, None]] | None = None,
         aclose: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.enabled = export is not None and rate > 0
@@ -121,10 +110,12 @@ class Tracing:
         self._send = send  # asynchronous, on the loop; None: ``export`` there too
         self._shutdown = shutdown
         self._aclose = aclose
-        self._queue: deque[list[SpanData]] = deque()
+        self._queue: deque[bytes] = deque()
+        self._queued = 0  # bytes in the queue
         self.dropped = 0  # traces not queued because the exporter fell behind
-        self._scheduled = False
-        self._sending: dict[asyncio.Task[None], list[SpanData]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = False  # a full batch's export is scheduled
+        self._sending: dict[asyncio.Task[None], bytes] = {}
 
     @classmethod
     def off(cls) -> Tracing:
@@ -139,43 +130,48 @@ class Tracing:
             if parent is not None:
                 if not parent[2]:
                     return None
-                return TraceContext(parent[0], self.span_id(), parent[1], True)
+                trace = parent[0].to_bytes(16, "big")
+                return trace, self.span_id(), parent[1].to_bytes(8, "big"), True
         if self.random() >= self.rate:
             return None
         return self.root()
 
     def root(self) -> TraceContext:
         """A new trace's root span (the request was drawn for sampling)."""
-        return TraceContext(self._bits(128) or 1, self.span_id(), 0, False)
+        return (self._bits(128) or 1).to_bytes(16, "big"), self.span_id(), None, False
 
-    def span_id(self) -> int:
-        return self._bits(64) or 1
+    def span_id(self) -> bytes:
+        return (self._bits(64) or 1).to_bytes(8, "big")
 
-    def record(self, spans: list[SpanData]) -> None:
-        """Queue one request's finished spans; they leave within ``EXPORT_INTERVAL_S``,
-        or as soon as a batch is full (few objects stay alive for the GC to walk)."""
-        queue = self._queue
-        if len(queue) >= MAX_QUEUED:
+    def record(self, trace: bytes) -> None:
+        """Queue one request's finished spans (``llmkit.otlp``: its ``ScopeSpans.spans``
+        fields); they leave within ``EXPORT_INTERVAL_S``, or once a batch is full."""
+        queued = self._queued + len(trace)
+        if queued > MAX_QUEUED_BYTES:
             self.dropped += 1
             return
-        queue.append(spans)
-        if len(queue) == BATCH_TRACES:
-            self._schedule(0)
-        elif not self._scheduled:
-            self._scheduled = self._schedule(EXPORT_INTERVAL_S)
+        self._queue.append(trace)
+        self._queued = queued
+        if queued >= BATCH_BYTES:
+            if not self._due:
+                self._due = self._schedule(0) is not None
+        elif self._timer is None:
+            self._timer = self._schedule(EXPORT_INTERVAL_S)
 
     # -- export ---------------------------------------------------------------------
 
-    def _schedule(self, delay: float) -> bool:
+    def _schedule(self, delay: float) -> asyncio.TimerHandle | None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return False  # no event loop (a script): the spans wait for flush()
-        loop.call_later(delay, self._export_batch)
-        return True
+            return None  # no event loop (a script): the spans wait for flush()
+        return loop.call_later(delay, self._export_batch)
 
     def _export_batch(self) -> None:
-        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due = False
         batch = self._take()
         if not batch:
             return
@@ -186,15 +182,20 @@ class Tracing:
             task = asyncio.get_running_loop().create_task(self._send(batch))
             self._sending[task] = batch
             task.add_done_callback(self._sending.pop)
-        if len(self._queue) >= BATCH_TRACES:
-            self._schedule(0)
+        if self._queued >= BATCH_BYTES:
+            self._due = self._schedule(0) is not None
+        elif self._queue:
+            self._timer = self._schedule(EXPORT_INTERVAL_S)
 
-    def _take(self) -> list[SpanData]:
-        queue = self._queue
-        batch: list[SpanData] = []
-        while queue and len(batch) < BATCH:
-            batch += queue.popleft()
-        return batch
+    def _take(self) -> bytes:
+        """Up to ``BATCH_BYTES`` of queued traces (at least one), joined."""
+        queue, taken, size = self._queue, [], 0
+        while queue and size < BATCH_BYTES:
+            trace = queue.popleft()
+            taken.append(trace)
+            size += len(trace)
+        self._queued -= size
+        return b"".join(taken)
 
     def flush(self) -> None:
         """Export every queued span now, synchronously (tests; shutdown)."""
@@ -212,6 +213,9 @@ class Tracing:
                 if self._export is not None:
                     self._export(batch)
         self._sending.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.flush()
         if self.dropped:
             log.warning("tracing dropped %d traces: the exporter fell behind", self.dropped)
@@ -252,35 +256,46 @@ def build_tracing(
     to_sdk = sdk_spans(Resource.create({"service.name": config.service_name}))
     sink = exporter
 
-    def export(batch: Sequence[SpanData]) -> None:
+    def export(batch: bytes) -> None:
         sink.export(to_sdk(batch))
 
     return Tracing(config.trace_sample_rate, export, sink.shutdown, rng)
 
 
-def sdk_spans(resource: Any) -> Callable[[Sequence[SpanData]], list[ReadableSpan]]:
-    """The converter from ``SpanData`` to the SDK's ``ReadableSpan`` (export thread)."""
+def sdk_spans(resource: Any) -> Callable[[bytes], list[ReadableSpan]]:
+    """The converter from queued traces (OTLP ``ScopeSpans.spans`` fields) to the SDK's
+    ``ReadableSpan``s: decoded with the protobuf classes (``opentelemetry-proto``, which
+    the SDK's OTLP exporter brings), so an SDK exporter sees what a collector would."""
+    from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
     from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
     scope = InstrumentationScope("llmkit")
     sampled = TraceFlags(TraceFlags.SAMPLED)
-    kinds = {INTERNAL: SpanKind.INTERNAL, SERVER: SpanKind.SERVER, CLIENT: SpanKind.CLIENT}
     ok, failed = Status(StatusCode.UNSET), Status(StatusCode.ERROR)
 
-    def convert(batch: Sequence[SpanData]) -> list[ReadableSpan]:
+    def value(any_value: Any) -> Any:
+        which = any_value.WhichOneof("value")
+        if which == "array_value":
+            return tuple(value(v) for v in any_value.array_value.values)
+        return getattr(any_value, which)
+
+    def convert(batch: bytes) -> list[ReadableSpan]:
         spans = []
-        for trace_id, span_id, parent_id, remote, name, kind, start, end, attrs, error in batch:
-            context = SpanContext(trace_id, span_id, False, sampled)
-            parent = SpanContext(trace_id, parent_id, remote, sampled) if parent_id else None
-            if error is not None:
-                attrs = {**attrs, "error.type": error}
-            elif attrs.__class__ is not dict:
-                attrs = dict(attrs)
+        for span in ScopeSpans.FromString(batch).spans:
+            trace_id = int.from_bytes(span.trace_id, "big")
+            context = SpanContext(trace_id, int.from_bytes(span.span_id, "big"), False, sampled)
+            parent = None
+            if span.parent_span_id:
+                remote = bool(span.flags & 0x200)
+                parent_id = int.from_bytes(span.parent_span_id, "big")
+                parent = SpanContext(trace_id, parent_id, remote, sampled)
             spans.append(ReadableSpan(
-                name, context, parent, resource, attrs, kind=kinds[kind],
-                status=failed if error is not None else ok, start_time=start, end_time=end,
+                span.name, context, parent, resource,
+                {kv.key: value(kv.value) for kv in span.attributes},
+                kind=SpanKind(span.kind - 1), status=failed if span.status.code == 2 else ok,
+                start_time=span.start_time_unix_nano, end_time=span.end_time_unix_nano,
                 instrumentation_scope=scope,
             ))  # fmt: skip
         return spans

@@ -173,27 +173,51 @@ async def test_head_sampling_at_a_tenth_over_10000_requests(
 
 
 def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
+    """Spans written by ``llmkit.otlp`` parse with the protobuf classes into exactly what
+    the SDK's own encoder writes for the same spans, built here by hand; and the SDK
+    exporter's converter turns those bytes back into the same spans."""
     from google.protobuf.json_format import MessageToDict
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
     )
     from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import SpanContext, Status, TraceFlags
 
-    from llmkit.otlp import encode_request
-    from llmkit.tracing import CLIENT, SERVER, SpanData, sdk_spans
+    from llmkit import otlp
+    from llmkit.tracing import sdk_spans
 
-    trace_id, root = random.getrandbits(128) | 1, random.getrandbits(64) | 1
+    trace_id, root, child = random.getrandbits(128) | 1, random.getrandbits(64) | 1, 5
     attributes = {"gen_ai.request.model": "m", "llmkit.attempt": 2, "llmkit.cost_usd": 0.25,
-                  "llmkit.limiter.refused": False, "order": ["a#0", "a#1"], "neg": -3}  # fmt: skip
-    spans: list[SpanData] = [
-        (trace_id, root, 77, True, "chat m", SERVER, 1_000, 2_000, attributes, None),
-        (trace_id, 5, root, False, "chat x", CLIENT, 1_100, 1_900, {}, "server_error"),
-    ]
+                  "llmkit.limiter.refused": False, "order": ["a#0", "a#1"], "neg": -3,
+                  "long": "x" * 300}  # fmt: skip
+    tid = trace_id.to_bytes(16, "big")
+    head, tail = otlp.child_shape("chat x", otlp.CLIENT, {"llmkit.attempt": 1}, "server_error")
+    spans = otlp.root_span(tid, root.to_bytes(8, "big"), (77).to_bytes(8, "big"), True, 1_000,
+                           2_000, otlp.span_tail("chat m", otlp.SERVER, attributes))  # fmt: skip
+    ids = otlp.CHILD_HEAD(otlp.TRACE_TAG, tid, otlp.SPAN_TAG, child.to_bytes(8, "big"),
+                          otlp.PARENT_TAG, root.to_bytes(8, "big"), otlp.START_TAG, 1_100,
+                          otlp.END_TAG, 1_900)  # fmt: skip
+    spans += head + ids + tail
     mine = ExportTraceServiceRequest()
-    mine.ParseFromString(encode_request(spans, "svc"))
-    resource = Resource({"service.name": "svc"})
-    sdk = encode_spans(sdk_spans(resource)(spans))
+    mine.ParseFromString(otlp.encode_request(spans, "svc"))
+
+    resource, scope = Resource({"service.name": "svc"}), InstrumentationScope("llmkit")
+    sampled = TraceFlags(TraceFlags.SAMPLED)
+    expected = [
+        ReadableSpan("chat m", SpanContext(trace_id, root, False, sampled),
+                     SpanContext(trace_id, 77, True, sampled), resource, attributes,
+                     kind=SpanKind.SERVER, start_time=1_000, end_time=2_000,
+                     instrumentation_scope=scope),
+        ReadableSpan("chat x", SpanContext(trace_id, child, False, sampled),
+                     SpanContext(trace_id, root, False, sampled), resource,
+                     {"llmkit.attempt": 1, "error.type": "server_error"},
+                     kind=SpanKind.CLIENT, status=Status(StatusCode.ERROR), start_time=1_100,
+                     end_time=1_900, instrumentation_scope=scope),
+    ]  # fmt: skip
+    sdk = encode_spans(expected)
 
     def spans_of(request: ExportTraceServiceRequest) -> list[dict[str, Any]]:
         (rs,) = request.resource_spans
@@ -211,30 +235,42 @@ def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
     server, client = mine.resource_spans[0].scope_spans[0].spans
     assert server.kind == 2 and client.kind == 3 and client.status.code == 2
     assert server.flags == 0x301 and client.flags == 0x101  # sampled; remote parent or not
+    back = ExportTraceServiceRequest()
+    back.ParseFromString(encode_spans(sdk_spans(resource)(spans)).SerializeToString())
+    assert spans_of(back) == spans_of(sdk)
 
 
-def test_shared_attribute_blocks_encode_as_their_flat_dict() -> None:
-    """A span whose attributes are a ChainMap over ``SharedAttributes`` (encoded once,
-    kept by identity) is written exactly as the same attributes in one dict."""
-    from collections import ChainMap
-
-    from llmkit.otlp import encode_request
-    from llmkit.tracing import CLIENT, SERVER, SharedAttributes, SpanData
-
-    shared = SharedAttributes({"gen_ai.request.model": "m", "order": ["a#0", "a#1"]})
-    other = SharedAttributes({"gen_ai.request.model": "n", "llmkit.attempt": 2})
-
-    def spans(flat: bool) -> list[SpanData]:
-        root = ChainMap({"llmkit.request_id": "r1", "http.response.status_code": 502}, shared)
-        return [
-            (7, 1, 0, False, "chat m", SERVER, 1, 2, dict(root) if flat else root, "502"),
-            (7, 2, 1, False, "chat x", CLIENT, 1, 2, dict(other) if flat else other, None),
-            (7, 3, 1, False, "chat x", CLIENT, 1, 2, dict(shared) if flat else shared, None),
-        ]
-
-    expected = encode_request(spans(flat=True), "svc")
-    assert encode_request(spans(flat=False), "svc") == expected
-    assert encode_request(spans(flat=False), "svc") == expected  # the blocks, from the cache
+async def test_encoded_span_parts_are_kept_per_shape_not_mixed_up(
+    tmp_path: Path, mock: OpenAIMock, exporter: InMemorySpanExporter
+) -> None:
+    """Span parts cached by one request (a failed try, a fallback) are not reused for a
+    request that went differently; per-request attributes are each request's own."""
+    config = config_of(tmp_path, fallback_alias(mock.url) + tracing_config(1.0))
+    mock.faults.append(Fault("status", status=500))
+    async with in_process(config, exporter) as local, httpx.AsyncClient(timeout=10) as client:
+        for request_id in ("r-fell-back", "r-first-try", "r-again"):
+            response = await client.post(local.url + CHAT, json=chat("m"),
+                                         headers={"x-request-id": request_id})  # fmt: skip
+            assert response.status_code == 200
+    spans = exporter.get_finished_spans()
+    roots = {s.context.trace_id: s for s in spans if s.kind == SpanKind.SERVER}
+    assert len(roots) == 3 and len(spans) == 3 * 3 + 4  # root, router, limiter; tries
+    by_request = {(r.attributes or {})["llmkit.request_id"]: r for r in roots.values()}
+    for request_id, tries, provider in (("r-fell-back", 2, "demo"), ("r-first-try", 1, "local"),
+                                        ("r-again", 1, "local")):  # fmt: skip
+        root = by_request[request_id]
+        attrs = root.attributes or {}
+        assert attrs["llmkit.attempts"] == tries and attrs["gen_ai.provider.name"] == provider
+        attempts = [s for s in spans if s.kind == SpanKind.CLIENT
+                    and s.context.trace_id == root.context.trace_id]  # fmt: skip
+        assert len(attempts) == tries
+        last = max(attempts, key=lambda s: s.start_time or 0)
+        assert (last.attributes or {})["gen_ai.provider.name"] == provider
+        assert "error.type" not in (last.attributes or {})
+        assert last.status.status_code != StatusCode.ERROR
+        assert all(s.parent is not None and s.parent.span_id == root.context.span_id
+                   for s in spans if s.context.trace_id == root.context.trace_id
+                   and s is not root)  # fmt: skip
 
 
 async def test_spans_are_posted_from_the_event_loop_while_serving(tmp_path: Path) -> None:
