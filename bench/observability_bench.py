@@ -79,6 +79,10 @@ def observability_sections(sink: str) -> dict[str, str]:
 
 
 class _Sink(BaseHTTPRequestHandler):
+    """An OTLP/HTTP collector's part that costs the exporter anything: it keeps the
+    connection alive (HTTP/1.1) as collectors do, so a POST is not also a connect."""
+
+    protocol_version = "HTTP/1.1"
     received = 0  # OTLP export requests
 
     def do_POST(self) -> None:  # noqa: N802 - the stdlib's name

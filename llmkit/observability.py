@@ -85,23 +85,22 @@ from llmkit.metrics import (
 from llmkit.otlp import (
     CHILD_HEAD,
     CLIENT,
+    DOUBLE,
     END_TAG,
     INTERNAL,
-    PARENT_TAG,
     SERVER,
     SPAN_TAG,
     START_TAG,
-    TRACE_TAG,
+    IntAttribute,
     child_shape,
-    double_attribute,
+    double_prefix,
     error_fields,
-    int_attribute,
     key_field,
-    root_span,
     span_tail,
     string_attribute,
+    trace_spans,
 )
-from llmkit.tracing import TRACEPARENT, TraceContext, Tracing, build_tracing
+from llmkit.tracing import TRACEPARENT, Tracing, build_tracing
 from llmkit.upstream import UpstreamStatus
 
 if TYPE_CHECKING:
@@ -178,6 +177,7 @@ class Observability:
         self.active = self.counting or self.detailed
         self._traced = self.tracing.enabled
         self._draw, self._rate = self.tracing.random, self.tracing.rate
+        self._new_trace = self.tracing.root
         # Encoded span parts many requests share, by what they are made of (``keep``).
         self.shapes: dict[tuple[Any, ...], Any] = {}
         self.span_id = self.tracing.span_id
@@ -207,15 +207,17 @@ class Observability:
     ) -> RequestObs | None:
         """The recorder of a request that is sampled or logged; None for any other (its
         metrics are counted by ``count``, from the pipeline's own objects)."""
-        trace = None
+        ids = parent = None
         if self._traced and route < _MODEL_ROUTES:  # no traces of /health, /metrics
             if traceparent:
-                trace = self.tracing.sample(traceparent)
+                sampled = self.tracing.sample(traceparent)
+                if sampled is not None:
+                    ids, parent = sampled
             elif self._draw() < self._rate:  # Tracing.sample, inline: most are not drawn
-                trace = self.tracing.root()
-        if trace is None and self.access is None:
+                ids = self._new_trace()
+        if ids is None and self.access is None:
             return None
-        return RequestObs(self, route, method, path, request_id, trace)
+        return RequestObs(self, route, method, path, request_id, ids, parent)
 
     def count(self, route: int, status: int, started_ns: int, call: Call | None) -> None:
         """Count a finished request (only when ``counting``): ``started_ns`` is when it
@@ -347,12 +349,13 @@ class Observability:
 class RequestObs:
     """A request that is sampled for tracing or written to the access log: keeps what
     the log line says and, when sampled, writes each span as OTLP protobuf when it ends
-    (``llmkit.otlp``: ids and times packed between cached bytes). Its hooks count
-    nothing: ``Observability.count`` does that for every request alike."""
+    (``llmkit.otlp``: ids and times packed between cached bytes, written out here, one
+    hook call per span and no helper calls on the usual path). Its hooks count nothing:
+    ``Observability.count`` does that for every request alike."""
 
     __slots__ = ("_o", "route", "started", "key", "target", "attempts", "usage", "method",
                  "path", "request_id", "model", "error_kind", "role", "finish_reasons",
-                 "messages", "trace", "_start_ns", "_attempt", "_spans")  # fmt: skip
+                 "messages", "trace", "_parent", "_start_ns", "_attempt", "_spans")  # fmt: skip
 
     def __init__(
         self,
@@ -361,7 +364,8 @@ class RequestObs:
         method: str,
         path: str,
         request_id: str,
-        trace: TraceContext | None,
+        trace: bytes | None,
+        parent: bytes | None = None,
     ) -> None:
         self._o = obs
         self.route = route
@@ -378,11 +382,12 @@ class RequestObs:
         self.role: str | None = None
         self.finish_reasons: list[str] | None = None
         self.messages: Any = None
-        self.trace = trace
+        self.trace = trace  # the ids of a sampled request (``tracing.IDS``), else None
+        self._parent = parent  # the remote parent span's id, if any
         self._start_ns = time_ns() if trace is not None else 0
         # The open attempt span: (span id, start ns, target, attempt number).
         self._attempt: tuple[bytes, int, Target, int] | None = None
-        self._spans: list[bytes] = []  # finished child spans, encoded
+        self._spans: list[bytes] = []  # finished child spans, encoded (in parts)
 
     @property
     def sampled(self) -> bool:
@@ -401,34 +406,39 @@ class RequestObs:
         access = self._o.access
         if access is not None and access.log_prompts:
             self.messages = call.request.messages
-        if self.trace is not None and mark:
-            order = tuple([t.deployment for t in targets])
-            shape = self._o.shapes.get(order)
-            if shape is None:
-                shape = self._o.keep(order, child_shape(
-                    "llmkit.router", INTERNAL, {"llmkit.router.order": list(order)}))  # fmt: skip
-            self._child(shape, self._o.span_id(), mark)
+        ids = self.trace
+        if ids is not None and mark:
+            if len(targets) == 1:
+                order: tuple[str, ...] = (targets[0].deployment,)
+            else:
+                order = tuple([target.deployment for target in targets])
+            head, tail = self._o.shapes.get(order) or self._o.keep(order, router_shape(order))
+            self._spans += (head, CHILD_HEAD(ids[:28], SPAN_TAG, ids[28:36], START_TAG, mark,
+                                             END_TAG, time_ns()), tail)  # fmt: skip
 
     def admitted(self, mark: int, refused: bool) -> None:
         """The request's own limits (global, key) admitted or refused it."""
-        if self.trace is not None and mark:
-            self._child(_LIMITER[refused], self._o.span_id(), mark)
+        ids = self.trace
+        if ids is not None and mark:
+            head, tail = _LIMITER[refused]
+            self._spans += (head, CHILD_HEAD(ids[:28], SPAN_TAG, ids[36:44], START_TAG, mark,
+                                             END_TAG, time_ns()), tail)  # fmt: skip
 
     def attempt_started(self, target: Target, headers: dict[str, str]) -> None:
         """An admitted try at ``target`` is about to go upstream with ``headers``."""
         self.attempts += 1
         self.target = target
-        trace = self.trace
-        if trace is not None:
-            span_id = self._o.span_id()
+        ids = self.trace
+        if ids is not None:
+            span_id = ids[44:52] if self.attempts == 1 else self._o.span_id()
             self._attempt = (span_id, time_ns(), target, self.attempts)
-            headers[TRACEPARENT] = f"00-{trace[0].hex()}-{span_id.hex()}-01"
+            headers[TRACEPARENT] = f"00-{ids[2:18].hex()}-{span_id.hex()}-01"
 
     def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
         """The current try ended: answered (``ok``), failed, or abandoned (None)."""
-        kind = error_kind(error) if error is not None else None
-        if kind is not None:
-            self.error_kind = kind
+        kind = None
+        if error is not None:
+            kind = self.error_kind = error_kind(error)
         if self._attempt is not None:
             self._end_attempt(ok, kind)
 
@@ -451,8 +461,42 @@ class RequestObs:
         if access is not None:
             elapsed = time.perf_counter() - self.started
             access.write(self._record(status, elapsed, self._cost()))
-        if self.trace is not None:
-            self._end_root(status)
+        ids = self.trace
+        if ids is None:
+            return
+        if self._attempt is not None:  # a stream the client left mid-way
+            self._end_attempt(None, None)
+        target, reasons, usage = self.target, self.finish_reasons, self.usage
+        key = (self.route, self.method, self.path, self.model, self.key,
+               target.deployment if target is not None else None,
+               tuple(reasons) if reasons else None, self.role)  # fmt: skip
+        shared = self._o.shapes.get(key) or self._o.keep(key, self._root_tail())
+        request_id = self.request_id.encode()
+        size = len(request_id)
+        if size <= 104:  # every length below fits one byte
+            tail = [shared, bytes((0x4A, size + 23)), _REQUEST_ID,
+                    bytes((0x12, size + 2, 0x0A, size)), request_id]  # fmt: skip
+        else:
+            tail = [shared, string_attribute(_REQUEST_ID, self.request_id)]
+        tail += (_STATUS[status], _ATTEMPTS[self.attempts])
+        if usage is not None:
+            price = target.price if target is not None else None
+            cost = 0.0
+            if price is not None:  # Price.cost, inline: the same arithmetic, bit for bit
+                if usage.prompt_tokens_details is None:
+                    cost = (usage.prompt_tokens * price.input
+                            + usage.completion_tokens * price.output) / 1_000_000  # fmt: skip
+                else:
+                    cost = price.cost(usage)
+            tail += (_TOKENS_IN[usage.prompt_tokens], _TOKENS_OUT[usage.completion_tokens],
+                     _COST, DOUBLE(cost))  # fmt: skip
+        if status >= 400:
+            kind = self.error_kind
+            tail.append(error_fields(ERROR_KINDS[kind] if kind is not None and status >= 500
+                                     else str(status)))  # fmt: skip
+        end = time_ns()
+        self._o.tracing.record(trace_spans(ids, self._parent, self._start_ns, end, tail,
+                                           self._spans))  # fmt: skip
 
     def _cost(self) -> float:
         target, usage = self.target, self.usage
@@ -462,24 +506,17 @@ class RequestObs:
 
     # -- spans ------------------------------------------------------------------------
 
-    def _child(self, shape: tuple[bytes, bytes], span_id: bytes, start: int) -> None:
-        """A finished child span of the root, ending now, as its OTLP bytes."""
-        trace = self.trace
-        assert trace is not None
-        self._spans.append(shape[0] + CHILD_HEAD(TRACE_TAG, trace[0], SPAN_TAG, span_id,
-                           PARENT_TAG, trace[1], START_TAG, start, END_TAG, time_ns())
-                           + shape[1])  # fmt: skip
-
     def _end_attempt(self, ok: bool | None, kind: int | None) -> None:
-        attempt = self._attempt
-        assert attempt is not None
+        attempt, ids = self._attempt, self.trace
+        assert attempt is not None and ids is not None
         self._attempt = None
         span_id, start, target, number = attempt
         key = (self.route, target.deployment, target.model, number, ok, kind)
         shape = self._o.shapes.get(key)
         if shape is None:
             shape = self._o.keep(key, self._attempt_shape(target, number, ok, kind))
-        self._child(shape, span_id, start)
+        self._spans += (shape[0], CHILD_HEAD(ids[:28], SPAN_TAG, span_id, START_TAG, start,
+                                             END_TAG, time_ns()), shape[1])  # fmt: skip
 
     def _attempt_shape(
         self, target: Target, number: int, ok: bool | None, kind: int | None
@@ -497,34 +534,6 @@ class RequestObs:
 
     def _operation(self) -> str:
         return MODEL_ROUTES[self.route] if self.route < _MODEL_ROUTES else "chat"
-
-    def _end_root(self, status: int) -> None:
-        trace = self.trace
-        assert trace is not None
-        if self._attempt is not None:  # a stream the client left mid-way
-            self._end_attempt(None, None)
-        target, reasons = self.target, self.finish_reasons
-        key = (self.route, self.method, self.path, self.model, self.key,
-               target.deployment if target is not None else None,
-               tuple(reasons) if reasons else None, self.role)  # fmt: skip
-        tail = self._o.shapes.get(key)
-        if tail is None:
-            tail = self._o.keep(key, self._root_tail())
-        tail += string_attribute(_REQUEST_ID, self.request_id)
-        tail += int_attribute("http.response.status_code", status)
-        tail += int_attribute("llmkit.attempts", self.attempts)
-        usage = self.usage
-        if usage is not None:
-            tail += int_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
-            tail += int_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
-            tail += double_attribute(_COST, self._cost())
-        if status >= 400:
-            kind = self.error_kind
-            tail += error_fields(ERROR_KINDS[kind] if kind is not None and status >= 500
-                                 else str(status))  # fmt: skip
-        spans = self._spans
-        spans.append(root_span(*trace, self._start_ns, time_ns(), tail))
-        self._o.tracing.record(b"".join(spans))
 
     def _root_tail(self) -> bytes:
         """The root span's name, kind and the attributes many requests share."""
@@ -563,13 +572,21 @@ class RequestObs:
             "error_kind": ERROR_KINDS[self.error_kind] if self.error_kind is not None else None,
         }  # fmt: skip
         if self.trace is not None:
-            record["trace_id"] = self.trace[0].hex()
+            record["trace_id"] = self.trace[2:18].hex()
         if self.messages is not None:
             record["messages"] = self.messages
         return record
 
 
+def router_shape(order: tuple[str, ...]) -> tuple[bytes, bytes]:
+    return child_shape("llmkit.router", INTERNAL, {"llmkit.router.order": list(order)})
+
+
 _OUTCOMES = {True: "ok", False: "failed", None: "released"}
 _LIMITER = {refused: child_shape("llmkit.limiter", INTERNAL, {"llmkit.limiter.refused": refused})
             for refused in (False, True)}  # fmt: skip
-_REQUEST_ID, _COST = key_field("llmkit.request_id"), key_field("llmkit.cost_usd")
+_REQUEST_ID = key_field("llmkit.request_id")
+_COST = double_prefix("llmkit.cost_usd")
+_STATUS, _ATTEMPTS = IntAttribute("http.response.status_code"), IntAttribute("llmkit.attempts")
+_TOKENS_IN = IntAttribute("gen_ai.usage.input_tokens")
+_TOKENS_OUT = IntAttribute("gen_ai.usage.output_tokens")

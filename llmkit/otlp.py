@@ -34,7 +34,7 @@ from __future__ import annotations
 import http.client
 import logging
 import struct
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,15 +44,17 @@ log = logging.getLogger("llmkit.tracing")
 
 HEADERS = {"Content-Type": "application/x-protobuf"}
 INTERNAL, SERVER, CLIENT = 0, 1, 2  # opentelemetry.trace.SpanKind values; OTLP's are +1
-_DOUBLE = struct.Struct("<d").pack
+DOUBLE = struct.Struct("<d").pack
 _SAMPLED, _HAS_REMOTE, _IS_REMOTE = 0x01, 0x100, 0x200
-# A span's ids and times, packed at once: trace id, span id, parent span id (each a tag
-# and its bytes), start and end (a tag and fixed64 little-endian). 56 bytes; 46 without
-# the parent (a root span that starts a trace).
-CHILD_HEAD = struct.Struct("<2s16s2s8s2s8sBQBQ").pack
-_ROOT_HEAD = struct.Struct("<2s16s2s8sBQBQ").pack
+# A span's ids and times, packed at once. A child span: the 28 bytes its trace shares
+# (trace id field 1, parent span id field 4: ``child_prefix``), its span id (field 2),
+# start and end (fields 7 and 8: a tag and fixed64 little-endian); 56 bytes. A root
+# span: its trace id field, span id, then its remote parent's id if any, and times.
+CHILD_HEAD = struct.Struct("<28s2s8sBQBQ").pack
+_ROOT_HEAD = struct.Struct("<18s2s8sBQBQ").pack
+_REMOTE_ROOT_HEAD = struct.Struct("<18s2s8s2s8sBQBQ").pack
 CHILD_SIZE = 56
-TRACE_TAG, SPAN_TAG, PARENT_TAG = b"\x0a\x10", b"\x12\x08", b"\x22\x08"  # fields 1, 2, 4
+SPAN_TAG, PARENT_TAG = b"\x12\x08", b"\x22\x08"  # fields 2, 4
 START_TAG, END_TAG = 0x39, 0x41  # fields 7, 8 (fixed64)
 FLAGS = {remote: b"\x85\x01" + (_SAMPLED | _HAS_REMOTE | (_IS_REMOTE if remote else 0))
          .to_bytes(4, "little") for remote in (False, True)}  # fmt: skip
@@ -86,7 +88,7 @@ def _any_value(value: Any) -> bytes:
     if isinstance(value, int):
         return b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)
     if isinstance(value, float):
-        return b"\x21" + _DOUBLE(value)
+        return b"\x21" + DOUBLE(value)
     if isinstance(value, (list, tuple)):
         return _field(0x2A, b"".join(_field(0x0A, _any_value(v)) for v in value))
     return _field(0x0A, str(value).encode())
@@ -113,45 +115,65 @@ def span_tail(name: str, kind: int, values: Mapping[str, Any], error: str | None
 def child_shape(name: str, kind: int, values: Mapping[str, Any], error: str | None = None
                 ) -> tuple[bytes, bytes]:  # fmt: skip
     """(head, tail) of a span with a local parent: ``head + CHILD_HEAD(...) + tail`` is its
-    whole ``ScopeSpans.spans`` field (``head`` is the field's tag and length)."""
+    whole ``ScopeSpans.spans`` field (``head`` is the field's tag and length), the same
+    for every span of that name, kind, attributes and error."""
     tail = span_tail(name, kind, values, error) + FLAGS[False]
     return b"\x12" + _varint(CHILD_SIZE + len(tail)), tail
 
 
-def root_span(
-    trace_id: bytes,
-    span_id: bytes,
+def child_prefix(trace_id: bytes, parent_id: bytes) -> bytes:
+    """The fields every child span of a trace starts with (``CHILD_HEAD``'s first)."""
+    return b"\x0a\x10" + trace_id + PARENT_TAG + parent_id
+
+
+def trace_spans(
+    ids: bytes,
     parent: bytes | None,
-    remote: bool,
     start: int,
     end: int,
-    tail: bytes,
+    tail: list[bytes],
+    children: list[bytes],
 ) -> bytes:
-    """A root span's whole ``ScopeSpans.spans`` field; ``tail`` as ``span_tail`` and
-    the per-request attributes (flags are added here)."""
+    """A finished trace: its root span's ``ScopeSpans.spans`` field after ``children``
+    (theirs, whole or in parts). ``ids`` starts as ``tracing.IDS`` does (the trace id
+    field, then the root's span id at 20:28), ``parent`` is a remote parent's span id
+    or None, and ``tail`` the root's fields after its times but for flags, in parts
+    (``span_tail``, then the per-request attributes)."""
     if parent is None:
-        ids = _ROOT_HEAD(TRACE_TAG, trace_id, SPAN_TAG, span_id, START_TAG, start, END_TAG, end)
+        head = _ROOT_HEAD(ids[:18], SPAN_TAG, ids[20:28], START_TAG, start, END_TAG, end)
+        tail.append(FLAGS[False])
     else:
-        ids = CHILD_HEAD(TRACE_TAG, trace_id, SPAN_TAG, span_id, PARENT_TAG, parent,
-                         START_TAG, start, END_TAG, end)  # fmt: skip
-    body = ids + tail + FLAGS[remote]
-    return b"\x12" + _varint(len(body)) + body
+        head = _REMOTE_ROOT_HEAD(ids[:18], SPAN_TAG, ids[20:28], PARENT_TAG, parent,
+                                 START_TAG, start, END_TAG, end)  # fmt: skip
+        tail.append(FLAGS[True])
+    size = len(head) + sum(map(len, tail))
+    if 0x80 <= size < 0x4000:
+        children.append(bytes((0x12, size & 0x7F | 0x80, size >> 7)))
+    else:
+        children.append(b"\x12" + _varint(size))
+    children.append(head)
+    children += tail
+    return b"".join(children)
 
 
-# Encoded integer attributes of root spans, by (key, value): statuses and attempt counts
-# repeat, token counts mostly do.
-_INTS: dict[tuple[str, int], bytes] = {}
+class IntAttribute(dict[int, bytes]):
+    """The encoded ``KeyValue``s of one int attribute, by value: a plain dict lookup when
+    the value was seen before (statuses, attempt counts, most token counts); bounded."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+
+    def __missing__(self, value: int) -> bytes:
+        if len(self) >= _INTS_MAX:
+            self.clear()
+        encoded = self[value] = attribute(self.key, value)
+        return encoded
+
+
 _INTS_MAX = 4096
-
-
-def int_attribute(key: str, value: int) -> bytes:
-    """``attribute(key, value)`` for an int, from a bounded cache."""
-    encoded = _INTS.get((key, value))
-    if encoded is None:
-        if len(_INTS) >= _INTS_MAX:
-            _INTS.clear()
-        encoded = _INTS[key, value] = attribute(key, value)
-    return encoded
 
 
 def string_attribute(prefix: bytes, value: str) -> bytes:
@@ -160,9 +182,10 @@ def string_attribute(prefix: bytes, value: str) -> bytes:
     return _field(0x4A, prefix + _field(0x12, any_value))
 
 
-def double_attribute(prefix: bytes, value: float) -> bytes:
-    """A double ``KeyValue`` whose key field is ``prefix`` (``string_attribute``)."""
-    return _field(0x4A, prefix + b"\x12\x09\x21" + _DOUBLE(value))
+def double_prefix(key: str) -> bytes:
+    """A double ``KeyValue`` of ``key`` up to its value: ``+ DOUBLE(value)`` completes it."""
+    key_bytes = key_field(key)
+    return bytes((0x4A, len(key_bytes) + 11)) + key_bytes + b"\x12\x09\x21"
 
 
 _ERRORS: dict[str, bytes] = {}
@@ -182,12 +205,16 @@ def key_field(key: str) -> bytes:
     return _field(0x0A, key.encode())
 
 
-def encode_request(spans: bytes, service_name: str) -> bytes:
-    """An ``ExportTraceServiceRequest`` of ``spans`` (traces' ``ScopeSpans.spans`` fields,
-    joined) under one resource and scope."""
+def encode_request(traces: Sequence[bytes], service_name: str) -> bytes:
+    """An ``ExportTraceServiceRequest`` of ``traces`` (each its spans' ``ScopeSpans.spans``
+    fields) under one resource and scope, written in one join."""
     resource = _field(0x0A, attributes({"service.name": service_name}, 0x0A))
     scope = _field(0x0A, _field(0x0A, b"llmkit"))
-    return _field(0x0A, resource + _field(0x12, scope + spans))
+    scope_spans = len(scope) + sum(map(len, traces))
+    resource_spans = len(resource) + 1 + len(_varint(scope_spans)) + scope_spans
+    head = (b"\x0a" + _varint(resource_spans) + resource + b"\x12" + _varint(scope_spans)
+            + scope)  # fmt: skip
+    return b"".join([head, *traces])
 
 
 class OtlpHttpExporter:
@@ -207,9 +234,9 @@ class OtlpHttpExporter:
         self._connection: http.client.HTTPConnection | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def send(self, spans: bytes) -> Coroutine[Any, Any, None]:
-        """The coroutine that posts ``spans`` (``encode_request``)."""
-        return self._post(encode_request(spans, self._service))
+    def send(self, traces: Sequence[bytes]) -> Coroutine[Any, Any, None]:
+        """The coroutine that posts ``traces`` (``encode_request``)."""
+        return self._post(encode_request(traces, self._service))
 
     async def _post(self, body: bytes) -> None:
         if self._session is None or self._session.closed:
@@ -231,8 +258,8 @@ class OtlpHttpExporter:
             await self._session.close()
             self._session = None
 
-    def export(self, spans: bytes) -> None:
-        body = encode_request(spans, self._service)
+    def export(self, traces: Sequence[bytes]) -> None:
+        body = encode_request(traces, self._service)
         headers = HEADERS
         for attempt in (1, 2):  # once more on a fresh connection if the kept one died
             try:

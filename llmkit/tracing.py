@@ -28,7 +28,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmkit.config import ObservabilityConfig
@@ -51,9 +51,18 @@ BATCH_BYTES = 256 * 1024
 EXPORT_INTERVAL_S = 1.0
 MAX_QUEUED_BYTES = 4 * 1024 * 1024  # kept when the exporter falls behind; then dropped
 
-# A sampled request's root span: (trace id (16 bytes), span id (8), parent span id (8,
-# or None for a new trace), the parent is remote).
-TraceContext = tuple[bytes, bytes, "bytes | None", bool]
+# A sampled request's ids, drawn at once, laid out as its spans' OTLP fields want them
+# (``llmkit.otlp``): the trace id field and the root's span id as a child's parent field,
+# ``0a 10 <trace id: 16 bytes> 22 08 <root span id: 8>`` (the 28 bytes every child span
+# starts with), then the span ids of the router, limiter and first attempt spans (8
+# bytes each). Bit 0 of the trace id and of every span id is set, so none is all zeros
+# (invalid): 63 random bits per span id.
+IDS = 52
+TRACE_ID, ROOT_ID = slice(2, 18), slice(20, 28)
+_SPANS_NONZERO = 1 << 192 | 1 << 128 | 1 << 64 | 1
+_TAGS = 0x0A10 << 400 | 0x2208 << 256
+_RANDOM = ((1 << 416) - 1) ^ (0xFFFF << 400 | 0xFFFF << 256)  # the bits that are not tags
+_NONZERO = _TAGS | 1 << 272 | _SPANS_NONZERO
 
 
 def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
@@ -95,10 +104,10 @@ class Tracing:
     def __init__(
         self,
         rate: float,
-        export: Callable[[bytes], None] | None,
+        export: Callable[[Sequence[bytes]], None] | None,
         shutdown: Callable[[], None] | None = None,
         rng: random.Random | None = None,
-        send: Callable[[bytes], Coroutine[Any, Any, None]] | None = None,
+        send: Callable[[Sequence[bytes]], Coroutine[Any, Any, None]] | None = None,
         aclose: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.enabled = export is not None and rate > 0
@@ -115,7 +124,7 @@ class Tracing:
         self.dropped = 0  # traces not queued because the exporter fell behind
         self._timer: asyncio.TimerHandle | None = None
         self._due = False  # a full batch's export is scheduled
-        self._sending: dict[asyncio.Task[None], bytes] = {}
+        self._sending: dict[asyncio.Task[None], list[bytes]] = {}
 
     @classmethod
     def off(cls) -> Tracing:
@@ -123,22 +132,24 @@ class Tracing:
 
     # -- request path ---------------------------------------------------------------
 
-    def sample(self, traceparent: str | None) -> TraceContext | None:
-        """The root span of a sampled request, or None: not sampled."""
+    def sample(self, traceparent: str | None) -> tuple[bytes, bytes | None] | None:
+        """A sampled request's ids (``IDS``) and its remote parent span's id (None: it
+        starts a trace), or None: not sampled."""
         if traceparent:
             parent = parse_traceparent(traceparent)
             if parent is not None:
                 if not parent[2]:
                     return None
-                trace = parent[0].to_bytes(16, "big")
-                return trace, self.span_id(), parent[1].to_bytes(8, "big"), True
+                spans = (self._bits(256) | _SPANS_NONZERO).to_bytes(32, "big")
+                trace = b"\x0a\x10" + parent[0].to_bytes(16, "big") + b"\x22\x08"
+                return trace + spans, parent[1].to_bytes(8, "big")
         if self.random() >= self.rate:
             return None
-        return self.root()
+        return self.root(), None
 
-    def root(self) -> TraceContext:
-        """A new trace's root span (the request was drawn for sampling)."""
-        return (self._bits(128) or 1).to_bytes(16, "big"), self.span_id(), None, False
+    def root(self) -> bytes:
+        """A new trace's ids (``IDS``): the request was drawn for sampling."""
+        return (self._bits(416) & _RANDOM | _NONZERO).to_bytes(IDS, "big")
 
     def span_id(self) -> bytes:
         return (self._bits(64) or 1).to_bytes(8, "big")
@@ -187,15 +198,21 @@ class Tracing:
         elif self._queue:
             self._timer = self._schedule(EXPORT_INTERVAL_S)
 
-    def _take(self) -> bytes:
-        """Up to ``BATCH_BYTES`` of queued traces (at least one), joined."""
-        queue, taken, size = self._queue, [], 0
+    def _take(self) -> list[bytes]:
+        """Up to ``BATCH_BYTES`` of queued traces (at least one, if any)."""
+        queue = self._queue
+        if self._queued <= BATCH_BYTES:
+            taken = list(queue)
+            queue.clear()
+            self._queued = 0
+            return taken
+        taken, size = [], 0
         while queue and size < BATCH_BYTES:
             trace = queue.popleft()
             taken.append(trace)
             size += len(trace)
         self._queued -= size
-        return b"".join(taken)
+        return taken
 
     def flush(self) -> None:
         """Export every queued span now, synchronously (tests; shutdown)."""
@@ -256,13 +273,13 @@ def build_tracing(
     to_sdk = sdk_spans(Resource.create({"service.name": config.service_name}))
     sink = exporter
 
-    def export(batch: bytes) -> None:
+    def export(batch: Sequence[bytes]) -> None:
         sink.export(to_sdk(batch))
 
     return Tracing(config.trace_sample_rate, export, sink.shutdown, rng)
 
 
-def sdk_spans(resource: Any) -> Callable[[bytes], list[ReadableSpan]]:
+def sdk_spans(resource: Any) -> Callable[[Sequence[bytes]], list[ReadableSpan]]:
     """The converter from queued traces (OTLP ``ScopeSpans.spans`` fields) to the SDK's
     ``ReadableSpan``s: decoded with the protobuf classes (``opentelemetry-proto``, which
     the SDK's OTLP exporter brings), so an SDK exporter sees what a collector would."""
@@ -281,9 +298,9 @@ def sdk_spans(resource: Any) -> Callable[[bytes], list[ReadableSpan]]:
             return tuple(value(v) for v in any_value.array_value.values)
         return getattr(any_value, which)
 
-    def convert(batch: bytes) -> list[ReadableSpan]:
+    def convert(batch: Sequence[bytes]) -> list[ReadableSpan]:
         spans = []
-        for span in ScopeSpans.FromString(batch).spans:
+        for span in ScopeSpans.FromString(b"".join(batch)).spans:
             trace_id = int.from_bytes(span.trace_id, "big")
             context = SpanContext(trace_id, int.from_bytes(span.span_id, "big"), False, sampled)
             parent = None

@@ -193,16 +193,30 @@ def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
     attributes = {"gen_ai.request.model": "m", "llmkit.attempt": 2, "llmkit.cost_usd": 0.25,
                   "llmkit.limiter.refused": False, "order": ["a#0", "a#1"], "neg": -3,
                   "long": "x" * 300}  # fmt: skip
-    tid = trace_id.to_bytes(16, "big")
+    tid, root_id = trace_id.to_bytes(16, "big"), root.to_bytes(8, "big")
+    prefix = otlp.child_prefix(tid, root_id)
     head, tail = otlp.child_shape("chat x", otlp.CLIENT, {"llmkit.attempt": 1}, "server_error")
-    spans = otlp.root_span(tid, root.to_bytes(8, "big"), (77).to_bytes(8, "big"), True, 1_000,
-                           2_000, otlp.span_tail("chat m", otlp.SERVER, attributes))  # fmt: skip
-    ids = otlp.CHILD_HEAD(otlp.TRACE_TAG, tid, otlp.SPAN_TAG, child.to_bytes(8, "big"),
-                          otlp.PARENT_TAG, root.to_bytes(8, "big"), otlp.START_TAG, 1_100,
-                          otlp.END_TAG, 1_900)  # fmt: skip
-    spans += head + ids + tail
+    child_span = [
+        head,
+        otlp.CHILD_HEAD(
+            prefix,
+            otlp.SPAN_TAG,
+            child.to_bytes(8, "big"),
+            otlp.START_TAG,
+            1_100,
+            otlp.END_TAG,
+            1_900,
+        ),
+        tail,
+    ]
+    root_tail = [otlp.span_tail("chat m", otlp.SERVER, attributes)]
+    trace = otlp.trace_spans(prefix, (77).to_bytes(8, "big"), 1_000, 2_000, root_tail, child_span)
+    # One trace with a remote parent (and so a longer root), one that starts its own.
+    local_root = [otlp.span_tail("chat n", otlp.SERVER, {})]
+    other = otlp.trace_spans(otlp.child_prefix(tid, (9).to_bytes(8, "big")), None, 3, 4,
+                             local_root, [])  # fmt: skip
     mine = ExportTraceServiceRequest()
-    mine.ParseFromString(otlp.encode_request(spans, "svc"))
+    mine.ParseFromString(otlp.encode_request([trace, other], "svc"))
 
     resource, scope = Resource({"service.name": "svc"}), InstrumentationScope("llmkit")
     sampled = TraceFlags(TraceFlags.SAMPLED)
@@ -216,6 +230,8 @@ def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
                      {"llmkit.attempt": 1, "error.type": "server_error"},
                      kind=SpanKind.CLIENT, status=Status(StatusCode.ERROR), start_time=1_100,
                      end_time=1_900, instrumentation_scope=scope),
+        ReadableSpan("chat n", SpanContext(trace_id, 9, False, sampled), None, resource, {},
+                     kind=SpanKind.SERVER, start_time=3, end_time=4, instrumentation_scope=scope),
     ]  # fmt: skip
     sdk = encode_spans(expected)
 
@@ -229,14 +245,14 @@ def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
             span["flags"] = span["flags"] & 0x300
             if not span.get("status"):
                 span.pop("status", None)
-        return found
+        return sorted(found, key=lambda span: span["name"])  # a trace's root comes last
 
     assert spans_of(mine) == spans_of(sdk)
-    server, client = mine.resource_spans[0].scope_spans[0].spans
+    client, server, own = mine.resource_spans[0].scope_spans[0].spans
     assert server.kind == 2 and client.kind == 3 and client.status.code == 2
-    assert server.flags == 0x301 and client.flags == 0x101  # sampled; remote parent or not
+    assert server.flags == 0x301 and client.flags == own.flags == 0x101  # remote parent or not
     back = ExportTraceServiceRequest()
-    back.ParseFromString(encode_spans(sdk_spans(resource)(spans)).SerializeToString())
+    back.ParseFromString(encode_spans(sdk_spans(resource)([trace, other])).SerializeToString())
     assert spans_of(back) == spans_of(sdk)
 
 
