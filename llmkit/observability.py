@@ -472,13 +472,12 @@ class RequestObs:
                tuple(reasons) if reasons else None, self.role)  # fmt: skip
         shared = self._o.shapes.get(key) or self._o.keep(key, self._root_tail())
         request_id = self.request_id.encode()
-        size = len(request_id)
-        if size <= 104:  # every length below fits one byte
-            tail = [shared, bytes((0x4A, size + 23)), _REQUEST_ID,
-                    bytes((0x12, size + 2, 0x0A, size)), request_id]  # fmt: skip
+        if len(request_id) < len(_REQUEST_IDS):
+            tail = [shared, _REQUEST_IDS[len(request_id)], request_id, _STATUS[status],
+                    _ATTEMPTS[self.attempts]]  # fmt: skip
         else:
-            tail = [shared, string_attribute(_REQUEST_ID, self.request_id)]
-        tail += (_STATUS[status], _ATTEMPTS[self.attempts])
+            tail = [shared, string_attribute(_REQUEST_ID, self.request_id), _STATUS[status],
+                    _ATTEMPTS[self.attempts]]  # fmt: skip
         if usage is not None:
             price = target.price if target is not None else None
             cost = 0.0
@@ -494,8 +493,7 @@ class RequestObs:
             kind = self.error_kind
             tail.append(error_fields(ERROR_KINDS[kind] if kind is not None and status >= 500
                                      else str(status)))  # fmt: skip
-        end = time_ns()
-        self._o.tracing.record(trace_spans(ids, self._parent, self._start_ns, end, tail,
+        self._o.tracing.record(trace_spans(ids, self._parent, self._start_ns, time_ns(), tail,
                                            self._spans))  # fmt: skip
 
     def _cost(self) -> float:
@@ -511,7 +509,7 @@ class RequestObs:
         assert attempt is not None and ids is not None
         self._attempt = None
         span_id, start, target, number = attempt
-        key = (self.route, target.deployment, target.model, number, ok, kind)
+        key = (self.route, target.deployment, number, ok, kind)
         shape = self._o.shapes.get(key)
         if shape is None:
             shape = self._o.keep(key, self._attempt_shape(target, number, ok, kind))
@@ -586,6 +584,9 @@ _OUTCOMES = {True: "ok", False: "failed", None: "released"}
 _LIMITER = {refused: child_shape("llmkit.limiter", INTERNAL, {"llmkit.limiter.refused": refused})
             for refused in (False, True)}  # fmt: skip
 _REQUEST_ID = key_field("llmkit.request_id")
+# A request id's KeyValue up to the id's bytes, by the id's length: one byte per length.
+_REQUEST_IDS = [bytes((0x4A, size + 23)) + _REQUEST_ID + bytes((0x12, size + 2, 0x0A, size))
+                for size in range(105)]  # fmt: skip
 _COST = double_prefix("llmkit.cost_usd")
 _STATUS, _ATTEMPTS = IntAttribute("http.response.status_code"), IntAttribute("llmkit.attempts")
 _TOKENS_IN = IntAttribute("gen_ai.usage.input_tokens")

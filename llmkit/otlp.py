@@ -148,10 +148,9 @@ def trace_spans(
         tail.append(FLAGS[True])
     size = len(head) + sum(map(len, tail))
     if 0x80 <= size < 0x4000:
-        children.append(bytes((0x12, size & 0x7F | 0x80, size >> 7)))
+        children += (bytes((0x12, size & 0x7F | 0x80, size >> 7)), head)
     else:
-        children.append(b"\x12" + _varint(size))
-    children.append(head)
+        children += (b"\x12" + _varint(size), head)
     children += tail
     return b"".join(children)
 
