@@ -84,11 +84,14 @@ from llmkit.metrics import (
 )
 from llmkit.otlp import (
     CHILD_HEAD,
+    CHILD_PREFIX,
     CLIENT,
     DOUBLE,
     END_TAG,
     INTERNAL,
+    PARENT_TAG,
     SERVER,
+    SPAN_ID,
     SPAN_TAG,
     START_TAG,
     IntAttribute,
@@ -108,7 +111,7 @@ if TYPE_CHECKING:
 
     from llmkit.attempts import Attempt
     from llmkit.providers.base import Call, Target
-    from llmkit.types import Usage
+    from llmkit.types import Choice, Usage
 
 __all__ = [
     "DURATION_BOUNDS",
@@ -180,7 +183,7 @@ class Observability:
         self._new_trace = self.tracing.root
         # Encoded span parts many requests share, by what they are made of (``keep``).
         self.shapes: dict[tuple[Any, ...], Any] = {}
-        self.span_id = self.tracing.span_id
+        self.bits = self.tracing.bits  # span ids: bits(64) | 1 (``Tracing.span_id``)
         self._deployments = self.series.deployments
         self._series = dict(self._deployments)  # deployment name -> series, see series_of
         self._unrouted = self.series.unrouted
@@ -207,17 +210,17 @@ class Observability:
     ) -> RequestObs | None:
         """The recorder of a request that is sampled or logged; None for any other (its
         metrics are counted by ``count``, from the pipeline's own objects)."""
-        ids = parent = None
         if self._traced and route < _MODEL_ROUTES:  # no traces of /health, /metrics
             if traceparent:
                 sampled = self.tracing.sample(traceparent)
                 if sampled is not None:
-                    ids, parent = sampled
+                    return RequestObs(self, route, method, path, request_id, *sampled)
             elif self._draw() < self._rate:  # Tracing.sample, inline: most are not drawn
-                ids = self._new_trace()
-        if ids is None and self.access is None:
+                trace, root = self._new_trace()
+                return RequestObs(self, route, method, path, request_id, trace, root)
+        if self.access is None:
             return None
-        return RequestObs(self, route, method, path, request_id, ids, parent)
+        return RequestObs(self, route, method, path, request_id, None, 0)
 
     def count(self, route: int, status: int, started_ns: int, call: Call | None) -> None:
         """Count a finished request (only when ``counting``): ``started_ns`` is when it
@@ -355,7 +358,8 @@ class RequestObs:
 
     __slots__ = ("_o", "route", "started", "key", "target", "attempts", "usage", "method",
                  "path", "request_id", "model", "error_kind", "role", "finish_reasons",
-                 "messages", "trace", "_parent", "_start_ns", "_attempt", "_spans")  # fmt: skip
+                 "messages", "trace", "_root", "_parent", "_prefix", "_start_ns", "_attempt",
+                 "_spans")  # fmt: skip
 
     def __init__(
         self,
@@ -365,6 +369,7 @@ class RequestObs:
         path: str,
         request_id: str,
         trace: bytes | None,
+        root: int,
         parent: bytes | None = None,
     ) -> None:
         self._o = obs
@@ -380,13 +385,17 @@ class RequestObs:
         self.model: str | None = None
         self.error_kind: int | None = None
         self.role: str | None = None
-        self.finish_reasons: list[str] | None = None
+        self.finish_reasons: tuple[str, ...] | None = None
         self.messages: Any = None
-        self.trace = trace  # the ids of a sampled request (``tracing.IDS``), else None
-        self._parent = parent  # the remote parent span's id, if any
-        self._start_ns = time_ns() if trace is not None else 0
+        # A sampled request's trace id field, root span id and remote parent (``tracing``).
+        self.trace = trace
+        self._root = root
+        self._parent = parent
+        if trace is not None:
+            self._start_ns = time_ns()
+            self._prefix = CHILD_PREFIX(trace, PARENT_TAG, root, SPAN_TAG)
         # The open attempt span: (span id, start ns, target, attempt number).
-        self._attempt: tuple[bytes, int, Target, int] | None = None
+        self._attempt: tuple[int, int, Target, int] | None = None
         self._spans: list[bytes] = []  # finished child spans, encoded (in parts)
 
     @property
@@ -413,7 +422,7 @@ class RequestObs:
             else:
                 order = tuple([target.deployment for target in targets])
             head, tail = self._o.shapes.get(order) or self._o.keep(order, router_shape(order))
-            self._spans += (head, CHILD_HEAD(ids[:28], SPAN_TAG, ids[28:36], START_TAG, mark,
+            self._spans += (head, CHILD_HEAD(self._prefix, self._o.bits(64) | 1, START_TAG, mark,
                                              END_TAG, time_ns()), tail)  # fmt: skip
 
     def admitted(self, mark: int, refused: bool) -> None:
@@ -421,7 +430,7 @@ class RequestObs:
         ids = self.trace
         if ids is not None and mark:
             head, tail = _LIMITER[refused]
-            self._spans += (head, CHILD_HEAD(ids[:28], SPAN_TAG, ids[36:44], START_TAG, mark,
+            self._spans += (head, CHILD_HEAD(self._prefix, self._o.bits(64) | 1, START_TAG, mark,
                                              END_TAG, time_ns()), tail)  # fmt: skip
 
     def attempt_started(self, target: Target, headers: dict[str, str]) -> None:
@@ -430,9 +439,9 @@ class RequestObs:
         self.target = target
         ids = self.trace
         if ids is not None:
-            span_id = ids[44:52] if self.attempts == 1 else self._o.span_id()
+            span_id = self._o.bits(64) | 1
             self._attempt = (span_id, time_ns(), target, self.attempts)
-            headers[TRACEPARENT] = f"00-{ids[2:18].hex()}-{span_id.hex()}-01"
+            headers[TRACEPARENT] = f"00-{ids[2:].hex()}-{SPAN_ID(span_id).hex()}-01"
 
     def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
         """The current try ended: answered (``ok``), failed, or abandoned (None)."""
@@ -447,9 +456,13 @@ class RequestObs:
         if usage is not None:
             self.usage = usage
 
-    def answered(self, finish_reasons: list[str]) -> None:
-        """The finish reasons of a sampled request's answer."""
-        self.finish_reasons = finish_reasons
+    def answered(self, choices: Sequence[Choice]) -> None:
+        """A sampled request's answer: its choices' finish reasons go on the root span."""
+        if len(choices) == 1:
+            reason = choices[0].finish_reason
+            self.finish_reasons = (reason,) if reason else None
+        else:
+            self.finish_reasons = tuple([c.finish_reason for c in choices if c.finish_reason])
 
     def multiplexer_role(self, role: str) -> None:
         """``leader`` or ``follower``: set by the multiplexer for deduplicated requests."""
@@ -469,7 +482,7 @@ class RequestObs:
         target, reasons, usage = self.target, self.finish_reasons, self.usage
         key = (self.route, self.method, self.path, self.model, self.key,
                target.deployment if target is not None else None,
-               tuple(reasons) if reasons else None, self.role)  # fmt: skip
+               reasons, self.role)  # fmt: skip
         shared = self._o.shapes.get(key) or self._o.keep(key, self._root_tail())
         request_id = self.request_id.encode()
         if len(request_id) < len(_REQUEST_IDS):
@@ -493,8 +506,8 @@ class RequestObs:
             kind = self.error_kind
             tail.append(error_fields(ERROR_KINDS[kind] if kind is not None and status >= 500
                                      else str(status)))  # fmt: skip
-        self._o.tracing.record(trace_spans(ids, self._parent, self._start_ns, time_ns(), tail,
-                                           self._spans))  # fmt: skip
+        self._o.tracing.record(trace_spans(ids, self._root, self._parent, self._start_ns,
+                                           time_ns(), tail, self._spans))  # fmt: skip
 
     def _cost(self) -> float:
         target, usage = self.target, self.usage
@@ -505,16 +518,16 @@ class RequestObs:
     # -- spans ------------------------------------------------------------------------
 
     def _end_attempt(self, ok: bool | None, kind: int | None) -> None:
-        attempt, ids = self._attempt, self.trace
-        assert attempt is not None and ids is not None
+        attempt = self._attempt
+        assert attempt is not None
         self._attempt = None
         span_id, start, target, number = attempt
         key = (self.route, target.deployment, number, ok, kind)
         shape = self._o.shapes.get(key)
         if shape is None:
             shape = self._o.keep(key, self._attempt_shape(target, number, ok, kind))
-        self._spans += (shape[0], CHILD_HEAD(ids[:28], SPAN_TAG, span_id, START_TAG, start,
-                                             END_TAG, time_ns()), shape[1])  # fmt: skip
+        self._spans += (shape[0], CHILD_HEAD(self._prefix, span_id, START_TAG, start, END_TAG,
+                                             time_ns()), shape[1])  # fmt: skip
 
     def _attempt_shape(
         self, target: Target, number: int, ok: bool | None, kind: int | None
@@ -570,7 +583,7 @@ class RequestObs:
             "error_kind": ERROR_KINDS[self.error_kind] if self.error_kind is not None else None,
         }  # fmt: skip
         if self.trace is not None:
-            record["trace_id"] = self.trace[2:18].hex()
+            record["trace_id"] = self.trace[2:].hex()
         if self.messages is not None:
             record["messages"] = self.messages
         return record

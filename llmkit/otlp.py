@@ -46,13 +46,16 @@ HEADERS = {"Content-Type": "application/x-protobuf"}
 INTERNAL, SERVER, CLIENT = 0, 1, 2  # opentelemetry.trace.SpanKind values; OTLP's are +1
 DOUBLE = struct.Struct("<d").pack
 _SAMPLED, _HAS_REMOTE, _IS_REMOTE = 0x01, 0x100, 0x200
-# A span's ids and times, packed at once. A child span: the 28 bytes its trace shares
-# (trace id field 1, parent span id field 4: ``child_prefix``), its span id (field 2),
-# start and end (fields 7 and 8: a tag and fixed64 little-endian); 56 bytes. A root
-# span: its trace id field, span id, then its remote parent's id if any, and times.
-CHILD_HEAD = struct.Struct("<28s2s8sBQBQ").pack
-_ROOT_HEAD = struct.Struct("<18s2s8sBQBQ").pack
-_REMOTE_ROOT_HEAD = struct.Struct("<18s2s8s2s8sBQBQ").pack
+# A span's ids and times, packed at once. A child span: the 30 bytes its trace shares
+# (``CHILD_PREFIX``: trace id field 1, parent span id field 4, field 2's tag), its span
+# id, start and end (fields 7 and 8: a tag and fixed64); 56 bytes. A root span: its
+# trace id field, span id, its remote parent's id if any, and times. Span ids are ints
+# written little-endian (``tracing``).
+CHILD_PREFIX = struct.Struct("<18s2sQ2s").pack
+CHILD_HEAD = struct.Struct("<30sQBQBQ").pack
+_ROOT_HEAD = struct.Struct("<18s2sQBQBQ").pack
+_REMOTE_ROOT_HEAD = struct.Struct("<18s2sQ2s8sBQBQ").pack
+SPAN_ID = struct.Struct("<Q").pack  # a span id's bytes, as every field holds them
 CHILD_SIZE = 56
 SPAN_TAG, PARENT_TAG = b"\x12\x08", b"\x22\x08"  # fields 2, 4
 START_TAG, END_TAG = 0x39, 0x41  # fields 7, 8 (fixed64)
@@ -121,13 +124,15 @@ def child_shape(name: str, kind: int, values: Mapping[str, Any], error: str | No
     return b"\x12" + _varint(CHILD_SIZE + len(tail)), tail
 
 
-def child_prefix(trace_id: bytes, parent_id: bytes) -> bytes:
-    """The fields every child span of a trace starts with (``CHILD_HEAD``'s first)."""
-    return b"\x0a\x10" + trace_id + PARENT_TAG + parent_id
+def child_prefix(trace: bytes, root: int) -> bytes:
+    """The fields every child span of a trace starts with (``CHILD_HEAD``'s first):
+    ``trace`` is the trace id's field (``0a 10`` and its 16 bytes), ``root`` its parent."""
+    return CHILD_PREFIX(trace, PARENT_TAG, root, SPAN_TAG)
 
 
 def trace_spans(
-    ids: bytes,
+    trace: bytes,
+    root: int,
     parent: bytes | None,
     start: int,
     end: int,
@@ -135,23 +140,23 @@ def trace_spans(
     children: list[bytes],
 ) -> bytes:
     """A finished trace: its root span's ``ScopeSpans.spans`` field after ``children``
-    (theirs, whole or in parts). ``ids`` starts as ``tracing.IDS`` does (the trace id
-    field, then the root's span id at 20:28), ``parent`` is a remote parent's span id
-    or None, and ``tail`` the root's fields after its times but for flags, in parts
-    (``span_tail``, then the per-request attributes)."""
+    (theirs, whole or in parts). ``trace`` is the trace id's field, ``root`` the root's
+    span id, ``parent`` a remote parent's span id (bytes) or None, and ``tail`` the
+    root's fields after its times but for flags, in parts (``span_tail``, then the
+    per-request attributes)."""
     if parent is None:
-        head = _ROOT_HEAD(ids[:18], SPAN_TAG, ids[20:28], START_TAG, start, END_TAG, end)
+        head = _ROOT_HEAD(trace, SPAN_TAG, root, START_TAG, start, END_TAG, end)
         tail.append(FLAGS[False])
     else:
-        head = _REMOTE_ROOT_HEAD(ids[:18], SPAN_TAG, ids[20:28], PARENT_TAG, parent,
-                                 START_TAG, start, END_TAG, end)  # fmt: skip
+        head = _REMOTE_ROOT_HEAD(trace, SPAN_TAG, root, PARENT_TAG, parent, START_TAG, start,
+                                 END_TAG, end)  # fmt: skip
         tail.append(FLAGS[True])
-    size = len(head) + sum(map(len, tail))
+    body = b"".join(tail)
+    size = len(head) + len(body)
     if 0x80 <= size < 0x4000:
-        children += (bytes((0x12, size & 0x7F | 0x80, size >> 7)), head)
+        children += (bytes((0x12, size & 0x7F | 0x80, size >> 7)), head, body)
     else:
-        children += (b"\x12" + _varint(size), head)
-    children += tail
+        children += (b"\x12" + _varint(size), head, body)
     return b"".join(children)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -51,18 +52,12 @@ BATCH_BYTES = 256 * 1024
 EXPORT_INTERVAL_S = 1.0
 MAX_QUEUED_BYTES = 4 * 1024 * 1024  # kept when the exporter falls behind; then dropped
 
-# A sampled request's ids, drawn at once, laid out as its spans' OTLP fields want them
-# (``llmkit.otlp``): the trace id field and the root's span id as a child's parent field,
-# ``0a 10 <trace id: 16 bytes> 22 08 <root span id: 8>`` (the 28 bytes every child span
-# starts with), then the span ids of the router, limiter and first attempt spans (8
-# bytes each). Bit 0 of the trace id and of every span id is set, so none is all zeros
-# (invalid): 63 random bits per span id.
-IDS = 52
-TRACE_ID, ROOT_ID = slice(2, 18), slice(20, 28)
-_SPANS_NONZERO = 1 << 192 | 1 << 128 | 1 << 64 | 1
-_TAGS = 0x0A10 << 400 | 0x2208 << 256
-_RANDOM = ((1 << 416) - 1) ^ (0xFFFF << 400 | 0xFFFF << 256)  # the bits that are not tags
-_NONZERO = _TAGS | 1 << 272 | _SPANS_NONZERO
+# A sampled request's trace is (its trace id as OTLP's field 1: ``0a 10`` and 16 bytes,
+# its root span's id, its remote parent span's id or None). Span ids are 64-bit ints,
+# written little-endian everywhere (``llmkit.otlp``, ``traceparent``): struct's fast
+# path, where big-endian bytes cost a per-byte loop. Bit 0 is set so that no id is all
+# zeros (invalid): 63 random bits per span id, 127 per trace id.
+_TRACE_FIELD = struct.Struct("<2sQQ").pack
 
 
 def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
@@ -114,7 +109,7 @@ class Tracing:
         self.rate = rate
         rng = rng or random.Random()
         self.random = rng.random  # the head-sampling draw: random() < rate
-        self._bits = rng.getrandbits
+        self.bits = rng.getrandbits  # ids: bits(64) | 1, as span_id (callers inline it)
         self._export = export  # synchronous: flush() and shutdown
         self._send = send  # asynchronous, on the loop; None: ``export`` there too
         self._shutdown = shutdown
@@ -132,27 +127,26 @@ class Tracing:
 
     # -- request path ---------------------------------------------------------------
 
-    def sample(self, traceparent: str | None) -> tuple[bytes, bytes | None] | None:
-        """A sampled request's ids (``IDS``) and its remote parent span's id (None: it
-        starts a trace), or None: not sampled."""
+    def sample(self, traceparent: str | None) -> tuple[bytes, int, bytes | None] | None:
+        """A sampled request's trace (see ``_TRACE_FIELD``), or None: not sampled."""
         if traceparent:
             parent = parse_traceparent(traceparent)
             if parent is not None:
                 if not parent[2]:
                     return None
-                spans = (self._bits(256) | _SPANS_NONZERO).to_bytes(32, "big")
-                trace = b"\x0a\x10" + parent[0].to_bytes(16, "big") + b"\x22\x08"
-                return trace + spans, parent[1].to_bytes(8, "big")
+                trace = b"\x0a\x10" + parent[0].to_bytes(16, "big")
+                return trace, self.span_id(), parent[1].to_bytes(8, "big")
         if self.random() >= self.rate:
             return None
-        return self.root(), None
+        return (*self.root(), None)
 
-    def root(self) -> bytes:
-        """A new trace's ids (``IDS``): the request was drawn for sampling."""
-        return (self._bits(416) & _RANDOM | _NONZERO).to_bytes(IDS, "big")
+    def root(self) -> tuple[bytes, int]:
+        """A new trace's id field and root span id: the request was drawn for sampling."""
+        bits = self.bits
+        return _TRACE_FIELD(b"\x0a\x10", bits(64) | 1, bits(64)), bits(64) | 1
 
-    def span_id(self) -> bytes:
-        return (self._bits(64) or 1).to_bytes(8, "big")
+    def span_id(self) -> int:
+        return self.bits(64) | 1
 
     def record(self, trace: bytes) -> None:
         """Queue one request's finished spans (``llmkit.otlp``: its ``ScopeSpans.spans``

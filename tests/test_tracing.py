@@ -189,48 +189,38 @@ def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
     from llmkit import otlp
     from llmkit.tracing import sdk_spans
 
-    trace_id, root, child = random.getrandbits(128) | 1, random.getrandbits(64) | 1, 5
+    trace_id, root = random.getrandbits(128) | 1, random.getrandbits(64) | 1
     attributes = {"gen_ai.request.model": "m", "llmkit.attempt": 2, "llmkit.cost_usd": 0.25,
                   "llmkit.limiter.refused": False, "order": ["a#0", "a#1"], "neg": -3,
                   "long": "x" * 300}  # fmt: skip
-    tid, root_id = trace_id.to_bytes(16, "big"), root.to_bytes(8, "big")
-    prefix = otlp.child_prefix(tid, root_id)
+    # Span ids are ints written little-endian (llmkit.tracing); the SDK reads big-endian.
+    sdk_root, sdk_child, sdk_other = (int.from_bytes(otlp.SPAN_ID(i), "big") for i in (root, 5, 9))
+    field = b"\x0a\x10" + trace_id.to_bytes(16, "big")
     head, tail = otlp.child_shape("chat x", otlp.CLIENT, {"llmkit.attempt": 1}, "server_error")
-    child_span = [
-        head,
-        otlp.CHILD_HEAD(
-            prefix,
-            otlp.SPAN_TAG,
-            child.to_bytes(8, "big"),
-            otlp.START_TAG,
-            1_100,
-            otlp.END_TAG,
-            1_900,
-        ),
-        tail,
-    ]
+    child_span = [head, otlp.CHILD_HEAD(otlp.child_prefix(field, root), 5, otlp.START_TAG,
+                                        1_100, otlp.END_TAG, 1_900), tail]  # fmt: skip
     root_tail = [otlp.span_tail("chat m", otlp.SERVER, attributes)]
-    trace = otlp.trace_spans(prefix, (77).to_bytes(8, "big"), 1_000, 2_000, root_tail, child_span)
+    trace = otlp.trace_spans(field, root, (77).to_bytes(8, "big"), 1_000, 2_000, root_tail,
+                             child_span)  # fmt: skip
     # One trace with a remote parent (and so a longer root), one that starts its own.
-    local_root = [otlp.span_tail("chat n", otlp.SERVER, {})]
-    other = otlp.trace_spans(otlp.child_prefix(tid, (9).to_bytes(8, "big")), None, 3, 4,
-                             local_root, [])  # fmt: skip
+    other = otlp.trace_spans(field, 9, None, 3, 4, [otlp.span_tail("chat n", otlp.SERVER, {})],
+                             [])  # fmt: skip
     mine = ExportTraceServiceRequest()
     mine.ParseFromString(otlp.encode_request([trace, other], "svc"))
 
     resource, scope = Resource({"service.name": "svc"}), InstrumentationScope("llmkit")
     sampled = TraceFlags(TraceFlags.SAMPLED)
     expected = [
-        ReadableSpan("chat m", SpanContext(trace_id, root, False, sampled),
+        ReadableSpan("chat m", SpanContext(trace_id, sdk_root, False, sampled),
                      SpanContext(trace_id, 77, True, sampled), resource, attributes,
                      kind=SpanKind.SERVER, start_time=1_000, end_time=2_000,
                      instrumentation_scope=scope),
-        ReadableSpan("chat x", SpanContext(trace_id, child, False, sampled),
-                     SpanContext(trace_id, root, False, sampled), resource,
+        ReadableSpan("chat x", SpanContext(trace_id, sdk_child, False, sampled),
+                     SpanContext(trace_id, sdk_root, False, sampled), resource,
                      {"llmkit.attempt": 1, "error.type": "server_error"},
                      kind=SpanKind.CLIENT, status=Status(StatusCode.ERROR), start_time=1_100,
                      end_time=1_900, instrumentation_scope=scope),
-        ReadableSpan("chat n", SpanContext(trace_id, 9, False, sampled), None, resource, {},
+        ReadableSpan("chat n", SpanContext(trace_id, sdk_other, False, sampled), None, resource, {},
                      kind=SpanKind.SERVER, start_time=3, end_time=4, instrumentation_scope=scope),
     ]  # fmt: skip
     sdk = encode_spans(expected)

@@ -182,7 +182,7 @@ class HttpSurface:
             return await self._send_stream(request, target, chunks, call.response_headers)
         target, completion = await self._gateway.chat(call)
         if obs is not None and obs.trace is not None:  # sampled
-            obs.answered([c.finish_reason for c in completion.choices if c.finish_reason])
+            obs.answered(completion.choices)
         # All headers in one dict: aiohttp builds its multidict once from it.
         answer = {**JSON_TYPE, "x-llmkit-provider": target.provider.name,
                   "x-llmkit-deployment": target.deployment, **call.response_headers}  # fmt: skip
