@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from time import monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -210,14 +210,14 @@ class Observability:
     ) -> RequestObs | None:
         """The recorder of a request that is sampled or logged; None for any other (its
         metrics are counted by ``count``, from the pipeline's own objects)."""
-        if self._traced and route < _MODEL_ROUTES:  # no traces of /health, /metrics
-            if traceparent:
-                sampled = self.tracing.sample(traceparent)
-                if sampled is not None:
-                    return RequestObs(self, route, method, path, request_id, *sampled)
-            elif self._draw() < self._rate:  # Tracing.sample, inline: most are not drawn
+        if traceparent is None:  # Tracing.sample, inline: most requests are not drawn
+            if self._draw() < self._rate and route < _MODEL_ROUTES:  # (rate 0: tracing off)
                 trace, root = self._new_trace()
                 return RequestObs(self, route, method, path, request_id, trace, root)
+        elif self._traced and route < _MODEL_ROUTES:  # no traces of /health, /metrics
+            sampled = self.tracing.sample(traceparent)
+            if sampled is not None:
+                return RequestObs(self, route, method, path, request_id, *sampled)
         if self.access is None:
             return None
         return RequestObs(self, route, method, path, request_id, None, 0)
@@ -358,8 +358,8 @@ class RequestObs:
 
     __slots__ = ("_o", "route", "started", "key", "target", "attempts", "usage", "method",
                  "path", "request_id", "model", "error_kind", "role", "finish_reasons",
-                 "messages", "trace", "_root", "_parent", "_prefix", "_start_ns", "_attempt",
-                 "_spans")  # fmt: skip
+                 "messages", "trace", "mark", "_root", "_parent", "_prefix", "_start_ns",
+                 "_attempt", "_spans")  # fmt: skip
 
     def __init__(
         self,
@@ -391,7 +391,11 @@ class RequestObs:
         self.trace = trace
         self._root = root
         self._parent = parent
+        # ``mark()``: a span start time when sampled, else 0 (no clock read); a C function
+        # either way (``int()`` is 0), so the pipeline's call costs no Python frame.
+        self.mark: Callable[[], int] = int
         if trace is not None:
+            self.mark = time_ns
             self._start_ns = time_ns()
             self._prefix = CHILD_PREFIX(trace, PARENT_TAG, root, SPAN_TAG)
         # The open attempt span: (span id, start ns, target, attempt number).
@@ -401,10 +405,6 @@ class RequestObs:
     @property
     def sampled(self) -> bool:
         return self.trace is not None
-
-    def mark(self) -> int:
-        """A span start time when sampled, else 0 (no clock read)."""
-        return time_ns() if self.trace is not None else 0
 
     # -- pipeline hooks -------------------------------------------------------------
 
@@ -448,8 +448,17 @@ class RequestObs:
         kind = None
         if error is not None:
             kind = self.error_kind = error_kind(error)
-        if self._attempt is not None:
-            self._end_attempt(ok, kind)
+        attempt = self._attempt
+        if attempt is None:
+            return
+        self._attempt = None
+        span_id, start, target, number = attempt
+        key = (self.route, target.deployment, number, ok, kind)
+        shape = self._o.shapes.get(key)
+        if shape is None:
+            shape = self._o.keep(key, self._attempt_shape(target, number, ok, kind))
+        self._spans += (shape[0], CHILD_HEAD(self._prefix, span_id, START_TAG, start, END_TAG,
+                                             time_ns()), shape[1])  # fmt: skip
 
     def settled(self, usage: Usage | None) -> None:
         """The tokens the serving upstream reported (None: unknown)."""
@@ -478,7 +487,7 @@ class RequestObs:
         if ids is None:
             return
         if self._attempt is not None:  # a stream the client left mid-way
-            self._end_attempt(None, None)
+            self.attempt_settled(None, None)
         target, reasons, usage = self.target, self.finish_reasons, self.usage
         key = (self.route, self.method, self.path, self.model, self.key,
                target.deployment if target is not None else None,
@@ -516,18 +525,6 @@ class RequestObs:
         return target.price.cost(usage)
 
     # -- spans ------------------------------------------------------------------------
-
-    def _end_attempt(self, ok: bool | None, kind: int | None) -> None:
-        attempt = self._attempt
-        assert attempt is not None
-        self._attempt = None
-        span_id, start, target, number = attempt
-        key = (self.route, target.deployment, number, ok, kind)
-        shape = self._o.shapes.get(key)
-        if shape is None:
-            shape = self._o.keep(key, self._attempt_shape(target, number, ok, kind))
-        self._spans += (shape[0], CHILD_HEAD(self._prefix, span_id, START_TAG, start, END_TAG,
-                                             time_ns()), shape[1])  # fmt: skip
 
     def _attempt_shape(
         self, target: Target, number: int, ok: bool | None, kind: int | None

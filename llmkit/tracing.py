@@ -48,7 +48,7 @@ _HEX = frozenset("0123456789abcdef")
 # A batch is what is queued when it reaches BATCH_BYTES (~280 four-span traces, one POST
 # every ~0.6 s at 10% of 5,000 requests/s: the POST's cost spread over that many) or
 # EXPORT_INTERVAL_S after its first trace, whichever comes first.
-BATCH_BYTES = 256 * 1024
+BATCH_BYTES = 1024 * 1024
 EXPORT_INTERVAL_S = 1.0
 MAX_QUEUED_BYTES = 4 * 1024 * 1024  # kept when the exporter falls behind; then dropped
 
