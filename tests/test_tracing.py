@@ -326,3 +326,73 @@ def _otlp_spans(bodies: list[bytes]) -> list[Any]:
         request.ParseFromString(body)
         spans += [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
     return spans
+
+
+@pytest.mark.parametrize("request_id", ["r", "x" * 104, "y" * 105, "z" * 128])
+def test_the_root_span_carries_each_request_id_whole(
+    tmp_path: Path, exporter: InMemorySpanExporter, request_id: str
+) -> None:
+    """Request ids up to 104 bytes are written from a table by length, longer ones the
+    long way (x-request-id is cut at 128); a failed request's root has error.type."""
+    from llmkit.gateway import Gateway
+    from llmkit.observability import Observability
+    from llmkit.tracing import build_tracing
+    from llmkit.types import Usage
+
+    config = config_of(tmp_path, '[[models]]\nname = "m"\n[[models.deployments]]\n'
+                       'provider = "demo"\nmodel = "x"\n' + tracing_config(1.0))  # fmt: skip
+    observability = Observability(config, None, build_tracing(config.observability, exporter))
+    gateway = Gateway(config)
+    call = gateway.decode_chat(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    obs = observability.begin(0, "POST", CHAT, request_id, None)
+    assert obs is not None and obs.trace is not None
+    targets = gateway.resolve("m")
+    obs.routed(call, targets, obs.mark())
+    obs.attempt_started(targets[0], {})
+    obs.attempt_settled(True, None)
+    obs.settled(Usage(prompt_tokens=300, completion_tokens=70000, total_tokens=70300))
+    obs.finish(503)
+    observability.close()
+    (root,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    attrs = root.attributes or {}
+    assert attrs["llmkit.request_id"] == request_id
+    assert attrs["gen_ai.usage.output_tokens"] == 70000 and attrs["llmkit.attempts"] == 1
+    assert attrs["http.response.status_code"] == 503 and attrs["error.type"] == "503"
+    assert root.status.status_code == StatusCode.ERROR
+
+
+async def test_batches_leave_when_full_or_after_the_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full batch is sent at once, a partial one after the interval; nothing queued
+    beyond the bound (the trace is dropped and counted)."""
+    from llmkit import tracing as tracing_module
+
+    monkeypatch.setattr(tracing_module, "BATCH_BYTES", 1000)
+    monkeypatch.setattr(tracing_module, "EXPORT_INTERVAL_S", 0.2)
+    monkeypatch.setattr(tracing_module, "MAX_QUEUED_BYTES", 3000)
+    sent: list[list[bytes]] = []
+
+    async def send(batch: Any) -> None:
+        sent.append(list(batch))
+
+    tracing = tracing_module.Tracing(1.0, lambda batch: None, send=send)
+    loop = asyncio.get_running_loop()
+    for _ in range(3):
+        tracing.record(b"t" * 400)  # the third fills a batch
+    await asyncio.sleep(0.05)
+    assert [len(b) for b in sent] == [3]  # all queued bytes go when they fit one POST
+    started = loop.time()
+    tracing.record(b"u" * 400)
+    while len(sent) < 2 and loop.time() - started < 5:
+        await asyncio.sleep(0.01)
+    assert sent[1] == [b"u" * 400] and loop.time() - started >= 0.15
+    for _ in range(10):  # the loop does not run meanwhile: the queue fills, then drops
+        tracing.record(b"v" * 400)
+    assert tracing.dropped == 3
+    started = loop.time()
+    while len(sent) < 5 and loop.time() - started < 5:
+        await asyncio.sleep(0.01)
+    # Full batches at once (each as many traces as reach BATCH_BYTES), the rest later.
+    assert [sum(map(len, b)) for b in sent[2:]] == [1200, 1200, 400]
+    tracing.shutdown()
