@@ -25,8 +25,12 @@ back to back), which cancels slow drifts of the machine's load.
 
 A full run (or ``--instructions``) adds the deterministic figure: instructions per
 request of one worker under valgrind's callgrind (``bench/_callgrind.py``), per workload
-and configuration, the same requests; they repeat to 0.1%, so a difference of 0.5% is
-real (the 10% tracing row also carries the sampling's binomial spread: ~±1 point).
+and configuration, the same requests; they repeat to ~0.2% (a traced run's OTLP POSTs,
+~600K instructions each, fall in or out of the window with timing), so a difference of
+0.5% is real. The traced rows say how many traces the window sampled and how many POSTs
+it made: callgrind's worker runs ~50x slower, so its batches are far smaller than a
+worker's at full speed, and the row "full-speed estimate" gives 10% tracing without that
+distortion (``instructions_per_request``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ add of the request at offsets precomputed at boot, the bucket search in C).
 Tracing and the access log do need a recorder: the surface calls ``Observability.begin``,
 which returns a ``RequestObs`` for a request that is sampled (one ``random()`` compare)
 or logged and None for any other, so an unsampled request pays one ``is not None`` test
-per hook. Hooks (who calls what): the HTTP surface ``begin`` / ``answered`` / ``finish``;
+per hook. A sampled request's spans are OTLP bytes as soon as each ends (``RequestObs``).
+Hooks (who calls what): the HTTP surface ``begin`` / ``answered`` / ``finish``;
 ``Gateway._run`` ``mark`` + ``routed``; ``Run.admit`` ``mark`` + ``admitted``;
 ``Run._open`` ``attempt_started``; ``Attempt._settle`` ``attempt_settled``;
 ``Run.close`` ``settled``; the multiplexer ``multiplexer_role``.

@@ -1,14 +1,14 @@
 """OTLP/HTTP export: spans written as protobuf by hand, a trace at a time, sent with aiohttp.
 
 The SDK's path (``ReadableSpan`` per span, then its OTLP encoder) cost ~50 µs per span,
-and building span records to encode later still cost a sampled request ~100K
-instructions. So a sampled request writes its own spans: each ``Span`` message is a
-fixed-size pack of its ids and times (``struct``) between cached bytes (a head with the
-message's length, and a tail with its name, kind, attributes and flags, the same for
-every span of that shape); only the root span's per-request attributes (request id,
-status, tokens, cost) are written each time. A finished trace is one ``bytes``: the
-concatenation of its ``ScopeSpans.spans`` fields, so a batch is the traces joined
-under one resource and scope. The wire format
+and span tuples encoded at export (shared attribute blocks cached) still cost a sampled
+request ~100K instructions for the spans alone. So a sampled request writes its own:
+each ``Span`` message is a fixed-size pack of its ids and times (``struct``) between
+cached bytes (a head with the message's length, and a tail with its name, kind,
+attributes and flags, the same for every span of that shape); only the root span's
+per-request attributes (request id, status, tokens, cost) are written each time. A
+finished trace is one ``bytes``: the concatenation of its ``ScopeSpans.spans`` fields,
+so a batch is the traces joined under one resource and scope. The wire format
 (``opentelemetry/proto/collector/trace/v1/trace_service.proto``)::
 
     ExportTraceServiceRequest { 1: repeated ResourceSpans }
