@@ -25,9 +25,10 @@ back to back), which cancels slow drifts of the machine's load.
 
 A full run (or ``--instructions``) adds the deterministic figure: instructions per
 request of one worker under valgrind's callgrind (``bench/_callgrind.py``), per workload
-and configuration, the same requests; they repeat to ~0.2% (a traced run's OTLP POSTs,
-~600K instructions each, fall in or out of the window with timing), so a difference of
-0.5% is real. The traced rows say how many traces the window sampled and how many POSTs
+and configuration, the same requests, the median of three windows; they repeat to
+~0.2% (how many requests each loop iteration serves varies with timing, and a traced
+run's OTLP POSTs, ~600K instructions each, fall in or out of a window), so a difference
+of 0.5% is real. The traced rows say how many traces the window sampled and how many POSTs
 it made: callgrind's worker runs ~50x slower, so its batches are far smaller than a
 worker's at full speed, and the row "full-speed estimate" gives 10% tracing without that
 distortion (``instructions_per_request``).
@@ -441,7 +442,7 @@ def run(quick: bool, instructions: bool | None = None) -> dict[str, Any]:
                 counted[workload.name] = instructions_per_request(
                     workload,
                     200 if quick else 1000,
-                    1,  # deterministic: one window will do
+                    1 if quick else 3,  # the loop's batching moves a window by ~1K; a median
                 )
     updates = update_rates(200_000 if quick else 2_000_000, 3 if quick else 5)
     scrape = scrape_time(20 if quick else 100)
