@@ -7,7 +7,14 @@ setup(
         Extension(
             "shm._atomics",
             sources=["shm/_atomics.c"],
-            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror"],
+            extra_compile_args=[
+                "-O2",
+                "-std=c11",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-ffp-contract=off",
+            ],
         )
     ]
 )

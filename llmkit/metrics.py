@@ -29,6 +29,7 @@ Byte layouts (every word int64 unless marked f64; each cell starts its own 64-by
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ from shm.layout import Layout
 from shm.segment import Segment
 
 if TYPE_CHECKING:
+    from llmkit.pricing import Price
     from shm._atomics import RequestPlan
 
 ROUTES = ("chat", "embeddings", "models", "health", "metrics", "admin", "other")
@@ -196,50 +198,69 @@ class Metrics:
         self._ttft = [h.offset for h in self.ttft]
         # Per model route, by status (0-599): the http_requests word, and the status class
         # word inside a TargetStats cell (Atomics.record_request's tables).
-        self._status_words = [
-            tuple(self._http_counter[route * _STATUS_SPAN : (route + 1) * _STATUS_SPAN])
-            for route in range(len(MODEL_ROUTES))
-        ]
-        self._class_words = [
-            tuple(self._class_word[route * _STATUS_SPAN : (route + 1) * _STATUS_SPAN])
+        self._statuses = [
+            status_table(
+                self._http_counter[route * _STATUS_SPAN : (route + 1) * _STATUS_SPAN],
+                self._class_word[route * _STATUS_SPAN : (route + 1) * _STATUS_SPAN],
+            )
             for route in range(len(MODEL_ROUTES))
         ]
         self.plans: dict[tuple[int, int, int, bool], RequestPlan] = {}
 
     # -- recording (hot) ----------------------------------------------------------
 
-    def record_http(self, route: int, status: int, seconds: float) -> None:
-        """Count one finished HTTP request; ``route`` from ``route_index``."""
+    def record_http(self, route: int, status: int, seconds: float, *ones: int) -> None:
+        """Count one finished HTTP request; ``route`` from ``route_index``; each of
+        ``ones`` gains 1 too (a worker slot's served count ...)."""
         a = self.atomics
-        a.add_ones(self._http_counter[route * _STATUS_SPAN + min(status, _STATUS_SPAN - 1)])
+        a.add_ones(self._http_counter[route * _STATUS_SPAN + min(status, _STATUS_SPAN - 1)], *ones)
         a.observe(DURATION_BOUNDS, seconds, self._http_hist[route])
 
     def record_model_request(
         self, route: int, status: int, seconds: float, target: int, key: int,
         tokens_in: int, tokens_out: int, cost: float, ttft: float | None,
-        words: Sequence[int] | None,
+        words: Sequence[int] | None, ones: Sequence[int] = (),
     ) -> None:  # fmt: skip
         """Everything a finished model request (``route`` 0 chat, 1 embeddings) counts,
         ``record_http`` included, in one C call (``Atomics.record_request``). ``words``
         are its tries' counters (attempts, retries, fallbacks, errors) that gain 1; None
-        is the usual case, one attempt at ``target`` that did not fail."""
+        is the usual case, one attempt at ``target`` that did not fail. Each of ``ones``
+        gains 1 too."""
         plan = self.plans.get((route, target, key, words is None))
         if plan is None:
             plan = self.plan(route, target, key, words is None)
         self.atomics.record_request(plan, status, seconds, tokens_in, tokens_out, cost, ttft,
-                                    *(words or ()))  # fmt: skip
+                                    *(words or ()), *ones)  # fmt: skip
 
-    def plan(self, route: int, target: int, key: int, attempted: bool) -> RequestPlan:
+    def plan(
+        self,
+        route: int,
+        target: int,
+        key: int,
+        attempted: bool,
+        price: Price | None = None,
+        ones: tuple[int, ...] = (),
+    ) -> RequestPlan:
         """The words a model request of ``route`` at ``target`` by ``key`` adds to
-        (``Atomics.record_request``), with its one attempt's when ``attempted``; kept in
-        ``plans``, so a request looks its plan up with one dict probe."""
+        (``Atomics.record_request``), with its one attempt's when ``attempted`` and each
+        of ``ones``, and the ``price`` its cost is computed from
+        (``Atomics.record_finished``). Kept in ``plans`` when it has neither, so a
+        request looks its plan up with one dict probe."""
         stats, key_stats = self.targets[target], self.keys[key]
-        ones = (key_stats, stats + ATTEMPTS) if attempted else (key_stats,)
-        hists = (self._http_hist[route], self._duration[target])
-        io = (stats + TOKENS_IN, stats + TOKENS_OUT, key_stats + 8, key_stats + 16)
-        plan = (ones, DURATION_BOUNDS, hists, io, (stats + COST, key_stats + 24), TTFT_BOUNDS,
-                self._ttft[target], self._status_words[route], self._class_words[route],
-                stats)  # fmt: skip
+        plan = (
+            pack_plan(
+                ones=(key_stats, stats + ATTEMPTS, *ones) if attempted else (key_stats, *ones),
+                hists=(self._http_hist[route], self._duration[target]),
+                io=(stats + TOKENS_IN, stats + TOKENS_OUT, key_stats + 8, key_stats + 16),
+                costs=(stats + COST, key_stats + 24),
+                second_hist=self._ttft[target],
+                class_base=stats,
+                price=price,
+            ),
+            self._statuses[route],
+        )
+        if price is not None or ones:
+            return plan
         if len(self.plans) >= _PLANS_MAX:  # a bound, for configs with very many keys
             self.plans.clear()
         self.plans[route, target, key, attempted] = plan
@@ -294,6 +315,36 @@ class Metrics:
 
     def target_cost(self, target: int) -> float:
         return self.atomics.load_f64(self.targets[target] + COST)
+
+
+def pack_plan(
+    ones: Sequence[int],
+    hists: Sequence[int],
+    io: Sequence[int],
+    costs: Sequence[int],
+    second_hist: int,
+    class_base: int,
+    price: Price | None = None,
+) -> bytes:
+    """A request plan's words (``Plan`` in ``shm/_atomics.c`` gives the layout): 1 at
+    each of ``ones``, the duration into each of ``hists`` (``DURATION_BOUNDS``), time to
+    first token into ``second_hist`` (``TTFT_BOUNDS``), tokens at ``io`` (in, out, in,
+    out ...), cost at ``costs``, the status class word from ``class_base``."""
+    cached = price.cached_input if price is not None else None
+    head = struct.pack(
+        "=8q3dq", len(ones), len(hists), len(io), len(costs), len(DURATION_BOUNDS),
+        len(TTFT_BOUNDS), second_hist, class_base, price.input if price else 0.0,
+        price.output if price else 0.0, cached or 0.0, cached is not None,
+    )  # fmt: skip
+    offsets = (*ones, *hists, *io, *costs)
+    bounds = (*DURATION_BOUNDS, *TTFT_BOUNDS)
+    return head + struct.pack(f"={len(offsets)}q{len(bounds)}d", *offsets, *bounds)
+
+
+def status_table(words: Sequence[int], classes: Sequence[int]) -> bytes:
+    """A plan's statuses: the word status ``s`` adds 1 to, then its class word (from
+    the plan's ``class_base``), for ``s`` in ``0..len(words) - 1``."""
+    return struct.pack(f"={2 * len(words)}q", *words, *classes)
 
 
 def _offsets(layout: Layout, name: str) -> list[int]:

@@ -8,9 +8,14 @@ declared elsewhere), ``llmkit.tracing`` (sampling, ``traceparent``, spans) and
 Metrics cost no per-request object and no hook call: the pipeline already keeps what
 they need for its own books (``Call.run`` is the request's ``attempts.Run``: its tries,
 their targets and errors, the first byte's time, the usage), so when a request is over
-the HTTP surface calls ``Observability.count`` once, which reads those and makes three
-to five C calls (``Atomics.add_ones`` / ``observe`` / ``add_i64s`` / ``add_f64s``: every
-add of the request at offsets precomputed at boot, the bucket search in C).
+the HTTP surface calls ``Observability.count`` once, which reads those and makes one C
+call: every add of the request at offsets packed once per kind of request (a *plan*:
+route, deployment, key), the worker slot's ``served`` among them, with the duration,
+time to first token and cost computed in C from the clock and the plan's prices
+(``Atomics.record_finished``; ``record_request`` for the rarer kinds). Measured with
+``bench/observability_bench.py --instructions``: this and the request's arrival time
+(read by ``WorkerSlot.enter``, in the call that counts it in flight) are all that
+metrics add to a request.
 
 Tracing and the access log do need a recorder: the surface calls ``Observability.begin``,
 which returns a ``RequestObs`` for a request that is sampled (one ``random()`` compare)
@@ -104,6 +109,7 @@ from llmkit.otlp import (
     string_attribute,
     trace_spans,
 )
+from llmkit.pricing import Price, cached_tokens
 from llmkit.tracing import TRACEPARENT, Tracing, build_tracing
 from llmkit.upstream import UpstreamStatus
 
@@ -113,6 +119,8 @@ if TYPE_CHECKING:
     from llmkit.attempts import Attempt
     from llmkit.providers.base import Call, Target
     from llmkit.types import Choice, Usage
+    from shm._atomics import RequestPlan
+    from shm.cells import WorkerSlot
 
 __all__ = [
     "DURATION_BOUNDS",
@@ -135,6 +143,7 @@ __all__ = [
 )
 _MODEL_ROUTES = len(MODEL_ROUTES)  # route indexes below this carry a model
 _SERIES_MAX = 8192
+NO_PRICE = Price(0.0, 0.0)  # a plan for a deployment without one: its cost is 0
 _SHAPES_MAX = 4096
 _Shape = TypeVar("_Shape", bytes, tuple[bytes, bytes])
 
@@ -191,9 +200,14 @@ class Observability:
         self._no_key = self.series.no_key
         self.key_index: dict[str | None, int] = {None: self._no_key}
         self.key_index.update(self.series.key_index)
+        # Words every counted request adds 1 to as well (``count_served``).
+        self._served: tuple[int, ...] = ()
+        # The usual request's plan by model route, deployment and key name: see ``count``.
+        self._finished: list[dict[str, dict[str | None, RequestPlan]]] = [
+            {} for _ in range(_MODEL_ROUTES)
+        ]
         if self.metrics is not None:
-            self._plans = self.metrics.plans
-            self._record = self.metrics.atomics.record_request
+            self._record = self.metrics.atomics.record_finished
 
     @classmethod
     def build(
@@ -223,42 +237,37 @@ class Observability:
             return None
         return RequestObs(self, route, method, path, request_id, None, 0)
 
+    def count_served(self, slot: WorkerSlot) -> None:
+        """Make every ``count`` also count ``slot``'s request as served (``leave``), in
+        the same C call as its metrics; the caller then does not ``leave`` itself."""
+        self._served = (slot.served_offset,)
+        self._finished = [{} for _ in range(_MODEL_ROUTES)]  # plans made before lack it
+
     def count(self, route: int, status: int, started_ns: int, call: Call | None) -> None:
         """Count a finished request (only when ``counting``): ``started_ns`` is when it
         arrived (``time.monotonic_ns``), ``call`` its chat call if one was decoded. The
         call's run knows the rest: its tries, the tokens, the first byte.
 
-        The usual request (one attempt that did not fail) costs a few attribute reads,
-        one dict probe for its plan and one C call; anything else goes the long way."""
-        seconds = (monotonic_ns() - started_ns) / 1e9
-        if call is None or (run := call.run) is None or len(run.attempts) != 1:
-            self._count_other(route, status, seconds, started_ns, call)
-            return
-        attempt = run.attempts[0]
-        target = attempt.target
-        series = self._series.get(target.deployment)
-        if attempt.error is not None or series is None:
-            self._count_other(route, status, seconds, started_ns, call)
-            return
-        plan = self._plans.get((route, series, self.key_index.get(call.key, -1), True))
-        if plan is None:
-            self._count_other(route, status, seconds, started_ns, call)
-            return
-        ttft = (attempt.first_byte_ns - started_ns) / 1e9 if attempt.first_byte_ns else None
-        usage = run.usage
-        if usage is None:
-            self._record(plan, status, seconds, 0, 0, 0.0, ttft)
-            return
-        price = target.price
-        cost = 0.0
-        if price is not None:  # Price.cost, inline: the same arithmetic, bit for bit
-            if usage.prompt_tokens_details is None:
-                cost = (usage.prompt_tokens * price.input
-                        + usage.completion_tokens * price.output) / 1_000_000  # fmt: skip
-            else:
-                cost = price.cost(usage)
-        self._record(plan, status, seconds, usage.prompt_tokens, usage.completion_tokens,
-                     cost, ttft)  # fmt: skip
+        The usual request (one attempt that did not fail, a plan made for its route,
+        deployment and key) costs a few attribute reads, one dict probe and one C call,
+        which reads the clock and prices the tokens itself (``record_finished``); any
+        other goes the long way, and plans the usual one's kind for next time."""
+        if call is not None and (run := call.run) is not None and len(run.attempts) == 1:
+            attempt = run.attempts[0]
+            try:  # nested dicts: cheaper than hashing a tuple of the three
+                plan = self._finished[route][attempt.target.deployment][call.key]
+            except KeyError:
+                plan = None
+            if plan is not None and attempt.error is None:
+                usage = run.usage
+                if usage is None:
+                    self._record(plan, status, started_ns, attempt.first_byte_ns, 0, 0, 0)
+                    return
+                cached = 0 if usage.prompt_tokens_details is None else cached_tokens(usage)
+                self._record(plan, status, started_ns, attempt.first_byte_ns,
+                             usage.prompt_tokens, usage.completion_tokens, cached)  # fmt: skip
+                return
+        self._count_other(route, status, (monotonic_ns() - started_ns) / 1e9, started_ns, call)
 
     def _count_other(
         self, route: int, status: int, seconds: float, started_ns: int, call: Call | None
@@ -267,13 +276,14 @@ class Observability:
         metrics = self.metrics
         assert metrics is not None
         if route >= _MODEL_ROUTES:
-            metrics.record_http(route, status, seconds)
+            metrics.record_http(route, status, seconds, *self._served)
             return
         run = call.run if call is not None else None
         if run is None:  # refused before routing (400, 401, 404) or a multiplexer follower
             metrics.record_model_request(
-                route, status, seconds, self._unrouted, self._no_key, 0, 0, 0.0, None, ()
-            )
+                route, status, seconds, self._unrouted, self._no_key, 0, 0, 0.0, None, (),
+                self._served,
+            )  # fmt: skip
             return
         assert call is not None
         key = self.key_index.get(call.key, self._no_key)
@@ -297,8 +307,23 @@ class Observability:
             if target is not None and target.price is not None:
                 cost = target.price.cost(usage)
         metrics.record_model_request(
-            route, status, seconds, series, key, tokens_in, tokens_out, cost, ttft, words
-        )
+            route, status, seconds, series, key, tokens_in, tokens_out, cost, ttft, words,
+            self._served,
+        )  # fmt: skip
+        if words is None and target is not None:  # the usual kind: ``count``'s from now on
+            price = target.price or NO_PRICE
+            plan = metrics.plan(route, series, key, True, price, self._served)
+            self._plan_usual(route, target, call.key, plan)
+
+    def _plan_usual(self, route: int, target: Target, key: str | None, plan: RequestPlan) -> None:
+        """Keep ``plan`` for ``count``: route -> deployment -> key name (bounded)."""
+        by_deployment = self._finished[route]
+        if len(by_deployment) >= _SERIES_MAX:  # direct provider/model names are unbounded
+            by_deployment.clear()
+        by_key = by_deployment.setdefault(target.deployment, {})
+        if len(by_key) >= _SERIES_MAX:  # so are key names, in principle
+            by_key.clear()
+        by_key[key] = plan
 
     def _attempt_words(self, metrics: Metrics, attempts: Sequence[Attempt]) -> list[int]:
         """The words a run's tries add 1 to: attempts, errors by kind, and each later

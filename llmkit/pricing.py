@@ -25,7 +25,7 @@ class Price:
 
     def cost(self, usage: Usage) -> float:
         """USD for one request's usage."""
-        cached = _cached_tokens(usage) if self.cached_input is not None else 0
+        cached = cached_tokens(usage) if self.cached_input is not None else 0
         fresh = usage.prompt_tokens - cached
         total = fresh * self.input + usage.completion_tokens * self.output
         if cached:
@@ -57,7 +57,7 @@ def price_for(provider: str, model: str, deployment: DeploymentConfig | None) ->
     return PRICES.get(f"{provider}/{model}")
 
 
-def _cached_tokens(usage: Usage) -> int:
+def cached_tokens(usage: Usage) -> int:
     details = usage.prompt_tokens_details or {}
     cached = details.get("cached_tokens", 0)
     return min(int(cached), usage.prompt_tokens) if isinstance(cached, int) else 0

@@ -122,12 +122,23 @@ collect_args(const Signature *sig, PyObject *const *args, Py_ssize_t nargs,
     return 0;
 }
 
+/* An int argument as int64. PyLong_AsLong, not PyLong_AsLongLong: on CPython 3.11 the
+ * latter takes a slow generic path for any int past 2**30 (every nanosecond clock
+ * reading), the former a short loop; long is 64 bits on every platform this builds on. */
+_Static_assert(sizeof(long) == sizeof(int64_t), "long must be 64 bits");
+
+static inline int64_t
+as_i64(PyObject *obj)
+{
+    return PyLong_AsLong(obj);
+}
+
 static int
 convert_arg(char kind, PyObject *obj, Arg *out)
 {
     if (kind == 'i') {
         /* Accepts int and __index__ types only: a float offset is a TypeError. */
-        out->i = PyLong_AsLongLong(obj);
+        out->i = as_i64(obj);
         return (out->i == -1 && PyErr_Occurred()) ? -1 : 0;
     }
     out->f = PyFloat_AsDouble(obj);
@@ -263,6 +274,7 @@ static const char *const P_CAS[] = {"offset", "expected", "new"};
 static const Signature SIG_LOAD_I64 = {"load_i64", "i", P_OFFSET, 1, 1, 1};
 static const Signature SIG_STORE_I64 = {"store_i64", "ii", P_VALUE, 2, 2, 1};
 static const Signature SIG_ADD_I64 = {"add_i64", "ii", P_DELTA, 2, 2, 1};
+static const Signature SIG_ADD_I64_CLOCK = {"add_i64_clock", "ii", P_DELTA, 2, 2, 1};
 static const Signature SIG_CAS_I64 = {"cas_i64", "iii", P_CAS, 3, 3, 1};
 static const Signature SIG_MAX_I64 = {"max_i64", "ii", P_VALUE, 2, 2, 1};
 
@@ -302,6 +314,25 @@ Atomics_add_i64(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
     }
     /* Wraps modulo 2**64 like the hardware does; counters never get there. */
     return PyLong_FromLongLong(__atomic_fetch_add(cell, a[1].i, __ATOMIC_SEQ_CST));
+}
+
+/* add_i64, returning the CLOCK_MONOTONIC time (time.monotonic_ns's clock) after the
+ * add instead: an event counted and timestamped in one call (WorkerSlot.enter). */
+static PyObject *
+Atomics_add_i64_clock(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                      PyObject *kwnames)
+{
+    Arg a[2];
+    int64_t *cell = parse_cell(self, &SIG_ADD_I64_CLOCK, args, nargs, kwnames, a);
+    if (cell == NULL) {
+        return NULL;
+    }
+    __atomic_fetch_add(cell, a[1].i, __ATOMIC_SEQ_CST);
+    struct timespec now;
+    if (clock_gettime(CLOCK_MONOTONIC, &now) != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLongLong((int64_t)now.tv_sec * 1000000000 + now.tv_nsec);
 }
 
 static PyObject *
@@ -674,7 +705,7 @@ batch_cells(AtomicsObject *self, const char *name, PyObject *const *args, Py_ssi
         return -1;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
-        int64_t offset = PyLong_AsLongLong(args[i * stride]);
+        int64_t offset = as_i64(args[i * stride]);
         if (offset == -1 && PyErr_Occurred()) {
             return -1;
         }
@@ -814,29 +845,112 @@ Atomics_observe(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* Checks one offset given as a Python int (a plan's word). */
-static int64_t *
-plan_cell(AtomicsObject *self, PyObject *item, Py_ssize_t words)
-{
-    int64_t offset = PyLong_AsLongLong(item);
-    if (offset == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    return word_at(self, offset, words);
-}
+/* The values one finished request records (record_request's arguments, parsed). */
+typedef struct {
+    int64_t status, in_delta, out_delta;
+    double value, cost, second;
+    int has_second;
+} Finished;
 
-/* A tuple of `size` offsets, each checked (cells of `words` words) into cells. */
+/* A request plan: a 2-tuple (words: bytes, statuses: bytes), made once per kind of
+ * request (llmkit.metrics.pack_plan), so recording converts no Python objects.
+ * Native-endian 8-byte words:
+ *
+ *   words     0 n_ones  1 n_hists  2 n_io  3 n_costs  4 n_bounds  5 n_bounds2 (each
+ *             0..MAX_BATCH)  6 second_hist (offset)  7 class_base (offset)
+ *             8 price_in  9 price_out  10 price_cached (float64, USD per million
+ *             tokens)  11 has_cached_price (0/1)
+ *             12.. ones[n_ones]  hists[n_hists]  io[n_io]  costs[n_costs] (offsets)
+ *             bounds[n_bounds]  bounds2[n_bounds2] (float64, ascending)
+ *   statuses  int64[2n]: [s] the offset that gains 1 for status s, [n + s] the word
+ *             (from class_base) that does; s clamped to 0..n-1
+ *
+ * ones gain 1; `value` is observed into each histogram in hists (shm.Histogram layout
+ * for bounds), `second` (when given) into second_hist (for bounds2); io words are
+ * (in, out, in, out ...) and gain in_delta / out_delta; cost words (float64) gain
+ * the cost. */
+#define PLAN_HEAD 12
+
+typedef struct {
+    int64_t n_ones, n_hists, n_io, n_costs, n_bounds, n_bounds2, second_hist, class_base;
+    double price_in, price_out, price_cached;
+    int64_t has_cached_price;
+} PlanHead;
+
+typedef struct {
+    PlanHead head;
+    const int64_t *ones, *hists, *io, *costs, *statuses;
+    const double *bounds, *bounds2;
+    Py_ssize_t n_statuses;
+} Plan;
+
 static int
-plan_cells(AtomicsObject *self, PyObject *tuple, Py_ssize_t size, Py_ssize_t words,
-           int64_t **cells)
+read_plan(PyObject *obj, Plan *plan)
 {
-    if (!PyTuple_CheckExact(tuple) || (size >= 0 && PyTuple_GET_SIZE(tuple) != size) ||
-        PyTuple_GET_SIZE(tuple) > MAX_BATCH) {
-        PyErr_SetString(PyExc_TypeError, "record_request() plan has a malformed part");
+    if (!PyTuple_CheckExact(obj) || PyTuple_GET_SIZE(obj) != 2 ||
+        !PyBytes_CheckExact(PyTuple_GET_ITEM(obj, 0)) ||
+        !PyBytes_CheckExact(PyTuple_GET_ITEM(obj, 1))) {
+        PyErr_SetString(PyExc_TypeError, "a plan is a (words, statuses) tuple of bytes");
         return -1;
     }
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tuple); i++) {
-        cells[i] = plan_cell(self, PyTuple_GET_ITEM(tuple, i), words);
+    PyObject *words = PyTuple_GET_ITEM(obj, 0), *statuses = PyTuple_GET_ITEM(obj, 1);
+    Py_ssize_t size = PyBytes_GET_SIZE(words), n_statuses = PyBytes_GET_SIZE(statuses) / 16;
+    const int64_t *w = (const int64_t *)PyBytes_AS_STRING(words);
+    if (size < PLAN_HEAD * WORD_SIZE || n_statuses < 1 ||
+        PyBytes_GET_SIZE(statuses) != 16 * n_statuses) {
+        PyErr_SetString(PyExc_ValueError, "malformed plan");
+        return -1;
+    }
+    memcpy(&plan->head, w, sizeof(PlanHead));
+    const PlanHead *h = &plan->head;
+    int64_t counts[6] = {h->n_ones, h->n_hists, h->n_io, h->n_costs, h->n_bounds, h->n_bounds2};
+    int64_t total = PLAN_HEAD;
+    for (int i = 0; i < 6; i++) {
+        if (counts[i] < 0 || counts[i] > MAX_BATCH) {
+            PyErr_SetString(PyExc_ValueError, "malformed plan");
+            return -1;
+        }
+        total += counts[i];
+    }
+    if (size != total * WORD_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "malformed plan");
+        return -1;
+    }
+    plan->ones = w + PLAN_HEAD;
+    plan->hists = plan->ones + h->n_ones;
+    plan->io = plan->hists + h->n_hists;
+    plan->costs = plan->io + h->n_io;
+    plan->bounds = (const double *)(plan->costs + h->n_costs);
+    plan->bounds2 = plan->bounds + h->n_bounds;
+    plan->statuses = (const int64_t *)PyBytes_AS_STRING(statuses);
+    plan->n_statuses = n_statuses;
+    return 0;
+}
+
+/* bisect.bisect_left over n ascending doubles (a NaN lands in bucket 0). */
+static Py_ssize_t
+bucket_in(const double *bounds, Py_ssize_t n, double value)
+{
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (bounds[mid] < value) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+/* Checks n offsets (cells of `words` words) into cells[0..n-1]. */
+static int
+plan_cells(AtomicsObject *self, const int64_t *offsets, int64_t n, Py_ssize_t words,
+           int64_t **cells)
+{
+    for (int64_t i = 0; i < n; i++) {
+        cells[i] = word_at(self, offsets[i], words);
         if (cells[i] == NULL) {
             return -1;
         }
@@ -844,108 +958,51 @@ plan_cells(AtomicsObject *self, PyObject *tuple, Py_ssize_t size, Py_ssize_t wor
     return 0;
 }
 
-static int
-float_bounds(PyObject *bounds)
-{
-    if (!PyTuple_CheckExact(bounds)) {
-        PyErr_SetString(PyExc_TypeError, "bounds must be a tuple of floats");
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(bounds); i++) {
-        if (!PyFloat_CheckExact(PyTuple_GET_ITEM(bounds, i))) {
-            PyErr_SetString(PyExc_TypeError, "bounds must be a tuple of floats");
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* A status-indexed tuple's offset: status clamped to the table. */
-static int64_t *
-status_cell(AtomicsObject *self, PyObject *table, int64_t status, int64_t base)
-{
-    if (!PyTuple_CheckExact(table) || PyTuple_GET_SIZE(table) == 0) {
-        PyErr_SetString(PyExc_TypeError, "record_request() status table must be a tuple");
-        return NULL;
-    }
-    Py_ssize_t last = PyTuple_GET_SIZE(table) - 1;
-    Py_ssize_t index = status < 0 ? 0 : (status > last ? last : (Py_ssize_t)status);
-    int64_t offset = PyLong_AsLongLong(PyTuple_GET_ITEM(table, index));
-    if (offset == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    return word_at(self, base + offset, 1);
-}
-
-/* record_request(plan, status, value, in_delta, out_delta, cost, second, *ones)
- *
- * Every add one finished request makes, in one call. `plan` is a 10-tuple prepared
- * once per kind of request:
- *   0 ones          offsets that gain 1 (and so does each of the trailing *ones)
- *   1 bounds        float bounds of the histograms in 2 (shm.Histogram layout)
- *   2 hists         `value` is observed into each
- *   3 io_words      (in, out, in, out ...): in_delta is added to the even ones and
- *                   out_delta to the odd ones, when either is not 0
- *   4 cost_words    float64 words that gain `cost` when it is not 0.0
- *   5 second_bounds, 6 second_hist: `second` (None: nothing) is observed there
- *   7 status_words  offsets by status (clamped to the table): that one gains 1
- *   8 class_words, 9 class_base: class_base + class_words[status] gains 1
- * All offsets are checked before any word changes. */
+/* Every add of one finished request under `plan`, plus a 1 at each of the n_extra
+ * offsets in extra; every offset is checked before any word changes. */
 static PyObject *
-Atomics_record_request(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
+record_plan(AtomicsObject *self, PyObject *plan_obj, const Finished *f, PyObject *const *extra,
+            Py_ssize_t n_extra)
 {
-    if (nargs < 7 || nargs - 7 > MAX_BATCH) {
-        PyErr_SetString(PyExc_TypeError, "record_request() takes plan, status, value, "
-                                         "in_delta, out_delta, cost, second, *ones");
+    Plan plan;
+    if (read_plan(plan_obj, &plan) < 0) {
         return NULL;
     }
-    PyObject *plan = args[0];
-    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 10) {
-        PyErr_SetString(PyExc_TypeError, "record_request() plan must be a 10-tuple");
+    if (n_extra > MAX_BATCH) {
+        PyErr_SetString(PyExc_TypeError, "record_request() takes too many extra words");
         return NULL;
     }
-    PyObject *ones = PyTuple_GET_ITEM(plan, 0), *bounds = PyTuple_GET_ITEM(plan, 1);
-    PyObject *hists = PyTuple_GET_ITEM(plan, 2), *io = PyTuple_GET_ITEM(plan, 3);
-    PyObject *costs = PyTuple_GET_ITEM(plan, 4), *bounds2 = PyTuple_GET_ITEM(plan, 5);
-    if (float_bounds(bounds) < 0 || float_bounds(bounds2) < 0) {
-        return NULL;
-    }
-    Py_ssize_t n1 = PyTuple_GET_SIZE(bounds), n2 = PyTuple_GET_SIZE(bounds2);
-    Arg status, value, in_delta, out_delta, cost, second = {.f = 0.0}, base;
-    if (convert_arg('i', args[1], &status) < 0 || convert_arg('f', args[2], &value) < 0 ||
-        convert_arg('i', args[3], &in_delta) < 0 || convert_arg('i', args[4], &out_delta) < 0 ||
-        convert_arg('f', args[5], &cost) < 0 ||
-        convert_arg('i', PyTuple_GET_ITEM(plan, 9), &base) < 0) {
-        return NULL;
-    }
-    int has_second = args[6] != Py_None;
-    if (has_second && convert_arg('f', args[6], &second) < 0) {
-        return NULL;
-    }
+    const PlanHead *h = &plan.head;
     int64_t *one_cells[2 * MAX_BATCH + 2], *hist_cells[MAX_BATCH], *io_cells[MAX_BATCH];
     int64_t *cost_cells[MAX_BATCH], *second_cell = NULL;
-    if (plan_cells(self, ones, -1, 1, one_cells) < 0 ||
-        plan_cells(self, hists, -1, n1 + 2, hist_cells) < 0 ||
-        plan_cells(self, io, -1, 1, io_cells) < 0 || plan_cells(self, costs, -1, 1, cost_cells) < 0) {
+    if (plan_cells(self, plan.ones, h->n_ones, 1, one_cells) < 0 ||
+        plan_cells(self, plan.hists, h->n_hists, h->n_bounds + 2, hist_cells) < 0 ||
+        plan_cells(self, plan.io, h->n_io, 1, io_cells) < 0 ||
+        plan_cells(self, plan.costs, h->n_costs, 1, cost_cells) < 0) {
         return NULL;
     }
-    Py_ssize_t n_ones = PyTuple_GET_SIZE(ones);
-    one_cells[n_ones] = status_cell(self, PyTuple_GET_ITEM(plan, 7), status.i, 0);
+    Py_ssize_t n_ones = h->n_ones, last = plan.n_statuses - 1;
+    Py_ssize_t status = f->status < 0 ? 0 : (f->status > last ? last : (Py_ssize_t)f->status);
+    one_cells[n_ones] = word_at(self, plan.statuses[status], 1);
     if (one_cells[n_ones++] == NULL) {
         return NULL;
     }
-    one_cells[n_ones] = status_cell(self, PyTuple_GET_ITEM(plan, 8), status.i, base.i);
+    one_cells[n_ones] = word_at(self, h->class_base + plan.statuses[last + 1 + status], 1);
     if (one_cells[n_ones++] == NULL) {
         return NULL;
     }
-    for (Py_ssize_t i = 7; i < nargs; i++) {
-        one_cells[n_ones] = plan_cell(self, args[i], 1);
+    for (Py_ssize_t i = 0; i < n_extra; i++) {
+        int64_t offset = as_i64(extra[i]);
+        if (offset == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        one_cells[n_ones] = word_at(self, offset, 1);
         if (one_cells[n_ones++] == NULL) {
             return NULL;
         }
     }
-    if (has_second) {
-        second_cell = plan_cell(self, PyTuple_GET_ITEM(plan, 6), n2 + 2);
+    if (f->has_second) {
+        second_cell = word_at(self, h->second_hist, h->n_bounds2 + 2);
         if (second_cell == NULL) {
             return NULL;
         }
@@ -953,26 +1010,111 @@ Atomics_record_request(AtomicsObject *self, PyObject *const *args, Py_ssize_t na
     for (Py_ssize_t i = 0; i < n_ones; i++) {
         __atomic_fetch_add(one_cells[i], 1, __ATOMIC_SEQ_CST);
     }
-    Py_ssize_t bucket = bucket_of(bounds, value.f);
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(hists); i++) {
+    Py_ssize_t bucket = bucket_in(plan.bounds, h->n_bounds, f->value);
+    for (int64_t i = 0; i < h->n_hists; i++) {
         __atomic_fetch_add(hist_cells[i] + bucket, 1, __ATOMIC_SEQ_CST);
-        add_f64_at(hist_cells[i] + n1 + 1, value.f);
+        add_f64_at(hist_cells[i] + h->n_bounds + 1, f->value);
     }
-    if (in_delta.i || out_delta.i) {
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(io); i++) {
-            __atomic_fetch_add(io_cells[i], i % 2 ? out_delta.i : in_delta.i, __ATOMIC_SEQ_CST);
+    if (f->in_delta || f->out_delta) {
+        for (int64_t i = 0; i < h->n_io; i++) {
+            __atomic_fetch_add(io_cells[i], i % 2 ? f->out_delta : f->in_delta, __ATOMIC_SEQ_CST);
         }
     }
-    if (cost.f != 0.0) {
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(costs); i++) {
-            add_f64_at(cost_cells[i], cost.f);
+    if (f->cost != 0.0) {
+        for (int64_t i = 0; i < h->n_costs; i++) {
+            add_f64_at(cost_cells[i], f->cost);
         }
     }
     if (second_cell != NULL) {
-        __atomic_fetch_add(second_cell + bucket_of(bounds2, second.f), 1, __ATOMIC_SEQ_CST);
-        add_f64_at(second_cell + n2 + 1, second.f);
+        Py_ssize_t at = bucket_in(plan.bounds2, h->n_bounds2, f->second);
+        __atomic_fetch_add(second_cell + at, 1, __ATOMIC_SEQ_CST);
+        add_f64_at(second_cell + h->n_bounds2 + 1, f->second);
     }
     Py_RETURN_NONE;
+}
+
+/* record_request(plan, status, value, in_delta, out_delta, cost, second, *ones)
+ *
+ * Every add one finished request makes, in one call (see Plan): `value` into the
+ * histograms, `second` (None: nothing) into the second one, the tokens, the cost, a 1
+ * at the plan's ones, its status words and each of the trailing *ones. */
+static PyObject *
+Atomics_record_request(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 7) {
+        PyErr_SetString(PyExc_TypeError, "record_request() takes plan, status, value, "
+                                         "in_delta, out_delta, cost, second, *ones");
+        return NULL;
+    }
+    Arg status, value, in_delta, out_delta, cost, second = {.f = 0.0};
+    if (convert_arg('i', args[1], &status) < 0 || convert_arg('f', args[2], &value) < 0 ||
+        convert_arg('i', args[3], &in_delta) < 0 || convert_arg('i', args[4], &out_delta) < 0 ||
+        convert_arg('f', args[5], &cost) < 0) {
+        return NULL;
+    }
+    int has_second = args[6] != Py_None;
+    if (has_second && convert_arg('f', args[6], &second) < 0) {
+        return NULL;
+    }
+    Finished f = {status.i, in_delta.i, out_delta.i, value.f, cost.f, second.f, has_second};
+    return record_plan(self, args[0], &f, args + 7, nargs - 7);
+}
+
+/* record_finished(plan, status, started_ns, first_ns, in_delta, out_delta, cached)
+ *
+ * record_request for the usual request, ending now: `value` is its duration from
+ * started_ns to now on CLOCK_MONOTONIC (time.monotonic_ns's clock) in seconds,
+ * `second` its time to first token, from started_ns to first_ns (0: none), and its
+ * cost llmkit.pricing.Price.cost's arithmetic over the plan's prices, `cached` of the
+ * in_delta tokens at the cached price (ignored when the plan has none). Each is the
+ * float the same Python expression gives, bit for bit (no FMA contraction: setup.py
+ * compiles with -ffp-contract=off). */
+static PyObject *
+Atomics_record_finished(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "record_finished() takes plan, status, started_ns, "
+                                         "first_ns, in_delta, out_delta, cached");
+        return NULL;
+    }
+    Arg status, started, first, in_delta, out_delta, cached;
+    if (convert_arg('i', args[1], &status) < 0 || convert_arg('i', args[2], &started) < 0 ||
+        convert_arg('i', args[3], &first) < 0 || convert_arg('i', args[4], &in_delta) < 0 ||
+        convert_arg('i', args[5], &out_delta) < 0 || convert_arg('i', args[6], &cached) < 0) {
+        return NULL;
+    }
+    PyObject *plan = args[0];
+    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 2 ||
+        !PyBytes_CheckExact(PyTuple_GET_ITEM(plan, 0)) ||
+        PyBytes_GET_SIZE(PyTuple_GET_ITEM(plan, 0)) < PLAN_HEAD * WORD_SIZE) {
+        PyErr_SetString(PyExc_TypeError, "a plan is a (words, statuses) tuple of bytes");
+        return NULL;
+    }
+    PlanHead h;
+    memcpy(&h, PyBytes_AS_STRING(PyTuple_GET_ITEM(plan, 0)), sizeof h);
+    struct timespec now;
+    if (clock_gettime(CLOCK_MONOTONIC, &now) != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int64_t now_ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+    if (!h.has_cached_price) {
+        cached.i = 0;
+    }
+    /* Price.cost: fresh * input + out * output, then + cached * cached_input, / 1e6 */
+    double total = (double)(in_delta.i - cached.i) * h.price_in + (double)out_delta.i * h.price_out;
+    if (cached.i) {
+        total += (double)cached.i * h.price_cached;
+    }
+    Finished f = {
+        .status = status.i,
+        .in_delta = in_delta.i,
+        .out_delta = out_delta.i,
+        .value = (double)(now_ns - started.i) / 1e9,
+        .cost = total / 1e6,
+        .second = first.i ? (double)(first.i - started.i) / 1e9 : 0.0,
+        .has_second = first.i != 0,
+    };
+    return record_plan(self, plan, &f, NULL, 0);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1139,6 +1281,8 @@ static PyMethodDef Atomics_methods[] = {
     FASTCALL(store_i64, "($self, offset, value)", "Atomically store an int64 at offset."),
     FASTCALL(add_i64, "($self, offset, delta)",
              "Atomically add delta to the int64 at offset; return the previous value."),
+    FASTCALL(add_i64_clock, "($self, offset, delta)",
+             "add_i64, returning the monotonic clock (ns) after the add instead."),
     FASTCALL(cas_i64, "($self, offset, expected, new)",
              "Store new at offset if it holds expected; return whether it did."),
     FASTCALL(max_i64, "($self, offset, value)",
@@ -1172,7 +1316,13 @@ static PyMethodDef Atomics_methods[] = {
     {"record_request", (PyCFunction)(void (*)(void))Atomics_record_request, METH_FASTCALL,
      "record_request($self, plan, status, value, in_delta, out_delta, cost, second, /,\n"
      "               *ones)\n--\n\n"
-     "Every add of one finished request in one call; see the C source for the plan."},
+     "Every add of one finished request in one call; see Plan in the C source."},
+    {"record_finished", (PyCFunction)(void (*)(void))Atomics_record_finished, METH_FASTCALL,
+     "record_finished($self, plan, status, started_ns, first_ns, in_delta, out_delta,\n"
+     "                cached, /)\n"
+     "--\n\n"
+     "record_request for a request ending now: duration, time to first token and cost\n"
+     "computed here from the monotonic clock and the plan's prices."},
     {"observe", (PyCFunction)(void (*)(void))Atomics_observe, METH_FASTCALL,
      "observe($self, bounds, value, /, *offsets)\n--\n\n"
      "Add value to the histogram at each offset: its bucket (bisect_left over the\n"

@@ -16,20 +16,9 @@ from typing import final
 
 from typing_extensions import Buffer
 
-# (ones, bounds, hists, io_words, cost_words, second_bounds, second_hist, status_words,
-#  class_words, class_base): see record_request in _atomics.c
-RequestPlan = tuple[
-    tuple[int, ...],
-    tuple[float, ...],
-    tuple[int, ...],
-    tuple[int, ...],
-    tuple[int, ...],
-    tuple[float, ...],
-    int,
-    tuple[int, ...],
-    tuple[int, ...],
-    int,
-]
+# (words, statuses): a packed request plan, see Plan in _atomics.c and
+# llmkit.metrics.pack_plan
+RequestPlan = tuple[bytes, bytes]
 
 @final
 class Atomics:
@@ -41,6 +30,7 @@ class Atomics:
     def load_i64(self, offset: int) -> int: ...
     def store_i64(self, offset: int, value: int) -> None: ...
     def add_i64(self, offset: int, delta: int) -> int: ...
+    def add_i64_clock(self, offset: int, delta: int) -> int: ...
     def cas_i64(self, offset: int, expected: int, new: int) -> bool: ...
     def load_f64(self, offset: int) -> float: ...
     def store_f64(self, offset: int, value: float) -> None: ...
@@ -70,6 +60,17 @@ class Atomics:
         second: float | None,
         /,
         *ones: int,
+    ) -> None: ...
+    def record_finished(
+        self,
+        plan: RequestPlan,
+        status: int,
+        started_ns: int,
+        first_ns: int,
+        in_delta: int,
+        out_delta: int,
+        cached: int,
+        /,
     ) -> None: ...
     # --- multiplexer ---
     def mux_acquire(

@@ -244,10 +244,17 @@ class WorkerSlot(Cell):
 
     Layout (64 bytes, one cache line):
     ``+0 int64 pid`` (0 = free), ``+8 int64 heartbeat`` (CLOCK_MONOTONIC ns of the last
-    beat), ``+16 int64 in_flight``, ``+24 int64 state`` (see ``FREE`` ...),
-    ``+32 int64 started_ns``, ``+40 int64 incarnation`` (bumped on every assignment),
-    ``+48 int64 served`` (requests this slot has finished, all incarnations),
-    ``+56`` reserved.
+    beat), ``+16 int64 entered`` (requests started), ``+24 int64 state`` (see ``FREE``
+    ...), ``+32 int64 started_ns``, ``+40 int64 incarnation`` (bumped on every
+    assignment), ``+48 int64 served`` (requests finished, all incarnations), ``+56``
+    reserved.
+
+    Requests in flight are ``entered - served``: a request adds 1 to each, once as it
+    enters and once as it leaves, so leaving is one add that the metrics can make in
+    their own call (``served_offset``). ``entered`` is set to ``served`` whenever the
+    slot is (re)assigned or cleared, so a killed worker's requests stop counting.
+    Read ``served`` first: ``entered`` only grows ahead of it, so a reader never sees
+    fewer than 0 in flight.
     """
 
     SIZE = 64
@@ -265,7 +272,7 @@ class WorkerSlot(Cell):
         before the parent runs again must not have its state overwritten.
         """
         self._a.store_i64(self._off + 24, self.BOOTING)
-        self._a.store_i64(self._off + 16, 0)
+        self._a.store_i64(self._off + 16, self.served)
         self._a.store_i64(self._off + 8, now_ns)
         self._a.store_i64(self._off + 32, now_ns)
         self._a.add_i64(self._off + 40, 1)
@@ -276,8 +283,8 @@ class WorkerSlot(Cell):
 
     def clear(self) -> int:
         """Supervisor: free the slot after reaping; returns requests it had in flight."""
-        lost = self._a.load_i64(self._off + 16)
-        self._a.store_i64(self._off + 16, 0)
+        lost = self.in_flight
+        self._a.store_i64(self._off + 16, self.served)
         self._a.store_i64(self._off + 24, self.FREE)
         self._a.store_i64(self._off, 0)
         return lost
@@ -288,11 +295,18 @@ class WorkerSlot(Cell):
     def set_state(self, state: int) -> None:
         self._a.store_i64(self._off + 24, state)
 
-    def add_in_flight(self, delta: int) -> None:
-        self._a.add_i64(self._off + 16, delta)
+    def enter(self) -> int:
+        """A request starts: count it in flight; returns when (``time.monotonic_ns``)."""
+        return self._a.add_i64_clock(self._off + 16, 1)
 
-    def add_served(self, n: int = 1) -> None:
-        self._a.add_i64(self._off + 48, n)
+    def leave(self) -> None:
+        """A request has finished (or make the add at ``served_offset`` yourself)."""
+        self._a.add_i64(self._off + 48, 1)
+
+    @property
+    def served_offset(self) -> int:
+        """The word ``leave`` adds 1 to, for a caller that batches it with its own adds."""
+        return self._off + 48
 
     @property
     def pid(self) -> int:
@@ -304,7 +318,8 @@ class WorkerSlot(Cell):
 
     @property
     def in_flight(self) -> int:
-        return self._a.load_i64(self._off + 16)
+        served = self.served  # first: see the class docstring
+        return self._a.load_i64(self._off + 16) - served
 
     @property
     def state(self) -> int:

@@ -13,13 +13,13 @@ import asyncio
 import gc
 import os
 import random
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from llmkit import observability
 from llmkit.config import Config, load_config
 from llmkit.gateway import Gateway
 from llmkit.metrics import (
@@ -30,10 +30,14 @@ from llmkit.metrics import (
     TOKENS_OUT,
     TTFT_BOUNDS,
     Metrics,
+    pack_plan,
+    status_table,
 )
 from llmkit.observability import Observability
+from llmkit.pricing import Price, cached_tokens
 from llmkit.providers.base import Call
 from llmkit.state import SharedState
+from llmkit.types import Usage
 from shm import Histogram
 from shm._atomics import Atomics
 
@@ -95,11 +99,22 @@ def test_a_bad_offset_changes_nothing() -> None:
         a.observe((1, 2), 0.1, 0)
     with pytest.raises(TypeError):
         a.add_ones(*range(0, 8 * 33, 8))  # more than a batch
-    plan = ((0,), DURATION_BOUNDS, (64,), (), (), TTFT_BOUNDS, SIZE, (8,), (0,), 16)
+    statuses = status_table([8] * 600, [0] * 600)
+    plan = (pack_plan((0,), (64,), (), (), SIZE, 16), statuses)
     with pytest.raises(IndexError):  # the ttft cell is out of range
         a.record_request(plan, 200, 0.1, 0, 0, 0.0, 0.5)
-    with pytest.raises(TypeError, match="10-tuple"):
-        a.record_request(plan[:9], 200, 0.1, 0, 0, 0.0, None)  # type: ignore[arg-type]
+    with pytest.raises(IndexError):
+        a.record_finished(plan, 200, 1, 2, 0, 0, 0)
+    with pytest.raises(TypeError, match="tuple of bytes"):
+        a.record_request(plan[:1], 200, 0.1, 0, 0, 0.0, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="malformed"):  # words cut short
+        a.record_request((plan[0][:-8], statuses), 200, 0.1, 0, 0, 0.0, None)
+    with pytest.raises(ValueError, match="malformed"):  # no status table
+        a.record_request((plan[0], b""), 200, 0.1, 0, 0, 0.0, None)
+    with pytest.raises(IndexError):  # a status word out of range
+        a.record_request(
+            (plan[0], status_table([SIZE] * 600, [0] * 600)), 200, 0.1, 0, 0, 0.0, None
+        )
     assert buffer == bytearray(SIZE)
 
 
@@ -111,8 +126,7 @@ def test_record_request_equals_the_adds_it_stands_for() -> None:
         fast, a, slow, b = twins()
         ones, hists, io, costs = (0, 8), (64, 64 + HIST), (512, 520, 528, 536), (544, 552)
         ttft_hist, base = 1024, 1800
-        plan = (ones, DURATION_BOUNDS, hists, io, costs, TTFT_BOUNDS, ttft_hist, statuses,
-                classes, base)  # fmt: skip
+        plan = (pack_plan(ones, hists, io, costs, ttft_hist, base), status_table(statuses, classes))
         extra = [1552 + 8 * i for i in range(rng.randrange(4))]
         status = rng.choice([200, 429, 503, 599, 650, 0])
         seconds = rng.choice([0.0001, rng.uniform(0, 70)])
@@ -134,6 +148,52 @@ def test_record_request_equals_the_adds_it_stands_for() -> None:
         if ttft is not None:
             Histogram(b, ttft_hist, TTFT_BOUNDS).observe(ttft)
         assert fast == slow
+
+
+@pytest.mark.parametrize(
+    "price",
+    [Price(0.15, 0.60, 0.075), Price(2.5, 10.0), Price(0.0, 0.0), Price(3.0, 15.0, 0.3)],
+    ids=["cached", "uncached", "free", "sonnet"],
+)
+def test_record_finished_equals_record_request_with_python_arithmetic(price: Price) -> None:
+    """What ``record_finished`` computes in C (duration on time.monotonic_ns's clock,
+    time to first token, ``Price.cost``) are the floats Python computes, bit for bit."""
+    rng = random.Random(13)
+    statuses = status_table(tuple(1600 + 8 * (i % 4) for i in range(600)),
+                            tuple(8 * (i // 200) for i in range(600)))  # fmt: skip
+    ones, hists, io, costs, ttft_hist, base = (0, 8), (64, 64 + HIST), (512, 520, 528, 536), \
+        (544, 552), 1024, 1800  # fmt: skip
+    finished = (pack_plan(ones, hists, io, costs, ttft_hist, base, price), statuses)
+    plain = (pack_plan(ones, hists, io, costs, ttft_hist, base), statuses)
+    sum_word = hists[0] + 8 * (len(DURATION_BOUNDS) + 1)  # shm.Histogram: buckets, +Inf, sum
+    for _ in range(300):
+        fast, a, slow, b = twins()
+        tokens_in, tokens_out = rng.randrange(100_000), rng.randrange(100_000)
+        details = rng.choice([None, {"cached_tokens": rng.randrange(tokens_in + 10)}])
+        total = tokens_in + tokens_out
+        usage = Usage(prompt_tokens=tokens_in, completion_tokens=tokens_out, total_tokens=total,
+                      prompt_tokens_details=details)  # fmt: skip
+        cached = cached_tokens(usage) if details is not None else 0  # as Observability.count
+        started = time.monotonic_ns() - rng.randrange(1, 10**11)
+        first = rng.choice([0, started + rng.randrange(1, 10**10)])
+        status = rng.choice([200, 429, 503, 650])
+        before = time.monotonic_ns()
+        a.record_finished(finished, status, started, first, tokens_in, tokens_out, cached)
+        after = time.monotonic_ns()
+        seconds = a.load_f64(sum_word)  # the duration C read (added to a 0.0 sum)
+        assert (before - started) / 1e9 <= seconds <= (after - started) / 1e9
+        ttft = (first - started) / 1e9 if first else None
+        b.record_request(plain, status, seconds, tokens_in, tokens_out, price.cost(usage), ttft)
+        assert fast == slow
+
+
+def test_plans_with_and_without_a_price_differ_only_in_their_prices() -> None:
+    args = ((0, 8), (64,), (512, 520), (544,), 1024, 1800)
+    priced, plain = pack_plan(*args, price=Price(1.0, 2.0, 0.5)), pack_plan(*args)
+    assert len(priced) == len(plain)
+    assert priced[:64] == plain[:64]  # counts and offsets of the head
+    assert priced[64:96] != plain[64:96]  # the prices and the cached-price flag
+    assert priced[96:] == plain[96:]  # the words and bounds
 
 
 @pytest.fixture
@@ -207,13 +267,13 @@ output_cost_per_mtok = 0.6
 def test_the_usual_request_counts_as_the_long_way_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``Observability.count``'s fast path (plan lookup, inline cost) leaves the segment
-    exactly as the general path does; the clock is pinned so durations agree."""
+    """``Observability.count``'s fast path (one plan, cost and duration in C) leaves the
+    segment as the general path does. Both requests took about 1.5 s: every word is
+    equal but the duration sums, which differ by how long the calls themselves took."""
     path = tmp_path / "llmkit.toml"
     path.write_text(PRICED)
     config = load_config(path)
-    monkeypatch.setattr(observability, "monotonic_ns", lambda: 2_000_000_000)
-    words = []
+    words, sums = [], []
     for fast in (False, True):
         state = SharedState.create(f"/llmkit-test-usual-{os.getpid()}-{fast}", config)
         try:
@@ -231,18 +291,25 @@ def test_the_usual_request_counts_as_the_long_way_does(
             run = call.run
             assert run is not None and run.usage is not None and len(run.attempts) == 1
             for _ in range(3):
-                if fast:
-                    obs.count(0, 200, 1_000_000_000, call)
+                started = time.monotonic_ns() - 1_500_000_000
+                if fast:  # the first one plans the rest
+                    obs.count(0, 200, started, call)
                 else:
-                    obs._count_other(0, 200, 1.0, 1_000_000_000, call)
+                    obs._count_other(0, 200, 1.5, started, call)
             asyncio.run(gateway.close())
-            a, layout = state.metrics.atomics, state.layout
+            a, layout, metrics = state.metrics.atomics, state.layout, state.metrics
+            sum_words = {h.offset + 8 * (len(DURATION_BOUNDS) + 1)
+                         for h in (*metrics.http_duration, *metrics.duration)}  # fmt: skip
             words.append([a.load_i64(o) for name in METRIC_REGIONS
-                          for o in range(layout[name].offset, layout[name].end, 8)])  # fmt: skip
+                          for o in range(layout[name].offset, layout[name].end, 8)
+                          if o not in sum_words])  # fmt: skip
+            sums.append(sorted(a.load_f64(o) for o in sum_words if a.load_f64(o)))
             target = run.attempts[0].target
             assert target.price is not None
             assert state.metrics.target_cost(0) == 3 * target.price.cost(run.usage)
         finally:
             state.segment.unlink()
             state.close()
+    assert sums[0] == [4.5, 4.5]  # http_duration of chat, metrics.duration of m
+    assert sums[1] == pytest.approx(sums[0], abs=0.1)
     assert words[0] == words[1]

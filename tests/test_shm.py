@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,11 +190,19 @@ def test_worker_slot_lifecycle() -> None:
     slot = WorkerSlot(atomics, 0)
     slot.reserve(123)
     slot.set_pid(4242)
-    slot.add_in_flight(3)
+    before = time.monotonic_ns()
+    entered = [slot.enter() for _ in range(5)]
+    assert before <= entered[0] <= entered[-1] <= time.monotonic_ns()  # monotonic_ns's clock
+    slot.leave()
+    atomics.add_i64(slot.served_offset, 1)  # what the metrics do for leave()
     assert (slot.pid, slot.state, slot.heartbeat_ns, slot.in_flight) == (4242, 1, 123, 3)
+    assert slot.served == 2
     slot.set_state(WorkerSlot.SERVING)
-    assert slot.clear() == 3
-    assert (slot.pid, slot.state, slot.in_flight, slot.incarnation) == (0, 0, 0, 1)
+    assert slot.clear() == 3  # lost with the worker
+    assert (slot.pid, slot.state, slot.in_flight, slot.incarnation, slot.served) == (0, 0, 0, 1, 2)
+    slot.reserve(456)  # the next incarnation starts with none in flight, served kept
+    slot.enter()
+    assert (slot.in_flight, slot.served, slot.incarnation) == (1, 2, 2)
 
 
 def test_read_header_refuses_short_buffer() -> None:

@@ -61,8 +61,8 @@ class Harness:
             default_config(), server=msgspec.structs.replace(default_config().server,
                                                              max_body_bytes=4096)
         )  # fmt: skip
-        slot = SimpleNamespace(add_in_flight=lambda n: None, add_served=lambda: None)
-        metrics = SimpleNamespace(record_http=lambda route, status, seconds: None)
+        slot = SimpleNamespace(enter=lambda: 0, served_offset=0)
+        metrics = SimpleNamespace(record_http=lambda route, status, seconds, *ones: None)
         self.server = FrameServer(Gateway(config), metrics, slot)  # type: ignore[arg-type]
 
     def feed(self, data: bytes, linger: float = 0) -> MemoryWriter:

@@ -69,6 +69,7 @@ class HttpSurface:
         self._gateway = gateway
         self._metrics = metrics
         self._observe = observability or Observability.build(gateway.config, metrics)
+        self._observe.count_served(slot)
         self._slot = slot
         self._max_body = gateway.config.server.max_body_bytes
         self._health = encoder.encode({"status": "ok", "pid": os.getpid()})
@@ -118,7 +119,7 @@ class HttpSurface:
         request_id = request.headers.get("x-request-id", "")[:128] or next(self._request_ids)
         route, handler = self._dispatch(request)
         observe = self._observe
-        started = time.monotonic_ns() if observe.counting else 0
+        started = self._slot.enter()
         obs = None
         if observe.detailed:
             obs = observe.begin(
@@ -126,7 +127,6 @@ class HttpSurface:
             )
         status = 500
         live = self._live[id(request)] = _InFlight(request_id, obs)
-        self._slot.add_in_flight(1)
         try:
             # The handler is awaited here, not through a helper coroutine: every
             # resumption of a request walks each coroutine frame between it and the loop.
@@ -146,10 +146,10 @@ class HttpSurface:
             return response
         finally:
             del self._live[id(request)]
-            self._slot.add_in_flight(-1)
-            self._slot.add_served()
-            if started:
+            if observe.counting:  # the slot's leave() is one of the words it adds to
                 observe.count(route, status, started, live.call)
+            else:
+                self._slot.leave()
             if obs is not None:
                 obs.finish(status)
 

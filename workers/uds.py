@@ -161,7 +161,7 @@ class FrameConnection:
         """Run one request and account for it like the HTTP surface does."""
         started = time.perf_counter()
         slot, status = self._server.slot, 500
-        slot.add_in_flight(1)
+        slot.enter()
         try:
             await self._run(request)
             status = 200
@@ -175,10 +175,11 @@ class FrameConnection:
             self._send(_error_frame(request.id, InternalError("internal error; see the log")))
         finally:
             del self.requests[request.id]
-            slot.add_in_flight(-1)
-            slot.add_served()
-            route = ROUTES[request.op]
-            self._server.metrics.record_http(route, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            # The slot's leave() is one of the words record_http adds to.
+            self._server.metrics.record_http(
+                ROUTES[request.op], status, seconds, slot.served_offset
+            )
 
     async def _run(self, request: Request) -> None:
         gateway, rid = self._gateway, request.id
