@@ -189,7 +189,9 @@ class Observability:
         self.detailed = self.tracing.enabled or access is not None
         self.active = self.counting or self.detailed
         self._traced = self.tracing.enabled
-        self._draw, self._rate = self.tracing.random, self.tracing.rate
+        self.logging = access is not None
+        # The head-sampling draw: a request is sampled when draw() < rate (0: tracing off).
+        self.draw, self.rate = self.tracing.random, self.tracing.rate
         self._new_trace = self.tracing.root
         # Encoded span parts many requests share, by what they are made of (``keep``).
         self.shapes: dict[tuple[Any, ...], Any] = {}
@@ -221,12 +223,23 @@ class Observability:
         return cls(config, metrics, build_tracing(settings, exporter), access)
 
     def begin(
-        self, route: int, method: str, path: str, request_id: str, traceparent: str | None
+        self,
+        route: int,
+        method: str,
+        path: str,
+        request_id: str,
+        traceparent: str | None,
+        drawn: float | None = None,
     ) -> RequestObs | None:
         """The recorder of a request that is sampled or logged; None for any other (its
-        metrics are counted by ``count``, from the pipeline's own objects)."""
+        metrics are counted by ``count``, from the pipeline's own objects). ``drawn`` is
+        the request's head-sampling draw when the caller has made it (``draw``): the HTTP
+        surface calls this only for a request with a ``traceparent``, a winning draw or
+        an access log, so the others pay one header probe and one draw."""
         if traceparent is None:  # Tracing.sample, inline: most requests are not drawn
-            if self._draw() < self._rate and route < _MODEL_ROUTES:  # (rate 0: tracing off)
+            if drawn is None:
+                drawn = self.draw()
+            if drawn < self.rate and route < _MODEL_ROUTES:  # (rate 0: tracing off)
                 trace, root = self._new_trace()
                 return RequestObs(self, route, method, path, request_id, trace, root)
         elif self._traced and route < _MODEL_ROUTES:  # no traces of /health, /metrics

@@ -121,10 +121,12 @@ class HttpSurface:
         observe = self._observe
         started = self._slot.enter()
         obs = None
-        if observe.detailed:
-            obs = observe.begin(
-                route, request.method, request.path, request_id, request.headers.get(TRACEPARENT)
-            )
+        if observe.detailed:  # tracing or an access log: most requests stop at the draw
+            traceparent, drawn = request.headers.get(TRACEPARENT), observe.draw()
+            if traceparent is not None or drawn < observe.rate or observe.logging:
+                obs = observe.begin(
+                    route, request.method, request.path, request_id, traceparent, drawn
+                )
         status = 500
         live = self._live[id(request)] = _InFlight(request_id, obs)
         try:
