@@ -245,6 +245,7 @@ class Multiplexer:
         self._live: set[Entry] = set()  # entries whose task has started
         self._link = LinkServer(self._entries.get)
         self._labels: dict[str, list[str]] = {}  # model name -> its key labels
+        self._enabled = config.enabled
         self._all = config.enabled and config.eligible == "all"
 
     def in_flight(self) -> int:
@@ -252,7 +253,7 @@ class Multiplexer:
 
     def eligible(self, call: Call) -> bool:
         """Whether ``call`` may share an upstream call, under this configuration."""
-        if HEADER in call.headers or not self.config.enabled:
+        if HEADER in call.headers or not self._enabled:
             return eligible(call, self.config)
         request = call.request
         return self._all or request.temperature == 0 or request.seed is not None
@@ -268,33 +269,63 @@ class Multiplexer:
     # -- the two operations -------------------------------------------------------
 
     async def stream(self, call: Call, gateway: Leading) -> tuple[Target, AsyncIterator[bytes]]:
-        """Join or lead a streamed call; SSE frames for this caller."""
+        """Join or lead a streamed call; SSE frames for this caller.
+
+        ``Gateway.stream`` does the same with ``lead_stream`` and ``open_lead`` inline,
+        one coroutine less per unshared stream.
+        """
+        lead = self.lead_stream(call, gateway)
+        if lead is None:
+            return await self.join_stream(call, gateway)
+        return await open_lead(lead, call, gateway)
+
+    def lead_stream(self, call: Call, gateway: Leading) -> Lead | None:
+        """The common case, an eligible stream nobody is making: claimed, admitted and in
+        the table, for the caller to open (``open_lead``). None when an identical call
+        may be in flight (``join_stream`` then joins it, or leads after all)."""
+        key = self._key(call, gateway)
+        entry = self._entries.get(key)
+        if entry is not None and not entry.done:
+            return None
+        peers = self._peers
+        if peers is None:
+            return self._lead(key, FULL, call, gateway)
+        claim = peers.claim(key, peers.owner, peers.pid)  # one C call, hashing the key
+        if isinstance(claim, int) and claim != TAKEN:
+            return self._lead(key, claim, call, gateway)
+        return None
+
+    async def join_stream(
+        self, call: Call, gateway: Leading
+    ) -> tuple[Target, AsyncIterator[bytes]]:
+        """``stream`` when an identical call may be in flight: join it, or lead."""
+        wants_usage = call.request.wants_usage_chunk()
+        key = self._key(call, gateway)
+        joined = await self._join(key, call, gateway, streamed=True)
+        if isinstance(joined, int):
+            return await open_lead(self._lead(key, joined, call, gateway), call, gateway)
+        entry, target, on_leave = joined
+        return target, Subscription(entry, wants_usage, on_leave)
+
+    def _lead(self, key: bytes, claim: int, call: Call, gateway: Leading) -> Lead:
+        """Admit a streaming leader (404/429 reach this caller only) and put its entry
+        in the table, holding ``claim``, so identical requests from now on join it. The
+        shared call always asks for the usage chunk; each subscriber shows it or not."""
         wants_usage = call.request.wants_usage_chunk()
         if not wants_usage:
             call.request = msgspec.structs.replace(call.request, stream_options=WITH_USAGE)
-        key = self._key(call, gateway)
-        claim = self._vacant(key)
-        if claim is None:  # there may be someone to join
-            joined = await self._join(key, call, gateway, streamed=True)
-            if not isinstance(joined, int):
-                entry, target, on_leave = joined
-                return target, Subscription(entry, wants_usage, on_leave)
-            claim = joined
-        # Lead: the common case, nothing to share (``_lead_whole``'s streaming twin,
-        # inline: the entry is the leader's stream, read by its own caller).
         lead = Lead(key, claim, self, wants_usage)
-        run = self._enter(lead, call, gateway, streamed=True)
         try:
-            target, chunks = await gateway.open_stream(call, run, strip_usage=False)
-        except BaseException as exc:
-            _lead_failed(lead, exc)
+            lead.run = gateway.start_run(call, True)
+        except BaseException:
+            self._release(lead)
             raise
-        lead.read_from(target, chunks)
+        self._entries[key] = lead
         self.counters.leader()
         call.response_headers[HEADER] = "leader"
         if call.obs is not None:
             call.obs.multiplexer_role("leader")
-        return target, lead
+        return lead
 
     async def chat(self, call: Call, gateway: Leading) -> tuple[Target, ChatCompletion]:
         """Join or lead a whole completion."""
@@ -378,6 +409,8 @@ class Multiplexer:
 
     async def _alone(self, call: Call, gateway: Leading, streamed: bool) -> Joined:
         """Sharing kept failing (owners dying as we joined): an entry nobody else sees."""
+        if streamed and not call.request.wants_usage_chunk():  # as ``_lead`` asks
+            call.request = msgspec.structs.replace(call.request, stream_options=WITH_USAGE)
         entry = Entry(b"")
         run = gateway.start_run(call, streamed)
         self._start(entry, self._pump(entry, gateway, call, run, streamed))
@@ -415,7 +448,7 @@ class Multiplexer:
             entry.open(target, streamed=False)
             entry.complete(completion)
         except BaseException as exc:
-            _lead_failed(entry, exc)
+            entry.abort(exc)
             raise
         self.counters.inc(LEADERS)
         _role(call, "leader")
@@ -490,8 +523,9 @@ class Multiplexer:
         if self._tasks or self._live:  # none for a leader reading inline
             self._tasks.pop(entry, None)
             self._live.discard(entry)
-        if entry.claim >= 0:
-            self._release(entry)
+        if entry.claim >= 0 and (peers := self._peers) is not None:  # _release, inline
+            claim, entry.claim = entry.claim, FULL
+            peers.release(peers.offsets[claim], entry.key, peers.owner)
 
     async def _pump_rest(self, entry: Entry, chunks: TrackedStream) -> None:
         self._live.add(entry)
@@ -578,11 +612,18 @@ async def _pump_frames(entry: Entry, chunks: TrackedStream) -> None:
         await chunks.aclose()
 
 
-def _lead_failed(entry: Entry, exc: BaseException) -> None:
-    """The leader's call failed before its first output: followers get the same error,
-    or start over if the leader just went away."""
-    entry.fail(exc if isinstance(exc, LLMKitError) else Retry("the leading request went away"))
-    entry.leave()
+async def open_lead(
+    lead: Lead, call: Call, gateway: Leading
+) -> tuple[Target, AsyncIterator[bytes]]:
+    """Open a leader's upstream stream; its caller then reads it through ``lead``."""
+    assert lead.run is not None
+    try:
+        target, chunks = await gateway.open_stream(call, lead.run, False)  # keep usage
+    except BaseException as exc:
+        lead.abort(exc)
+        raise
+    lead.read_from(target, chunks)
+    return target, lead
 
 
 def _role(call: Call, role: str) -> None:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import msgspec
 
-from llmkit.attempts import TrackedStream
+from llmkit.attempts import Run, TrackedStream
 from llmkit.errors import LLMKitError, ServiceUnavailableError
 from llmkit.providers.base import SSE_DONE, Frames, Target, sse_event
 from llmkit.types import (
@@ -121,6 +121,12 @@ class Entry:
             return
         self.error = error
         self.finish()
+
+    def abort(self, exc: BaseException) -> None:
+        """Its leader's call failed before its first output: followers get the same
+        error, or start over if the leader just went away; the leader leaves."""
+        self.fail(exc if isinstance(exc, LLMKitError) else Retry("the leading request went away"))
+        self.leave()
 
     def notify(self) -> None:
         waiters, self._waiters = self._waiters or [], None
@@ -248,6 +254,7 @@ class Lead(Entry, Subscription):
     the entry like any subscriber.
     """
 
+    run: Run | None = None  # the leader's tries, until its call is open
     _chunks: TrackedStream | None = None  # the upstream, while the leader reads it
     _pulling = False  # a read of the upstream is under way
 
