@@ -482,3 +482,37 @@ def test_an_unpublished_claim_makes_others_wait() -> None:
     t._a.store_i64(t._offsets[slot] + OWNER, 0)  # the claimer is between CAS and publish
     assert t.acquire(tag, pack_owner(1, 1), 200) == TAKEN
     assert t.in_use() == 1
+
+
+async def test_the_owner_shares_only_the_exact_key(tmp_path: Any) -> None:
+    """The shm tag only finds a candidate owner: over the attach socket the whole key
+    is compared, so a key whose tag collides gets a miss, never another call's frames."""
+    from llmkit.mux_link import MISS, LinkServer, connect, mirror_remote
+    from llmkit.providers.base import Provider, Target
+
+    asked = dedup_key(call(), Gateway(Config()).resolve("demo/x"))
+    other = asked[:-2] + b"0}"  # same length, one byte apart
+    owned = Entry(asked)
+    server = LinkServer({asked: owned}.get)
+    path = str(tmp_path / "link" / "owner.sock")
+    await server.start(path)
+    try:
+        reader, writer = await connect(path, other)
+        assert (await reader.readexactly(1)) == MISS
+        writer.close()
+        target = Target(Provider("local", "openai", "http://127.0.0.1:9"), "m", "local/m")
+        reader, writer = await connect(path, asked)
+        mirrored = Entry(asked)
+        mirroring = asyncio.ensure_future(mirror_remote(mirrored, reader, lambda _: target))
+        for _ in range(500):  # until the owner has read the hello and subscribed
+            if owned.subscribers:
+                break
+            await asyncio.sleep(0.01)
+        owned.open(target, streamed=True)
+        owned.append(b"data: 1\n\n")
+        owned.finish()
+        await asyncio.wait_for(mirroring, 5)
+        writer.close()
+    finally:
+        server.close()
+    assert mirrored.frames == [b"data: 1\n\n"] and mirrored.done and mirrored.error is None
