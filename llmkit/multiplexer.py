@@ -351,7 +351,10 @@ class Multiplexer:
             if len(self._labels) >= LABELS_KEPT:
                 self._labels.clear()
             labels = self._labels[model] = key_labels(gateway.resolve(model))
-        return _canonical(labels, call)
+        request = msgspec.structs.replace(  # ``_canonical``, inline
+            call.request, model="", stream=False, stream_options=None, user=None
+        )
+        return _key_encoder.encode((labels, request, call.extras))
 
     def _vacant(self, key: bytes) -> int | None:
         """This worker's claim on ``key`` (a slot, or ``FULL``: lead unpublished) when
@@ -518,14 +521,15 @@ class Multiplexer:
 
     def forget(self, entry: Entry) -> None:
         """The entry's call ended: out of the table (this is not a cache)."""
-        if self._entries.get(entry.key) is entry:
-            del self._entries[entry.key]
+        key, claim = entry.key, entry.claim
+        if self._entries.get(key) is entry:
+            del self._entries[key]
         if self._tasks or self._live:  # none for a leader reading inline
             self._tasks.pop(entry, None)
             self._live.discard(entry)
-        if entry.claim >= 0 and (peers := self._peers) is not None:  # _release, inline
-            claim, entry.claim = entry.claim, FULL
-            peers.release(peers.offsets[claim], entry.key, peers.owner)
+        if claim >= 0 and (peers := self._peers) is not None:  # ``_release``, inline
+            entry.claim = FULL
+            peers.release(peers.offsets[claim], key, peers.owner)
 
     async def _pump_rest(self, entry: Entry, chunks: TrackedStream) -> None:
         self._live.add(entry)

@@ -257,17 +257,19 @@ class Lead(Entry, Subscription):
     run: Run | None = None  # the leader's tries, until its call is open
     _chunks: TrackedStream | None = None  # the upstream, while the leader reads it
     _pulling = False  # a read of the upstream is under way
+    # Defaults a new lead does not set (one is made per unshared stream); these
+    # shadow ``Subscription``'s slots, so a lead keeps them in its ``__dict__``.
+    subscribers = 1  # its leader
+    _index = 0
+    _on_leave = None
+    _left = False
 
     def __init__(self, key: bytes, claim: int, keeper: Keeper, wants_usage: bool) -> None:
         self.key = key
         self.claim = claim
         self.keeper = keeper
         self.frames = []
-        self.subscribers = 1  # its leader
-        self._index = 0
         self._wants_usage = wants_usage
-        self._on_leave = None
-        self._left = False
 
     @property
     def _entry(self) -> Entry:  # type: ignore[override]
