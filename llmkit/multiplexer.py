@@ -522,8 +522,9 @@ class Multiplexer:
     def forget(self, entry: Entry) -> None:
         """The entry's call ended: out of the table (this is not a cache)."""
         key, claim = entry.key, entry.claim
-        if self._entries.get(key) is entry:
-            del self._entries[key]
+        held = self._entries.pop(key, None)
+        if held is not entry and held is not None:  # a newer call for the same key
+            self._entries[key] = held
         if self._tasks or self._live:  # none for a leader reading inline
             self._tasks.pop(entry, None)
             self._live.discard(entry)

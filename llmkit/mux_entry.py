@@ -242,7 +242,7 @@ class Subscription:
             self._on_leave()
 
 
-class Lead(Entry, Subscription):
+class Lead(Entry):
     """An entry that its leading caller reads: the call nobody shares (yet).
 
     While nobody else reads it, the leader's caller reads the upstream stream itself
@@ -251,29 +251,28 @@ class Lead(Entry, Subscription):
     has joined (or when the leader leaves first while followers remain) the stream is
     handed to its keeper, which carries it on in a task of its own, so the leader's
     caller going away can no longer cut the followers short; the leader then reads
-    the entry like any subscriber.
-    """
+    the entry through a ``Subscription`` of its own, from where it had got to.
 
-    run: Run | None = None  # the leader's tries, until its call is open
-    _chunks: TrackedStream | None = None  # the upstream, while the leader reads it
-    _pulling = False  # a read of the upstream is under way
-    # Defaults a new lead does not set (one is made per unshared stream); these
-    # shadow ``Subscription``'s slots, so a lead keeps them in its ``__dict__``.
-    subscribers = 1  # its leader
-    _index = 0
-    _on_leave = None
-    _left = False
+    Every attribute it reads per upstream read is set in ``__init__`` (no class
+    defaults, no ``__slots__`` base): CPython then keeps them inline in the instance
+    and specializes each access, which the class-default lookups of ``Entry`` are not.
+    """
 
     def __init__(self, key: bytes, claim: int, keeper: Keeper, wants_usage: bool) -> None:
         self.key = key
         self.claim = claim
-        self.keeper = keeper
+        self.keeper: Keeper = keeper
         self.frames = []
+        self.subscribers = 1  # its leader
+        self.done = False
+        self._waiters = None
+        self.run: Run | None = None  # the leader's tries, until its call is open
+        self._chunks: TrackedStream | None = None  # the upstream, while the leader reads it
+        self._pulling = False  # a read of the upstream is under way
+        self._reader: Subscription | None = None  # the leader's, once it stops pulling
         self._wants_usage = wants_usage
 
-    @property
-    def _entry(self) -> Entry:  # type: ignore[override]
-        """What ``Subscription`` reads: a lead is its own entry (no reference cycle)."""
+    def __aiter__(self) -> Lead:
         return self
 
     def read_from(self, target: Target, chunks: TrackedStream) -> None:
@@ -283,45 +282,47 @@ class Lead(Entry, Subscription):
         if self._waiters:
             self.notify()
         if self.subscribers > 1:  # followers joined while the first chunk was awaited
-            self._give_away()
+            self._give_away(0)
 
     def join(self) -> None:
         """A follower joined: unless a read is under way (it hands off when done), the
         keeper takes the stream now, so a leader that stalls never stalls the others."""
         self.subscribers += 1
         if self._chunks is not None and not self._pulling:
-            self._index = len(self.frames)  # every frame so far was returned
-            self._give_away()
+            self._give_away(len(self.frames))  # every frame so far was returned
 
-    def _give_away(self) -> None:
+    def _give_away(self, index: int) -> None:
+        """Stop reading the upstream: the keeper carries it on, and the leader reads the
+        entry from ``index`` on."""
+        reader = self._reader = Subscription(self, self._wants_usage)
+        reader._index = index
         chunks, self._chunks = self._chunks, None
         if chunks is not None:
-            assert self.keeper is not None
             self.keeper.hand_off(self, chunks)
 
     async def __anext__(self) -> bytes:
         # Alone and caught up: read the upstream ourselves and return each read at
-        # once; it is kept in ``frames`` for late joiners (``_index`` catches up only
-        # when we stop reading). This runs per upstream read of every unshared stream,
-        # so it is lean, and loops rather than recursing: the end of the stream is an
-        # exception, and every frame it passes through costs a traceback entry.
-        while (chunks := self._chunks) is not None:
+        # once; it is kept in ``frames`` for late joiners. This runs per upstream read
+        # of every unshared stream, so it is lean, and loops rather than recursing: the
+        # end of the stream is an exception, and every frame it passes through costs a
+        # traceback entry.
+        chunks = self._chunks
+        while chunks is not None:
             self._pulling = True
             try:
                 read = await chunks.next_frames()
             except StopAsyncIteration:
                 # The end, settled inline (every unshared stream comes here once):
-                # finish(), and leave as the last reader of a finished entry.
+                # finish(). The leader need not leave a finished entry (``aclose``).
                 self._chunks = None
-                self.done = self._left = True
-                self.subscribers -= 1
+                self.done = True
                 if self._waiters:
                     self.notify()
-                self.keeper.forget(self)  # type: ignore[union-attr]
+                self.keeper.forget(self)
                 raise
             except LLMKitError as exc:
-                self._chunks = None
-                self._index = len(self.frames)
+                self._chunks = None  # it ended: nothing to hand off
+                self._give_away(len(self.frames))
                 self.fail(exc)
                 break  # the entry raises its copy of the error
             except BaseException:  # cancelled mid-read: the call ends for all
@@ -331,12 +332,15 @@ class Lead(Entry, Subscription):
             events = read.events
             if events:
                 self.frames.append(events)
-                if not read.usage_event and self.subscribers == 1:
+                if self.subscribers == 1 and not read.usage_event:
                     return events + SSE_DONE if read.last else events
             events = self._kept(read, events)
             if events:
                 return events
-        return await Subscription.__anext__(self)  # handed off, or ended: read the entry
+            chunks = self._chunks
+        if self._reader is None:  # it ended, and every frame was returned
+            raise StopAsyncIteration
+        return await self._reader.__anext__()  # handed off, or failed: read the entry
 
     def _kept(self, read: Frames, events: bytes) -> bytes:
         """The rest of ``__anext__`` for a read that is not plain events: what to
@@ -347,23 +351,24 @@ class Lead(Entry, Subscription):
             if self._wants_usage:
                 events += read.usage_event
         if self.subscribers > 1:  # joined during the read: hand off, then read
-            self._index = len(self.frames) - bool(read.events) - bool(read.usage_event)
             self.notify()
-            self._give_away()
+            self._give_away(len(self.frames) - bool(read.events) - bool(read.usage_event))
             return b""
         return events + SSE_DONE if read.last else events
 
     async def aclose(self) -> None:
         chunks = self._chunks
-        if chunks is None and self._left:  # the stream ended: nothing left to do
-            return
         if chunks is not None:  # left while reading the upstream itself
             if self.subscribers > 1 and not self.done:
-                self._give_away()  # the others carry on
+                self._give_away(len(self.frames))  # the others carry on
             else:
                 self._chunks = None
                 await chunks.aclose()
-        self._leave()
+                self.leave()
+                return
+        if self._reader is not None:
+            await self._reader.aclose()  # leaves the entry, once
+        # else it ended by itself: a finished entry needs no leaving
 
 
 async def pull_into(entry: Entry, chunks: TrackedStream) -> Frames | None:

@@ -516,3 +516,30 @@ async def test_the_owner_shares_only_the_exact_key(tmp_path: Any) -> None:
     finally:
         server.close()
     assert mirrored.frames == [b"data: 1\n\n"] and mirrored.done and mirrored.error is None
+
+
+async def test_an_unshared_stream_cut_mid_way_fails_its_leader_and_leaves_nothing() -> None:
+    from llmkit.errors import LLMKitError
+    from tests.mocks.base import Fault
+
+    with OpenAIMock(key=None) as upstream:
+        upstream.faults.append(Fault("reset", after_chunks=2))
+        gateway = gateway_for(upstream)
+        mux = gateway.multiplexer
+        assert mux is not None
+        try:
+            _, stream = await gateway.stream(call())
+            got = []
+            tasks = asyncio.all_tasks()
+            with pytest.raises(LLMKitError):
+                async for frame in stream:
+                    got.append(frame)
+            assert asyncio.all_tasks() <= tasks  # nothing was handed off to a task
+            await stream.aclose()  # type: ignore[attr-defined]
+            assert got and mux.in_flight() == 0
+            _, again = await gateway.stream(call())  # the same request leads afresh
+            frames = b"".join(await read_all(again)).replace(b"data: [DONE]\n\n", b"")
+            assert "".join(deltas([frames])) == "Hello from m: one two three four"
+        finally:
+            await gateway.close()
+    assert len(upstream.requests) == 2
