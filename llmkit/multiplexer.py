@@ -125,10 +125,14 @@ def key_labels(targets: list[Target]) -> list[str]:
 
 
 def _canonical(labels: list[str], call: Call) -> bytes:
+    """The labels, the request and any extras, each one JSON value (self-delimiting,
+    so the bytes compare as the parts would); the extras only when there are some,
+    which is most of the time not. ``Multiplexer._key`` has it inline."""
     request = msgspec.structs.replace(
         call.request, model="", stream=False, stream_options=None, user=None
     )
-    return _key_encoder.encode((labels, request, call.extras))
+    key = _key_encoder.encode(labels) + _key_encoder.encode(request)
+    return key + _key_encoder.encode(call.extras) if call.extras else key
 
 
 def eligible(call: Call, config: MultiplexerConfig) -> bool:
@@ -244,7 +248,7 @@ class Multiplexer:
         self._tasks: dict[Entry, asyncio.Task[None]] = {}
         self._live: set[Entry] = set()  # entries whose task has started
         self._link = LinkServer(self._entries.get)
-        self._labels: dict[str, list[str]] = {}  # model name -> its key labels
+        self._labels: dict[str, bytes] = {}  # model name -> its key labels, encoded
         self._enabled = config.enabled
         self._all = config.enabled and config.eligible == "all"
 
@@ -346,15 +350,17 @@ class Multiplexer:
     def _key(self, call: Call, gateway: Leading) -> bytes:
         """``dedup_key``, with each model name's labels resolved once."""
         model = call.request.model
-        labels = self._labels.get(model)
-        if labels is None:
+        prefix = self._labels.get(model)
+        if prefix is None:
             if len(self._labels) >= LABELS_KEPT:
                 self._labels.clear()
-            labels = self._labels[model] = key_labels(gateway.resolve(model))
+            labels = key_labels(gateway.resolve(model))
+            prefix = self._labels[model] = _key_encoder.encode(labels)
         request = msgspec.structs.replace(  # ``_canonical``, inline
             call.request, model="", stream=False, stream_options=None, user=None
         )
-        return _key_encoder.encode((labels, request, call.extras))
+        key = prefix + _key_encoder.encode(request)
+        return key + _key_encoder.encode(call.extras) if call.extras else key
 
     def _vacant(self, key: bytes) -> int | None:
         """This worker's claim on ``key`` (a slot, or ``FULL``: lead unpublished) when
