@@ -222,7 +222,6 @@ class Gateway:
             lead = mux.lead_stream(call, self)
             if lead is None:
                 return await mux.join_stream(call, self)
-            assert lead.run is not None
             try:
                 target, chunks = await self.open_stream(call, lead.run, False)  # keep usage
             except BaseException as exc:

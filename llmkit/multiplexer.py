@@ -288,16 +288,19 @@ class Multiplexer:
         the table, for the caller to open (``open_lead``). None when an identical call
         may be in flight (``join_stream`` then joins it, or leads after all)."""
         key = self._key(call, gateway)
-        entry = self._entries.get(key)
-        if entry is not None and not entry.done:
-            return None
+        claim: int | tuple[int, int, int] = FULL
         peers = self._peers
-        if peers is None:
-            return self._lead(key, FULL, call, gateway)
-        claim = peers.claim(key, peers.owner, peers.pid)  # one C call, hashing the key
-        if isinstance(claim, int) and claim != TAKEN:
-            return self._lead(key, claim, call, gateway)
-        return None
+        if peers is not None:
+            # One C call, hashing the key: this worker's own calls in flight are there
+            # too (found as ours), so a free slot means nobody makes this call.
+            claim = peers.claim(key, peers.owner, peers.pid)
+            if claim.__class__ is not int or claim == TAKEN:
+                return None
+        if claim == FULL:  # not in shm (no peers, or no room): only this worker knows
+            entry = self._entries.get(key)
+            if entry is not None and not entry.done:
+                return None
+        return self._lead(key, claim, call, gateway)
 
     async def join_stream(
         self, call: Call, gateway: Leading
@@ -318,13 +321,13 @@ class Multiplexer:
         wants_usage = call.request.wants_usage_chunk()
         if not wants_usage:
             call.request = msgspec.structs.replace(call.request, stream_options=WITH_USAGE)
-        lead = Lead(key, claim, self, wants_usage)
         try:
-            lead.run = gateway.start_run(call, True)
+            run = gateway.start_run(call, True)
         except BaseException:
-            self._release(lead)
+            if claim >= 0 and (peers := self._peers) is not None:
+                peers.release(peers.offsets[claim], key, peers.owner)
             raise
-        self._entries[key] = lead
+        lead = self._entries[key] = Lead(key, claim, self, wants_usage, run)
         self.counters.leader()
         call.response_headers[HEADER] = "leader"
         if call.obs is not None:
@@ -627,7 +630,6 @@ async def open_lead(
     lead: Lead, call: Call, gateway: Leading
 ) -> tuple[Target, AsyncIterator[bytes]]:
     """Open a leader's upstream stream; its caller then reads it through ``lead``."""
-    assert lead.run is not None
     try:
         target, chunks = await gateway.open_stream(call, lead.run, False)  # keep usage
     except BaseException as exc:

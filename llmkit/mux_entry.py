@@ -258,7 +258,7 @@ class Lead(Entry):
     and specializes each access, which the class-default lookups of ``Entry`` are not.
     """
 
-    def __init__(self, key: bytes, claim: int, keeper: Keeper, wants_usage: bool) -> None:
+    def __init__(self, key: bytes, claim: int, keeper: Keeper, wants_usage: bool, run: Run) -> None:
         self.key = key
         self.claim = claim
         self.keeper: Keeper = keeper
@@ -266,7 +266,7 @@ class Lead(Entry):
         self.subscribers = 1  # its leader
         self.done = False
         self._waiters = None
-        self.run: Run | None = None  # the leader's tries, until its call is open
+        self.run = run  # the leader's tries
         self._chunks: TrackedStream | None = None  # the upstream, while the leader reads it
         self._pulling = False  # a read of the upstream is under way
         self._reader: Subscription | None = None  # the leader's, once it stops pulling
