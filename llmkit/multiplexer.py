@@ -288,14 +288,14 @@ class Multiplexer:
         the table, for the caller to open (``open_lead``). None when an identical call
         may be in flight (``join_stream`` then joins it, or leads after all)."""
         key = self._key(call, gateway)
-        claim: int | tuple[int, int, int] = FULL
-        peers = self._peers
+        claim, peers = FULL, self._peers
         if peers is not None:
             # One C call, hashing the key: this worker's own calls in flight are there
             # too (found as ours), so a free slot means nobody makes this call.
-            claim = peers.claim(key, peers.owner, peers.pid)
-            if claim.__class__ is not int or claim == TAKEN:
+            found = peers.claim(key, peers.owner, peers.pid)
+            if not isinstance(found, int) or found == TAKEN:
                 return None
+            claim = found
         if claim == FULL:  # not in shm (no peers, or no room): only this worker knows
             entry = self._entries.get(key)
             if entry is not None and not entry.done:
