@@ -217,8 +217,8 @@ class Gateway:
         """
         mux = self.multiplexer
         if mux is not None and mux.eligible(call):
-            # ``mux.stream``, inline for its common case (one coroutine less): lead a
-            # call nobody else is making, or else join the one in flight.
+            # Lead a call nobody else is making, opened here (no coroutine of the
+            # multiplexer's own per stream), or else join the one in flight.
             lead = mux.lead_stream(call, self)
             if lead is None:
                 return await mux.join_stream(call, self)

@@ -272,21 +272,12 @@ class Multiplexer:
 
     # -- the two operations -------------------------------------------------------
 
-    async def stream(self, call: Call, gateway: Leading) -> tuple[Target, AsyncIterator[bytes]]:
-        """Join or lead a streamed call; SSE frames for this caller.
-
-        ``Gateway.stream`` does the same with ``lead_stream`` and ``open_lead`` inline,
-        one coroutine less per unshared stream.
-        """
-        lead = self.lead_stream(call, gateway)
-        if lead is None:
-            return await self.join_stream(call, gateway)
-        return await open_lead(lead, call, gateway)
-
     def lead_stream(self, call: Call, gateway: Leading) -> Lead | None:
-        """The common case, an eligible stream nobody is making: claimed, admitted and in
-        the table, for the caller to open (``open_lead``). None when an identical call
-        may be in flight (``join_stream`` then joins it, or leads after all)."""
+        """Lead a streamed call, the common case: an eligible stream nobody is making,
+        claimed, admitted and in the table; the caller opens it (``Gateway.stream``:
+        ``open_stream``, then ``Lead.read_from``) and reads it through the ``Lead``.
+        None when an identical call may be in flight: ``join_stream`` then joins it, or
+        leads after all."""
         key = self._key(call, gateway)
         claim, peers = FULL, self._peers
         if peers is not None:
@@ -305,12 +296,13 @@ class Multiplexer:
     async def join_stream(
         self, call: Call, gateway: Leading
     ) -> tuple[Target, AsyncIterator[bytes]]:
-        """``stream`` when an identical call may be in flight: join it, or lead."""
+        """A streamed call when an identical one may be in flight (``lead_stream`` said
+        None): join it, or lead after all."""
         wants_usage = call.request.wants_usage_chunk()
         key = self._key(call, gateway)
         joined = await self._join(key, call, gateway, streamed=True)
         if isinstance(joined, int):
-            return await open_lead(self._lead(key, joined, call, gateway), call, gateway)
+            return await _open_lead(self._lead(key, joined, call, gateway), call, gateway)
         entry, target, on_leave = joined
         return target, Subscription(entry, wants_usage, on_leave)
 
@@ -626,7 +618,7 @@ async def _pump_frames(entry: Entry, chunks: TrackedStream) -> None:
         await chunks.aclose()
 
 
-async def open_lead(
+async def _open_lead(
     lead: Lead, call: Call, gateway: Leading
 ) -> tuple[Target, AsyncIterator[bytes]]:
     """Open a leader's upstream stream; its caller then reads it through ``lead``."""
