@@ -309,12 +309,19 @@ async def overhead_end_to_end(
 
 
 COUNT_WARMUP = 30
+# Upstreams of the instruction counts: the demo provider as configured by default (20
+# tiny frames), a long demo stream (200 chunks, one per read, as a model emits them:
+# the multiplexer's cost is mostly per stream, so it shrinks as streams grow), or an
+# OpenAI-wire deployment at a URL.
+DEMO_UPSTREAMS = {"demo": "", "demo-long": "[demo]\nmax_tokens = 200\n"}
 
 
 def count_config(upstream: str, on: bool) -> Config:
-    """A worker's config for the instruction count: the demo provider, or an
-    OpenAI-wire deployment at ``upstream`` (a URL)."""
-    text = "" if upstream == "demo" else llmkit_config(upstream)
+    """A worker's config for the instruction count: the demo provider (``upstream``
+    in ``DEMO_UPSTREAMS``), or an OpenAI-wire deployment at ``upstream`` (a URL)."""
+    text = DEMO_UPSTREAMS.get(upstream)
+    if text is None:
+        text = llmkit_config(upstream)
     with tempfile.NamedTemporaryFile("w", suffix=".toml") as file:
         file.write(f"{text}\n[multiplexer]\nenabled = {str(on).lower()}\n")
         file.flush()
@@ -353,7 +360,7 @@ def count_child(on: bool, requests: int, upstream: str) -> None:
     from llmkit.state import SharedState
 
     config = count_config(upstream, on)
-    model = "demo/x" if upstream == "demo" else "gpt-stream"
+    model = "demo/x" if upstream in DEMO_UPSTREAMS else "gpt-stream"
     name = f"/llmkit-bench-count-{os.getpid()}"
     state = SharedState.create(name, config)
     try:
@@ -439,7 +446,7 @@ def instructions(
     """Instructions per unshared streamed request, multiplexer on vs off: the difference
     of a long and a short run per side, so start-up and warm-up cancel. ``http``: the
     server side of requests over HTTP (the client runs outside the count)."""
-    model = "demo/x" if upstream == "demo" else "gpt-stream"
+    model = "demo/x" if upstream in DEMO_UPSTREAMS else "gpt-stream"
     per: dict[bool, float] = {}
     for on in (True, False):
         side = "on" if on else "off"
@@ -454,13 +461,15 @@ def instructions(
 
 
 def instructions_both(short: int = 100, long: int = 1100) -> dict[str, Any]:
-    """``instructions`` for the demo provider and for an OpenAI-wire deployment behind
-    nginx (outside the counted process), in-process and over HTTP."""
+    """``instructions`` for the demo provider (its default 20-frame stream, and a
+    200-chunk one) and for an OpenAI-wire deployment behind nginx (outside the counted
+    process), in-process and over HTTP."""
     os.environ[KEY_ENV] = "bench-key"
     os.environ[MASTER_ENV] = MASTER_KEY
     results = {}
     with mock_upstream(workers=1) as mock:
-        for name, upstream in (("demo", "demo"), ("openai", mock.url)):
+        upstreams = (("demo", "demo"), ("openai", mock.url), ("demo 200 chunks", "demo-long"))
+        for name, upstream in upstreams:
             results[f"{name}, in-process"] = instructions(upstream, False, short, long)
             results[f"{name}, over HTTP (server side)"] = instructions(upstream, True, short, long)
     return results

@@ -215,8 +215,20 @@ class Gateway:
         a status code; later errors surface from the iterator, and are never retried:
         the client already has part of an answer.
         """
-        if self.multiplexer is not None and self.multiplexer.eligible(call):
-            return await self.multiplexer.stream(call, self)
+        mux = self.multiplexer
+        if mux is not None and mux.eligible(call):
+            # Lead a call nobody else is making, opened here (no coroutine of the
+            # multiplexer's own per stream), or else join the one in flight.
+            lead = mux.lead_stream(call, self)
+            if lead is None:
+                return await mux.join_stream(call, self)
+            try:
+                target, chunks = await self.open_stream(call, lead.run, False)  # keep usage
+            except BaseException as exc:
+                lead.abort(exc)
+                raise
+            lead.read_from(target, chunks)
+            return target, lead
         strip_usage = not call.request.wants_usage_chunk()
         if strip_usage:  # usage reconciles tokens/min; the client did not ask to see it
             call.request = msgspec.structs.replace(

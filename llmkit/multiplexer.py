@@ -6,14 +6,17 @@ the adapter. An eligible request computes its key; if an identical call is in fl
 admitted and routed as usual and its upstream call runs in a task of its own, feeding
 an ``Entry`` that every subscriber (the leader's own caller included) reads.
 
-Key. blake2b-128 of the canonical request: the resolved deployments' ``provider/model``
+Key. The canonical request, as bytes: the resolved deployments' ``provider/model``
 labels (so an alias and the same model asked for directly share), then the request
 with ``model``, ``stream``, ``stream_options`` and ``user`` cleared (``user`` is an
 abuse-monitoring tag that does not change the output), then the extra top-level fields
-passed through to providers. msgspec's deterministic order sorts dict keys, so JSON key
-order in the body does not matter. Everything else (messages and all their parts,
-tools, tool_choice, response_format, temperature, top_p, stop, max tokens, seed, n)
-is in the key: two requests differing in any of them never share.
+passed through to providers, as JSON. msgspec's deterministic order sorts dict keys, so
+JSON key order in the body does not matter. Everything else (messages and all their
+parts, tools, tool_choice, response_format, temperature, top_p, stop, max tokens, seed,
+n) is in the key: two requests differing in any of them never share. The key is
+compared whole, never by a hash alone: it keys this worker's table, and the attach
+handshake sends it to the owning worker (the shm table holds a 64-bit hash of it, to
+find that owner).
 
 Eligibility. ``x-llmkit-dedup: off`` opts out, ``on`` opts in; otherwise a request is
 eligible when its output is deterministic by intent (``temperature`` 0 or a ``seed``),
@@ -22,9 +25,10 @@ or always with ``[multiplexer] eligible = "all"``. ``n > 1`` shares only with th
 
 Shape. The shared upstream call is made the way its leader asked (streamed or not):
 the leader's request reaches the provider exactly as without the multiplexer, which
-keeps the overhead on unshared requests to one key hash, one dict lookup, one C call
-to find-or-claim in the shm table and one to release; the leader's caller reads its
-own upstream stream inline until someone joins, keeping each read with a list append
+keeps the overhead on unshared requests to one key encoding, one dict lookup, one C
+call to find-or-claim in the shm table (it hashes the key itself) and one to release;
+the leader's caller reads its own upstream stream inline until someone joins (its
+entry, a ``Lead``, is its stream too), keeping each read with a list append
 (``bench/streaming_multiplexer_bench.py --instructions`` counts what is left). A
 non-streaming follower of a stream gets the completion assembled from its frames; a
 streaming follower of a whole completion gets it as chunks (both computed once per
@@ -56,7 +60,7 @@ request leads afresh.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import logging
 import os
 import time
@@ -74,9 +78,9 @@ from llmkit.config import Config, MultiplexerConfig
 from llmkit.control import ControlPlane
 from llmkit.errors import InternalError, LLMKitError
 from llmkit.limiter import Admission
-from llmkit.mux_entry import Entry, LeadSubscription, Retry, Subscription, pull_into
+from llmkit.mux_entry import Entry, Lead, Retry, Subscription, pull_into
 from llmkit.mux_link import LinkServer, Opened, OwnerGone, connect, mirror_remote
-from llmkit.mux_table import FULL, TAKEN, MuxTable, Owner, owner_of, pack_owner, tag_of
+from llmkit.mux_table import FULL, TAKEN, MuxTable, Owner, owner_of, pack_owner
 from llmkit.providers.base import Call, Target
 from llmkit.types import ChatCompletion, StreamOptions
 from shm import Atomics, Counter, Layout, LayoutBuilder, Segment
@@ -111,8 +115,8 @@ class Leading(Protocol):
 
 
 def dedup_key(call: Call, targets: list[Target]) -> bytes:
-    """The 16-byte digest of everything in ``call`` that can change the output."""
-    return _digest(key_labels(targets), call)
+    """Everything in ``call`` that can change the output, as canonical bytes."""
+    return _canonical(key_labels(targets), call)
 
 
 def key_labels(targets: list[Target]) -> list[str]:
@@ -120,12 +124,15 @@ def key_labels(targets: list[Target]) -> list[str]:
     return [targets[0].label] if len(targets) == 1 else sorted({t.label for t in targets})
 
 
-def _digest(labels: list[str], call: Call) -> bytes:
+def _canonical(labels: list[str], call: Call) -> bytes:
+    """The labels, the request and any extras, each one JSON value (self-delimiting,
+    so the bytes compare as the parts would); the extras only when there are some,
+    which is most of the time not. ``Multiplexer._key`` has it inline."""
     request = msgspec.structs.replace(
         call.request, model="", stream=False, stream_options=None, user=None
     )
-    canonical = _key_encoder.encode((labels, request, call.extras))
-    return hashlib.blake2b(canonical, digest_size=16).digest()
+    key = _key_encoder.encode(labels) + _key_encoder.encode(request)
+    return key + _key_encoder.encode(call.extras) if call.extras else key
 
 
 def eligible(call: Call, config: MultiplexerConfig) -> bool:
@@ -156,16 +163,23 @@ class Counters:
     def __init__(self, segment: Segment | None = None, layout: Layout | None = None) -> None:
         self.local = [0, 0, 0]
         self._cells: list[Counter] = []
+        # One more leader: every unshared request counts one, so in shm it is a bound
+        # C call with no Python frame.
+        self.leader: Callable[[], object] = functools.partial(self.inc, LEADERS)
         if segment is not None and layout is not None:
             region = layout[COUNTERS]
             self._cells = [Counter(segment.atomics, region.offset_of(i)) for i in range(3)]
             self._add = segment.atomics.add_i64
             self._offsets = [cell.offset for cell in self._cells]
+            self.leader = functools.partial(self._add, self._offsets[LEADERS], 1)
 
     def inc(self, which: int) -> None:
-        self.local[which] += 1
+        """One more of ``which``: in shm when there is one (``value`` reads it there),
+        else in ``local``."""
         if self._cells:
             self._add(self._offsets[which], 1)
+        else:
+            self.local[which] += 1
 
     def value(self, which: int) -> int:
         return self._cells[which].value() if self._cells else self.local[which]
@@ -184,7 +198,8 @@ class Peers:
     def __post_init__(self) -> None:
         self.pid = self.pid or os.getpid()
         self.owner = pack_owner(self.worker_slot, self.incarnation)
-        # The table's two C calls, bound: find-or-claim and release (by slot offset).
+        # The table's two C calls, bound: find-or-claim and release (by slot offset);
+        # both take a request key's bytes for its tag and hash them in C.
         self.claim = self.table.claim
         self.release = self.table.atomics.mux_release
         self.offsets = [self.table.offset_of(i) for i in range(self.table.geometry[2])]
@@ -233,14 +248,19 @@ class Multiplexer:
         self._tasks: dict[Entry, asyncio.Task[None]] = {}
         self._live: set[Entry] = set()  # entries whose task has started
         self._link = LinkServer(self._entries.get)
-        self._labels: dict[str, list[str]] = {}  # model name -> its key labels
+        self._labels: dict[str, bytes] = {}  # model name -> its key labels, encoded
+        self._enabled = config.enabled
+        self._all = config.enabled and config.eligible == "all"
 
     def in_flight(self) -> int:
         return len(self._entries)
 
     def eligible(self, call: Call) -> bool:
         """Whether ``call`` may share an upstream call, under this configuration."""
-        return eligible(call, self.config)
+        if HEADER in call.headers or not self._enabled:
+            return eligible(call, self.config)
+        request = call.request
+        return self._all or request.temperature == 0 or request.seed is not None
 
     async def start(self) -> None:
         """Listen for followers on other workers (when there are peers)."""
@@ -252,33 +272,67 @@ class Multiplexer:
 
     # -- the two operations -------------------------------------------------------
 
-    async def stream(self, call: Call, gateway: Leading) -> tuple[Target, AsyncIterator[bytes]]:
-        """Join or lead a streamed call; SSE frames for this caller."""
+    def lead_stream(self, call: Call, gateway: Leading) -> Lead | None:
+        """Lead a streamed call, the common case: an eligible stream nobody is making,
+        claimed, admitted and in the table; the caller opens it (``Gateway.stream``:
+        ``open_stream``, then ``Lead.read_from``) and reads it through the ``Lead``.
+        None when an identical call may be in flight: ``join_stream`` then joins it, or
+        leads after all."""
+        key = self._key(call, gateway)
+        claim, peers = FULL, self._peers
+        if peers is not None:
+            # One C call, hashing the key: this worker's own calls in flight are there
+            # too (found as ours), so a free slot means nobody makes this call.
+            found = peers.claim(key, peers.owner, peers.pid)
+            if not isinstance(found, int) or found == TAKEN:
+                return None
+            claim = found
+        if claim == FULL:  # not in shm (no peers, or no room): only this worker knows
+            entry = self._entries.get(key)
+            if entry is not None and not entry.done:
+                return None
+        return self._lead(key, claim, call, gateway)
+
+    async def join_stream(
+        self, call: Call, gateway: Leading
+    ) -> tuple[Target, AsyncIterator[bytes]]:
+        """A streamed call when an identical one may be in flight (``lead_stream`` said
+        None): join it, or lead after all."""
+        wants_usage = call.request.wants_usage_chunk()
+        key = self._key(call, gateway)
+        joined = await self._join(key, call, gateway, streamed=True)
+        if isinstance(joined, int):
+            return await _open_lead(self._lead(key, joined, call, gateway), call, gateway)
+        entry, target, on_leave = joined
+        return target, Subscription(entry, wants_usage, on_leave)
+
+    def _lead(self, key: bytes, claim: int, call: Call, gateway: Leading) -> Lead:
+        """Admit a streaming leader (404/429 reach this caller only) and put its entry
+        in the table, holding ``claim``, so identical requests from now on join it. The
+        shared call always asks for the usage chunk; each subscriber shows it or not."""
         wants_usage = call.request.wants_usage_chunk()
         if not wants_usage:
             call.request = msgspec.structs.replace(call.request, stream_options=WITH_USAGE)
-        digest = self._key(call, gateway)
-        claim = self._free(digest)
-        if claim is None:  # there may be someone to join
-            entry, target, on_leave, chunks = await self._join(digest, call, gateway, True)
-            if chunks is None:
-                return target, Subscription(entry, wants_usage, on_leave)
-        else:  # the common case, nothing to share: lead at once (``_lead``, inline)
-            entry, run = self._enter(digest, claim, call, gateway, streamed=True)
-            try:
-                target, chunks = await gateway.open_stream(call, run, False)  # keep usage
-            except BaseException as exc:
-                _lead_failed(entry, exc)
-                raise
-            entry.open(target, streamed=True)
-            self.counters.inc(LEADERS)
-            _role(call, "leader")
-        return target, LeadSubscription(entry, wants_usage, chunks, self._hand_off)
+        try:
+            run = gateway.start_run(call, True)
+        except BaseException:
+            if claim >= 0 and (peers := self._peers) is not None:
+                peers.release(peers.offsets[claim], key, peers.owner)
+            raise
+        lead = self._entries[key] = Lead(key, claim, self, wants_usage, run)
+        self.counters.leader()
+        call.response_headers[HEADER] = "leader"
+        if call.obs is not None:
+            call.obs.multiplexer_role("leader")
+        return lead
 
     async def chat(self, call: Call, gateway: Leading) -> tuple[Target, ChatCompletion]:
         """Join or lead a whole completion."""
-        digest = self._key(call, gateway)
-        entry, target, on_leave, _ = await self._join(digest, call, gateway, streamed=False)
+        key = self._key(call, gateway)
+        joined = await self._join(key, call, gateway, streamed=False)
+        if isinstance(joined, int):
+            joined = await self._lead_whole(key, joined, call, gateway)
+        entry, target, on_leave = joined
         try:
             return target, await entry.wait_whole()
         finally:
@@ -291,43 +345,49 @@ class Multiplexer:
     def _key(self, call: Call, gateway: Leading) -> bytes:
         """``dedup_key``, with each model name's labels resolved once."""
         model = call.request.model
-        labels = self._labels.get(model)
-        if labels is None:
+        prefix = self._labels.get(model)
+        if prefix is None:
             if len(self._labels) >= LABELS_KEPT:
                 self._labels.clear()
-            labels = self._labels[model] = key_labels(gateway.resolve(model))
-        return _digest(labels, call)
+            labels = key_labels(gateway.resolve(model))
+            prefix = self._labels[model] = _key_encoder.encode(labels)
+        request = msgspec.structs.replace(  # ``_canonical``, inline
+            call.request, model="", stream=False, stream_options=None, user=None
+        )
+        key = prefix + _key_encoder.encode(request)
+        return key + _key_encoder.encode(call.extras) if call.extras else key
 
-    def _free(self, digest: bytes) -> int | None:
-        """This worker's claim on ``digest`` (a slot, or ``FULL``: lead unpublished)
-        when no identical call is in flight anywhere; None when there may be one (then
+    def _vacant(self, key: bytes) -> int | None:
+        """This worker's claim on ``key`` (a slot, or ``FULL``: lead unpublished) when
+        no identical call is in flight anywhere; None when there may be one (then
         ``_join`` looks again and decides)."""
-        entry = self._entries.get(digest)
+        entry = self._entries.get(key)
         if entry is not None and not entry.done:
             return None
         peers = self._peers
         if peers is None:
             return FULL
-        claim = peers.claim(tag_of(digest), peers.owner, peers.pid)  # one C call
+        claim = peers.claim(key, peers.owner, peers.pid)  # one C call, hashing the key
         return claim if isinstance(claim, int) and claim != TAKEN else None
 
-    async def _join(self, digest: bytes, call: Call, gateway: Leading, streamed: bool) -> Joined:
-        """Join an identical call in flight (in this worker or another), or lead one
-        (``_lead``); followers read what the leader's call appends to the entry."""
+    async def _join(self, key: bytes, call: Call, gateway: Leading, streamed: bool) -> Joined | int:
+        """Join an identical call in flight (in this worker or another); or, when there
+        is none, this worker's claim on ``key`` for the caller to lead with.
+        Followers read what the leader's call appends to the entry."""
         for _ in range(JOIN_TRIES):
-            entry = self._entries.get(digest)
+            entry = self._entries.get(key)
             found: Owner | None = None
             if entry is None or entry.done:  # done a moment ago: not a cache
-                claim = self._claim(digest)
+                claim = self._claim(key)
                 if claim == TAKEN:
                     await asyncio.sleep(0.001)  # another worker is publishing its claim
                     continue
                 if not isinstance(claim, Owner):
-                    return await self._lead(digest, claim, call, gateway, streamed)
+                    return claim
                 found = claim
             admission = self._admit_follower(call, gateway)  # 429 before joining anything
             if found is not None:
-                entry = self._mirror(digest, found, call, gateway)
+                entry = self._mirror(key, found, call, gateway)
             assert entry is not None
             try:
                 target = await self._subscribe(entry)
@@ -340,7 +400,7 @@ class Multiplexer:
             self.counters.inc(FOLLOWERS)
             _role(call, "follower")
             gateway.limit_headers(call, target)
-            return entry, target, self._follower_done(gateway, admission), None
+            return entry, target, self._follower_done(gateway, admission)
         return await self._alone(call, gateway, streamed)
 
     async def _subscribe(self, entry: Entry) -> Target:
@@ -353,89 +413,81 @@ class Multiplexer:
 
     async def _alone(self, call: Call, gateway: Leading, streamed: bool) -> Joined:
         """Sharing kept failing (owners dying as we joined): an entry nobody else sees."""
+        if streamed and not call.request.wants_usage_chunk():  # as ``_lead`` asks
+            call.request = msgspec.structs.replace(call.request, stream_options=WITH_USAGE)
         entry = Entry(b"")
         run = gateway.start_run(call, streamed)
         self._start(entry, self._pump(entry, gateway, call, run, streamed))
-        return entry, await self._subscribe(entry), None, None
+        return entry, await self._subscribe(entry), None
 
-    def _claim(self, digest: bytes) -> int | Owner:
-        """Another worker's published call for ``digest``, else this worker's claim on
+    def _claim(self, key: bytes) -> int | Owner:
+        """Another worker's published call for ``key``, else this worker's claim on
         it: a slot index, ``FULL`` (no room, or no peers: lead unpublished) or ``TAKEN``
         (another worker's claim is being published)."""
         peers = self._peers
         if peers is None:
             return FULL
-        tag = tag_of(digest)
-        found = peers.claim(tag, peers.owner, peers.pid)  # one C call
+        found = peers.claim(key, peers.owner, peers.pid)  # one C call
         if isinstance(found, int):
             return found
         owner = owner_of(found)
         if owner.pid == peers.pid:  # ours, yet not in flight here: stale
-            peers.table.evict(owner, tag)
-            return peers.table.acquire(tag, peers.owner, peers.pid)
+            peers.table.evict(owner, key)
+            return peers.table.acquire(key, peers.owner, peers.pid)
         return owner
 
-    async def _lead(
-        self, digest: bytes, claim: int, call: Call, gateway: Leading, streamed: bool
-    ) -> Joined:
-        """Admit and make the call in this caller's own task, holding ``claim``: an
-        unshared call then costs no extra task and no wake-ups.
+    async def _lead_whole(self, key: bytes, claim: int, call: Call, gateway: Leading) -> Joined:
+        """Admit and make a whole (non-streamed) call in this caller's own task, holding
+        ``claim``: an unshared call then costs no extra task and no wake-ups.
 
         Its errors reach the leader as raised and every follower as the same error; if
         the leader goes away first (cancelled), followers start over.
         """
-        entry, run = self._enter(digest, claim, call, gateway, streamed)
-        chunks = None
+        entry = Entry(key, 1)  # its leader subscribes
+        entry.claim = claim
+        entry.keeper = self
+        run = self._enter(entry, call, gateway, streamed=False)
         try:
-            if streamed:
-                target, chunks = await gateway.open_stream(call, run, strip_usage=False)
-                entry.open(target, streamed=True)
-            else:
-                target, completion = await gateway.complete(call, run)
-                entry.open(target, streamed=False)
-                entry.complete(completion)
+            target, completion = await gateway.complete(call, run)
+            entry.open(target, streamed=False)
+            entry.complete(completion)
         except BaseException as exc:
-            _lead_failed(entry, exc)
+            entry.abort(exc)
             raise
         self.counters.inc(LEADERS)
         _role(call, "leader")
-        return entry, target, None, chunks
+        return entry, target, None
 
-    def _enter(
-        self, digest: bytes, claim: int, call: Call, gateway: Leading, streamed: bool
-    ) -> tuple[Entry, Run]:
+    def _enter(self, entry: Entry, call: Call, gateway: Leading, streamed: bool) -> Run:
         """Admit a leader (404/429 reach this caller only) and put its entry in the
-        table, holding ``claim``, so identical requests from now on join it."""
+        table, holding its claim, so identical requests from now on join it."""
         try:
             run = gateway.start_run(call, streamed)
         except BaseException:
-            self._release(digest, claim)
+            self._release(entry)
             raise
-        entry = Entry(digest, 1)  # its leader subscribes
-        entry.claim = claim
-        entry.on_idle = self._abandon
-        entry.on_done = self._forget  # the table holds calls in flight, never results
-        self._entries[digest] = entry
-        return entry, run
+        self._entries[entry.key] = entry
+        return run
 
-    def _release(self, digest: bytes, claim: int) -> None:
-        peers = self._peers
-        if peers is not None and claim >= 0:
-            peers.release(peers.offsets[claim], tag_of(digest), peers.owner)
+    def _release(self, entry: Entry) -> None:
+        """Give back the entry's claim on its slot in the shm table (once)."""
+        if entry.claim >= 0 and (peers := self._peers) is not None:
+            claim, entry.claim = entry.claim, FULL
+            peers.release(peers.offsets[claim], entry.key, peers.owner)
 
-    def _mirror(self, digest: bytes, found: Owner, call: Call, gateway: Leading) -> Entry:
+    def _mirror(self, key: bytes, found: Owner, call: Call, gateway: Leading) -> Entry:
         """A local entry filled from the owner's over its attach socket."""
         assert self._peers is not None
-        peers, tag, model = self._peers, tag_of(digest), call.request.model
-        entry = Entry(digest)
-        self._entries[digest] = entry
+        peers, model = self._peers, call.request.model
+        entry = Entry(key)
+        self._entries[key] = entry
 
         async def mirror() -> None:
             self._live.add(entry)
             try:
-                reader, writer = await connect(peers.path_of(found.worker_slot), digest)
+                reader, writer = await connect(peers.path_of(found.worker_slot), key)
             except OwnerGone:
-                peers.table.evict(found, tag)
+                peers.table.evict(found, key)
                 entry.fail(Retry("the owner is gone"))
                 return
             try:
@@ -449,14 +501,37 @@ class Multiplexer:
     def _start(self, entry: Entry, source: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(source)
         self._tasks[entry] = task
-        entry.on_idle = self._abandon
-        entry.on_done = self._forget  # the table holds calls in flight, never results
-        task.add_done_callback(lambda _: self._forget(entry))
+        entry.keeper = self
+        task.add_done_callback(lambda _: self.forget(entry))
 
-    def _hand_off(self, entry: Entry, chunks: TrackedStream) -> None:
+    # -- the keeper of its entries (``mux_entry.Keeper``) ---------------------------
+
+    def hand_off(self, entry: Entry, chunks: TrackedStream) -> None:
         """The leader's caller stops reading the upstream (it left, or others joined):
         a task of its own carries the call on for the subscribers that remain."""
         self._start(entry, self._pump_rest(entry, chunks))
+
+    def abandon(self, entry: Entry) -> None:
+        """The last subscriber left: stop the upstream call."""
+        task = self._tasks.get(entry)
+        started = entry in self._live
+        entry.fail(Retry("every subscriber left"))  # a task not started yet sees this
+        self.forget(entry)
+        if task is not None and started:
+            task.cancel()
+
+    def forget(self, entry: Entry) -> None:
+        """The entry's call ended: out of the table (this is not a cache)."""
+        key, claim = entry.key, entry.claim
+        held = self._entries.pop(key, None)
+        if held is not entry and held is not None:  # a newer call for the same key
+            self._entries[key] = held
+        if self._tasks or self._live:  # none for a leader reading inline
+            self._tasks.pop(entry, None)
+            self._live.discard(entry)
+        if claim >= 0 and (peers := self._peers) is not None:  # ``_release``, inline
+            entry.claim = FULL
+            peers.release(peers.offsets[claim], key, peers.owner)
 
     async def _pump_rest(self, entry: Entry, chunks: TrackedStream) -> None:
         self._live.add(entry)
@@ -464,25 +539,6 @@ class Multiplexer:
             await chunks.aclose()
             return
         await _feed(entry, _pump_frames(entry, chunks))
-
-    def _abandon(self, entry: Entry) -> None:
-        """The last subscriber left: stop the upstream call."""
-        task = self._tasks.get(entry)
-        started = entry in self._live
-        entry.fail(Retry("every subscriber left"))  # a task not started yet sees this
-        self._forget(entry)
-        if task is not None and started:
-            task.cancel()
-
-    def _forget(self, entry: Entry) -> None:
-        if self._entries.get(entry.digest) is entry:
-            del self._entries[entry.digest]
-        if self._tasks or self._live:  # none for a leader reading inline
-            self._tasks.pop(entry, None)
-            self._live.discard(entry)
-        if entry.claim >= 0 and (peers := self._peers) is not None:  # _release, inline
-            claim, entry.claim = entry.claim, FULL
-            peers.release(peers.offsets[claim], tag_of(entry.digest), peers.owner)
 
     async def _pump(
         self, entry: Entry, gateway: Leading, call: Call, run: Run, streamed: bool
@@ -523,9 +579,8 @@ class Multiplexer:
         return done
 
 
-Joined = tuple[Entry, Target, Callable[[], None] | None, TrackedStream | None]
-"""What joining gave: the entry, its target, a follower's settle hook, and for a
-streaming leader the upstream stream it reads itself."""
+Joined = tuple[Entry, Target, Callable[[], None] | None]
+"""What joining gave: the entry, its target and a follower's settle hook."""
 
 
 async def _feed(entry: Entry, source: Coroutine[Any, Any, None]) -> None:
@@ -563,11 +618,17 @@ async def _pump_frames(entry: Entry, chunks: TrackedStream) -> None:
         await chunks.aclose()
 
 
-def _lead_failed(entry: Entry, exc: BaseException) -> None:
-    """The leader's call failed before its first output: followers get the same error,
-    or start over if the leader just went away."""
-    entry.fail(exc if isinstance(exc, LLMKitError) else Retry("the leading request went away"))
-    entry.leave()
+async def _open_lead(
+    lead: Lead, call: Call, gateway: Leading
+) -> tuple[Target, AsyncIterator[bytes]]:
+    """Open a leader's upstream stream; its caller then reads it through ``lead``."""
+    try:
+        target, chunks = await gateway.open_stream(call, lead.run, False)  # keep usage
+    except BaseException as exc:
+        lead.abort(exc)
+        raise
+    lead.read_from(target, chunks)
+    return target, lead
 
 
 def _role(call: Call, role: str) -> None:

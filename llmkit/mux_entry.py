@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 
-from llmkit.attempts import TrackedStream
+from llmkit.attempts import Run, TrackedStream
 from llmkit.errors import LLMKitError, ServiceUnavailableError
 from llmkit.providers.base import SSE_DONE, Frames, Target, sse_event
 from llmkit.types import (
@@ -37,12 +38,25 @@ FRAME_PREFIX = b"data: "
 FRAME_SUFFIX = b"\n\n"
 
 
+class Keeper(Protocol):
+    """The table an entry is in (``llmkit.multiplexer.Multiplexer``): told when the
+    entry's call ends, when its last subscriber leaves, and when a leading caller
+    stops reading the upstream itself."""
+
+    def forget(self, entry: Entry) -> None: ...
+
+    def abandon(self, entry: Entry) -> None: ...
+
+    def hand_off(self, entry: Entry, chunks: TrackedStream) -> None: ...
+
+
 class Entry:
     """One in-flight upstream call: its target, its output so far, and who reads it.
 
+    ``key`` is the request's canonical bytes (``llmkit.multiplexer.dedup_key``).
     ``frames[usage_at]`` is the usage-only chunk (-1: none yet); each subscription
     passes it on only if its caller asked for usage. ``subscribers`` counts readers;
-    when it drops to 0 before the end, ``on_idle`` cancels the source.
+    when it drops to 0 before the end, its ``keeper`` cancels the source.
     """
 
     # Class-level defaults: a new entry sets only what differs (one is made per eligible
@@ -55,15 +69,13 @@ class Entry:
     error: LLMKitError | None = None
     opened = False
     done = False
-    on_idle: Callable[[Entry], None] | None = None
-    on_join: Callable[[], None] | None = None
-    on_done: Callable[[Entry], None] | None = None
+    keeper: Keeper | None = None
     _waiters: list[asyncio.Future[None]] | None = None
     _assembled: ChatCompletion | None = None
     _chunked = False
 
-    def __init__(self, digest: bytes, subscribers: int = 0) -> None:
-        self.digest = digest
+    def __init__(self, key: bytes, subscribers: int = 0) -> None:
+        self.key = key
         self.frames: list[bytes] = []
         self.subscribers = subscribers
 
@@ -101,14 +113,20 @@ class Entry:
         self.done = True
         if self._waiters:
             self.notify()
-        if self.on_done is not None:
-            self.on_done(self)
+        if self.keeper is not None:
+            self.keeper.forget(self)  # the table holds calls in flight, never results
 
     def fail(self, error: LLMKitError) -> None:
         if self.done:
             return
         self.error = error
         self.finish()
+
+    def abort(self, exc: BaseException) -> None:
+        """Its leader's call failed before its first output: followers get the same
+        error, or start over if the leader just went away; the leader leaves."""
+        self.fail(exc if isinstance(exc, LLMKitError) else Retry("the leading request went away"))
+        self.leave()
 
     def notify(self) -> None:
         waiters, self._waiters = self._waiters or [], None
@@ -129,13 +147,11 @@ class Entry:
 
     def join(self) -> None:
         self.subscribers += 1
-        if self.on_join is not None:
-            self.on_join()
 
     def leave(self) -> None:
         self.subscribers -= 1
-        if self.subscribers <= 0 and not self.done and self.on_idle is not None:
-            self.on_idle(self)
+        if self.subscribers <= 0 and not self.done and self.keeper is not None:
+            self.keeper.abandon(self)
 
     async def wait_open(self) -> Target:
         """The target once the source produced its first output; its error if it failed."""
@@ -226,118 +242,133 @@ class Subscription:
             self._on_leave()
 
 
-class LeadSubscription(Subscription):
-    """The leading caller's view: it reads the upstream stream itself while nobody else
-    reads the entry, so an unshared stream costs no task and no wake-ups.
+class Lead(Entry):
+    """An entry that its leading caller reads: the call nobody shares (yet).
 
-    Once a follower has joined (or when the leader leaves first while followers
-    remain) the stream is handed to ``hand_off``, which carries it on in a task of its
-    own, so the leader's caller going away can no longer cut the followers short.
+    While nobody else reads it, the leader's caller reads the upstream stream itself
+    and returns each read at once, keeping it in ``frames`` for late joiners: an
+    unshared stream then costs one object, no task and no wake-ups. Once a follower
+    has joined (or when the leader leaves first while followers remain) the stream is
+    handed to its keeper, which carries it on in a task of its own, so the leader's
+    caller going away can no longer cut the followers short; the leader then reads
+    the entry through a ``Subscription`` of its own, from where it had got to.
+
+    Every attribute it reads per upstream read is set in ``__init__`` (no class
+    defaults, no ``__slots__`` base): CPython then keeps them inline in the instance
+    and specializes each access, which the class-default lookups of ``Entry`` are not.
     """
 
-    __slots__ = ("_chunks", "_frames", "_hand_off", "_pulling")
+    def __init__(self, key: bytes, claim: int, keeper: Keeper, wants_usage: bool, run: Run) -> None:
+        self.key = key
+        self.claim = claim
+        self.keeper: Keeper = keeper
+        self.frames = []
+        self.subscribers = 1  # its leader
+        self.done = False
+        self._waiters = None
+        self.run = run  # the leader's tries
+        self._chunks: TrackedStream | None = None  # the upstream, while the leader reads it
+        self._pulling = False  # a read of the upstream is under way
+        self._reader: Subscription | None = None  # the leader's, once it stops pulling
+        self._wants_usage = wants_usage
 
-    def __init__(
-        self,
-        entry: Entry,
-        wants_usage: bool,
-        chunks: TrackedStream,
-        hand_off: Callable[[Entry, TrackedStream], None],
-    ) -> None:
-        # Subscription.__init__, inline: one call less on every unshared stream.
-        self._entry, self._index, self._wants_usage = entry, 0, wants_usage
-        self._on_leave, self._left = None, False
-        self._chunks: TrackedStream | None = chunks
-        self._frames = entry.frames
-        self._hand_off = hand_off
-        self._pulling = False
-        entry.on_join = self._shared
-        if entry.subscribers > 1:  # followers joined while the first chunk was awaited
-            self._give_away()
+    def __aiter__(self) -> Lead:
+        return self
 
-    def _shared(self) -> None:
-        """A follower joined: unless a read is under way (it hands off when done), a
-        task takes the stream now, so a leader that stalls never stalls the others."""
-        if not self._pulling:
-            self._index = len(self._frames)  # every frame so far was returned
-            self._give_away()
+    def read_from(self, target: Target, chunks: TrackedStream) -> None:
+        """The call is open: its first output is in ``chunks``, the leader reads on."""
+        self.target, self.opened = target, True
+        self._chunks = chunks
+        if self._waiters:
+            self.notify()
+        if self.subscribers > 1:  # followers joined while the first chunk was awaited
+            self._give_away(0)
 
-    def _give_away(self) -> None:
+    def join(self) -> None:
+        """A follower joined: unless a read is under way (it hands off when done), the
+        keeper takes the stream now, so a leader that stalls never stalls the others."""
+        self.subscribers += 1
+        if self._chunks is not None and not self._pulling:
+            self._give_away(len(self.frames))  # every frame so far was returned
+
+    def _give_away(self, index: int) -> None:
+        """Stop reading the upstream: the keeper carries it on, and the leader reads the
+        entry from ``index`` on."""
+        reader = self._reader = Subscription(self, self._wants_usage)
+        reader._index = index
         chunks, self._chunks = self._chunks, None
-        self._entry.on_join = None
         if chunks is not None:
-            self._hand_off(self._entry, chunks)
+            self.keeper.hand_off(self, chunks)
 
     async def __anext__(self) -> bytes:
         # Alone and caught up: read the upstream ourselves and return each read at
-        # once; it is kept in the entry for late joiners (``_index`` catches up only
-        # when we stop reading). This runs per upstream read of every unshared stream,
-        # so it is lean, and loops rather than recursing: the end of the stream is an
-        # exception, and every frame it passes through costs a traceback entry.
-        while (chunks := self._chunks) is not None:
+        # once; it is kept in ``frames`` for late joiners. This runs per upstream read
+        # of every unshared stream, so it is lean, and loops rather than recursing: the
+        # end of the stream is an exception, and every frame it passes through costs a
+        # traceback entry.
+        chunks = self._chunks
+        while chunks is not None:
             self._pulling = True
             try:
                 read = await chunks.next_frames()
             except StopAsyncIteration:
-                self._ended(None)
-                self._left = True  # _leave(), inline: the entry is done, leaving is a count
-                self._entry.subscribers -= 1
+                # The end, settled inline (every unshared stream comes here once):
+                # finish(). The leader need not leave a finished entry (``aclose``).
+                self._chunks = None
+                self.done = True
+                if self._waiters:
+                    self.notify()
+                self.keeper.forget(self)
                 raise
             except LLMKitError as exc:
-                self._ended(exc)
+                self._chunks = None  # it ended: nothing to hand off
+                self._give_away(len(self.frames))
+                self.fail(exc)
                 break  # the entry raises its copy of the error
             except BaseException:  # cancelled mid-read: the call ends for all
-                self._entry.fail(_gone(self._entry))
+                self.fail(_gone(self))
                 raise
             self._pulling = False
             events = read.events
             if events:
-                self._frames.append(events)
-                if not read.usage_event and self._entry.subscribers == 1:
+                self.frames.append(events)
+                if self.subscribers == 1 and not read.usage_event:
                     return events + SSE_DONE if read.last else events
             events = self._kept(read, events)
             if events:
                 return events
-        return await super().__anext__()  # handed off, or ended: read the entry
+            chunks = self._chunks
+        if self._reader is None:  # it ended, and every frame was returned
+            raise StopAsyncIteration
+        return await self._reader.__anext__()  # handed off, or failed: read the entry
 
     def _kept(self, read: Frames, events: bytes) -> bytes:
         """The rest of ``__anext__`` for a read that is not plain events: what to
         return, or b"" to read on (nothing to show, or others joined: handed off)."""
         if read.usage_event:
-            self._entry.usage_at = len(self._frames)
-            self._frames.append(read.usage_event)
+            self.usage_at = len(self.frames)
+            self.frames.append(read.usage_event)
             if self._wants_usage:
                 events += read.usage_event
-        if self._entry.subscribers > 1:  # joined during the read: hand off, then read
-            self._index = len(self._frames) - bool(read.events) - bool(read.usage_event)
-            self._entry.notify()
-            self._give_away()
+        if self.subscribers > 1:  # joined during the read: hand off, then read
+            self.notify()
+            self._give_away(len(self.frames) - bool(read.events) - bool(read.usage_event))
             return b""
         return events + SSE_DONE if read.last else events
 
-    def _ended(self, error: LLMKitError | None) -> None:
-        """The stream ended (or failed) by itself, settling its own books."""
-        self._chunks = None
-        entry = self._entry
-        entry.on_join = None
-        self._index = len(self._frames)
-        if error is None:
-            entry.finish()
-        else:
-            entry.fail(error)
-
     async def aclose(self) -> None:
         chunks = self._chunks
-        if chunks is None and self._left:  # the stream ended: nothing left to do
-            return
         if chunks is not None:  # left while reading the upstream itself
-            entry = self._entry
-            if entry.subscribers > 1 and not entry.done:
-                self._give_away()  # the others carry on
+            if self.subscribers > 1 and not self.done:
+                self._give_away(len(self.frames))  # the others carry on
             else:
-                self._chunks, entry.on_join = None, None
+                self._chunks = None
                 await chunks.aclose()
-        self._leave()
+                self.leave()
+                return
+        if self._reader is not None:
+            await self._reader.aclose()  # leaves the entry, once
+        # else it ended by itself: a finished entry needs no leaving
 
 
 async def pull_into(entry: Entry, chunks: TrackedStream) -> Frames | None:

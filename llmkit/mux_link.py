@@ -4,13 +4,16 @@ Every worker listens on its own Unix socket, ``link_path(shm_name, slot)`` (a fi
 mode 0600 in a 0700 directory owned by the user). A worker that finds another
 worker's claim for a key in the shm table connects there and sends
 
-    hello = magic b"LKMX" | version u8 | key digest (16 bytes)
+    hello = magic b"LKMX" | version u8 | key length u32 little-endian | key
 
-The owner looks the full digest up in its own in-flight table and answers with a
-sequence of messages ``type (1 byte) | length u32 little-endian | payload``:
+(the key: the request's canonical bytes, ``llmkit.multiplexer.dedup_key``). The owner
+looks the whole key up in its own in-flight table, so two requests share only when
+they are the same byte for byte (the shm table's 64-bit tag merely found the owner),
+and answers with a sequence of messages ``type (1 byte) | length u32 little-endian |
+payload``:
 
 ====  =========================================================================
-M     miss: no such call here (finished, or a 64-bit hash collision)
+M     miss: no such call here (finished, or a 64-bit tag collision)
 O     opened: JSON ``{"streamed", "provider", "model", "deployment"}``
 F     one SSE frame (bytes exactly as the HTTP surface sends them)
 U     the usage-only SSE frame (each subscriber decides whether it wants it)
@@ -49,8 +52,8 @@ from llmkit.types import completion_decoder, encoder
 log = logging.getLogger("llmkit.multiplexer")
 
 MAGIC = b"LKMX"
-VERSION = 1
-HELLO = struct.Struct("<4sB16s")
+VERSION = 2
+HELLO = struct.Struct("<4sBI")
 HEADER = struct.Struct("<cI")
 HELLO_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
@@ -132,9 +135,8 @@ class LinkServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            hello = await asyncio.wait_for(reader.readexactly(HELLO.size), HELLO_TIMEOUT_S)
-            magic, version, digest = HELLO.unpack(hello)
-            entry = self._lookup(digest) if (magic, version) == (MAGIC, VERSION) else None
+            key = await asyncio.wait_for(_read_hello(reader), HELLO_TIMEOUT_S)
+            entry = self._lookup(key) if key is not None else None
             if entry is None or entry.done:
                 writer.write(message(MISS))
                 await writer.drain()
@@ -148,6 +150,14 @@ class LinkServer:
             pass
         finally:
             writer.close()
+
+
+async def _read_hello(reader: asyncio.StreamReader) -> bytes | None:
+    """The key a follower asks for; None if it speaks another version."""
+    magic, version, length = HELLO.unpack(await reader.readexactly(HELLO.size))
+    if (magic, version) != (MAGIC, VERSION) or length > MAX_MESSAGE:
+        return None
+    return await reader.readexactly(length)
 
 
 async def _until_eof(reader: asyncio.StreamReader, sending: Coroutine[Any, Any, None]) -> None:
@@ -214,7 +224,7 @@ def error_from(payload: bytes) -> LLMKitError:
     return error
 
 
-async def connect(path: str, digest: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def connect(path: str, key: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to an owner and say hello; ``OwnerGone`` if nobody listens there."""
     try:
         reader, writer = await asyncio.wait_for(
@@ -222,7 +232,7 @@ async def connect(path: str, digest: bytes) -> tuple[asyncio.StreamReader, async
         )
     except (ConnectionRefusedError, FileNotFoundError, TimeoutError) as exc:
         raise OwnerGone(str(exc)) from None
-    writer.write(HELLO.pack(MAGIC, VERSION, digest))
+    writer.write(HELLO.pack(MAGIC, VERSION, len(key)) + key)
     return reader, writer
 
 

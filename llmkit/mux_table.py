@@ -28,8 +28,10 @@ then CAS ``tag`` hash -> 0.
 Reclaim (supervisor, after reaping a worker; or a worker that found the owner's socket
 refusing): the same, for every slot whose ``pid`` is the dead worker's.
 
-The hash only finds a candidate owner: the attach handshake carries the key's full
-128-bit digest and the owner refuses on mismatch, so a 64-bit collision costs a
+The tag is a 64-bit hash of the request key's canonical bytes, computed in C
+(``Atomics.mux_tag``; ``mux_acquire`` and ``mux_release`` take the key's bytes in its
+place and hash them themselves). It only finds a candidate owner: the attach handshake
+carries the full key and the owner refuses on mismatch, so a 64-bit collision costs a
 missed deduplication, never a wrong answer.
 """
 
@@ -56,11 +58,6 @@ def pack_owner(worker_slot: int, incarnation: int) -> int:
     return (worker_slot + 1) | (incarnation & (2**47 - 1)) << 16
 
 
-def tag_of(digest: bytes) -> int:
-    """The slot tag for a key digest: its first 8 bytes as int64, never 0."""
-    return int.from_bytes(digest[:8], "little", signed=True) or 1
-
-
 class Owner(NamedTuple):
     slot: int  # slot index in the table
     worker_slot: int
@@ -83,9 +80,10 @@ class MuxTable:
         self._probes = min(PROBES, region.count)
         self._ring = self._offsets + self._offsets[: self._probes]  # windows never wrap
         self.geometry = (region.offset, region.stride, region.count, self._probes)
-        # find-or-claim for one tag: ``claim(tag, owner, pid)``, as ``acquire`` returns
-        # it but with a found owner as a tuple (index, owner word, pid).
+        # find-or-claim for one tag (or key): ``claim(tag, owner, pid)``, as ``acquire``
+        # returns it but with a found owner as a tuple (index, owner word, pid).
         self.claim = functools.partial(atomics.mux_acquire, *self.geometry)
+        self.tag = atomics.mux_tag  # a key's tag (never 0)
 
     def find(self, tag: int) -> Owner | None:
         """The published owner of ``tag``; None if nobody holds it (or not published yet)."""
@@ -97,21 +95,21 @@ class MuxTable:
                              load(off + PID), owner)  # fmt: skip
         return None
 
-    def acquire(self, tag: int, owner: int, pid: int) -> int | Owner:
+    def acquire(self, tag: int | bytes, owner: int, pid: int) -> int | Owner:
         """``tag``'s published owner if there is one, else a slot claimed for ``owner``
         (its index); ``TAKEN`` while another worker's claim is being published or won
         the race, ``FULL`` when the probe window has no room."""
         found = self.claim(tag, owner, pid)
         return found if isinstance(found, int) else owner_of(found)
 
-    def release(self, index: int, tag: int, owner: int) -> None:
+    def release(self, index: int, tag: int | bytes, owner: int) -> None:
         """Give back slot ``index`` if it still holds ``tag`` for ``owner``."""
         self._a.mux_release(self._offsets[index], tag, owner)
 
     def offset_of(self, index: int) -> int:
         return self._offsets[index]
 
-    def evict(self, found: Owner, tag: int) -> None:
+    def evict(self, found: Owner, tag: int | bytes) -> None:
         """Clear a slot whose owner is gone (its socket refuses connections)."""
         self.release(found.slot, tag, found.owner)
 

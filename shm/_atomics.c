@@ -56,7 +56,7 @@ typedef union {
 /* How one method takes its arguments and how much memory it touches. */
 typedef struct {
     const char *name;
-    const char *kinds;        /* one char per parameter: 'i' int64, 'f' float */
+    const char *kinds;        /* one char per parameter: 'i' int64, 'f' float, 'k' mux tag */
     const char *const *names; /* parameter names, so keywords work too */
     Py_ssize_t count;
     Py_ssize_t required;      /* leading parameters that have no default */
@@ -133,10 +133,17 @@ as_i64(PyObject *obj)
     return PyLong_AsLong(obj);
 }
 
+static int64_t mux_tag_of(PyObject *key);
+
 static int
 convert_arg(char kind, PyObject *obj, Arg *out)
 {
-    if (kind == 'i') {
+    if (kind == 'k' && !PyLong_Check(obj)) {
+        /* A multiplexer tag given as the key's bytes: hashed here (mux_tag). */
+        out->i = mux_tag_of(obj);
+        return (out->i == 0 && PyErr_Occurred()) ? -1 : 0;
+    }
+    if (kind == 'i' || kind == 'k') {
         /* Accepts int and __index__ types only: a float offset is a TypeError. */
         out->i = as_i64(obj);
         return (out->i == -1 && PyErr_Occurred()) ? -1 : 0;
@@ -1129,7 +1136,9 @@ Atomics_record_finished(AtomicsObject *self, PyObject *const *args, Py_ssize_t n
  *
  * A key's probe window is the `probes` slots from slot (tag mod slots),
  * wrapping at the end.  One C call does what would otherwise be a dozen
- * Python-level loads, a CAS and three stores.
+ * Python-level loads, a CAS and three stores.  Where a tag is asked for, the
+ * key's bytes may be given instead: they are hashed here (mux_tag), so the
+ * unshared path makes no separate call for its tag.
  */
 
 #define MUX_TAG 0
@@ -1147,8 +1156,8 @@ static const char *const P_MUX_ACQUIRE[] = {"offset", "stride", "slots", "probes
                                             "tag", "owner", "pid"};
 static const char *const P_MUX_RELEASE[] = {"offset", "tag", "owner"};
 
-static const Signature SIG_MUX_ACQUIRE = {"mux_acquire", "iiiiiii", P_MUX_ACQUIRE, 7, 7, 0};
-static const Signature SIG_MUX_RELEASE = {"mux_release", "iii", P_MUX_RELEASE, 3, 3, 2};
+static const Signature SIG_MUX_ACQUIRE = {"mux_acquire", "iiiikii", P_MUX_ACQUIRE, 7, 7, 0};
+static const Signature SIG_MUX_RELEASE = {"mux_release", "iki", P_MUX_RELEASE, 3, 3, 2};
 
 /* The table's first word, once its geometry is checked and it lies in the buffer. */
 static int64_t *
@@ -1265,6 +1274,68 @@ Atomics_mux_release(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_TRUE;
 }
 
+/*
+ * The table tag of a request key (its canonical bytes): a 64-bit hash, never 0.
+ * MurmurHash3's x64 mixing over 8-byte words, its fmix64 finalizer at the end:
+ * one multiply-rotate-multiply per word, so a long prompt costs about a byte
+ * copy.  The tag only spreads keys over the table and names a candidate owner;
+ * sharing is decided on the full key (llmkit/mux_link.py), so a collision costs
+ * a missed deduplication, never a wrong answer.  Native-endian: every worker of
+ * one segment runs on one host.
+ */
+static uint64_t
+mux_fmix64(uint64_t h)
+{
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    return h ^ (h >> 33);
+}
+
+static uint64_t
+mux_mix(uint64_t h, uint64_t word)
+{
+    word *= 0x87c37b91114253d5ULL;
+    word = (word << 31) | (word >> 33);
+    word *= 0x4cf5ad432745937fULL;
+    h ^= word;
+    h = (h << 27) | (h >> 37);
+    return h * 5 + 0x52dce729;
+}
+
+/* The tag of a bytes-like key; 0 with an exception set if it is not one. */
+static int64_t
+mux_tag_of(PyObject *key)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(key, &view, PyBUF_SIMPLE) < 0) {
+        return 0;
+    }
+    const unsigned char *p = view.buf;
+    Py_ssize_t n = view.len;
+    uint64_t h = 0x9e3779b97f4a7c15ULL ^ (uint64_t)n, word;
+    for (; n >= 8; p += 8, n -= 8) {
+        memcpy(&word, p, 8);
+        h = mux_mix(h, word);
+    }
+    if (n > 0) {
+        word = 0;
+        memcpy(&word, p, (size_t)n);
+        h = mux_mix(h, word);
+    }
+    PyBuffer_Release(&view);
+    int64_t tag = (int64_t)mux_fmix64(h);
+    return tag ? tag : 1;
+}
+
+static PyObject *
+Atomics_mux_tag(AtomicsObject *Py_UNUSED(self), PyObject *key)
+{
+    int64_t tag = mux_tag_of(key);
+    return tag == 0 ? NULL : PyLong_FromLongLong(tag);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Type and module                                                           */
 /* ------------------------------------------------------------------------ */
@@ -1329,11 +1400,16 @@ static PyMethodDef Atomics_methods[] = {
      "tuple of float bounds) gains 1 and its sum value."},
     /* --- multiplexer --- */
     FASTCALL(mux_acquire, "($self, offset, stride, slots, probes, tag, owner, pid)",
-             "Find-or-claim tag in the in-flight table (llmkit/mux_table.py): the claimed\n"
+             "Find-or-claim tag (an int, or a key's bytes: their mux_tag) in the in-flight\n"
+             "table (llmkit/mux_table.py): the claimed\n"
              "slot's index, -1 while another claim is unpublished or won a race, -2 when\n"
              "the probe window is full, or (index, owner, pid) of the published owner."),
+    {"mux_tag", (PyCFunction)Atomics_mux_tag, METH_O,
+     "mux_tag($self, key, /)\n--\n\n"
+     "The in-flight table's 64-bit tag (never 0) for a request key's bytes."},
     FASTCALL(mux_release, "($self, offset, tag, owner)",
-             "Free the table slot at offset if owner still holds it for tag; return\n"
+             "Free the table slot at offset if owner still holds it for tag (an int, or a\n"
+             "key's bytes); return\n"
              "whether it did."),
     {NULL, NULL, 0, NULL},
 };

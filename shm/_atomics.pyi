@@ -73,7 +73,16 @@ class Atomics:
         /,
     ) -> None: ...
     # --- multiplexer ---
+    # A tag is an int, or a key's bytes (hashed in C: their ``mux_tag``).
     def mux_acquire(
-        self, offset: int, stride: int, slots: int, probes: int, tag: int, owner: int, pid: int
+        self,
+        offset: int,
+        stride: int,
+        slots: int,
+        probes: int,
+        tag: int | Buffer,
+        owner: int,
+        pid: int,
     ) -> int | tuple[int, int, int]: ...
-    def mux_release(self, offset: int, tag: int, owner: int) -> bool: ...
+    def mux_release(self, offset: int, tag: int | Buffer, owner: int) -> bool: ...
+    def mux_tag(self, key: Buffer, /) -> int: ...

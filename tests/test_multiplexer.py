@@ -23,7 +23,7 @@ from llmkit.errors import ServiceUnavailableError
 from llmkit.gateway import Gateway
 from llmkit.multiplexer import dedup_key, eligible
 from llmkit.mux_entry import Entry, Subscription, assemble, completion_frames
-from llmkit.mux_table import FULL, OWNER, TAKEN, MuxTable, declare, pack_owner, tag_of
+from llmkit.mux_table import FULL, OWNER, TAKEN, MuxTable, declare, pack_owner
 from llmkit.providers.base import Call
 from llmkit.state import SharedState
 from llmkit.types import ChatRequest, chunk_decoder
@@ -441,7 +441,7 @@ def table(slots: int = 16) -> MuxTable:
 
 def test_the_table_claims_finds_releases_and_reclaims() -> None:
     t = table()
-    tag, owner = tag_of(b"\x01" * 16), pack_owner(3, 7)
+    tag, owner = t.tag(b"\x01" * 16), pack_owner(3, 7)
     slot = t.acquire(tag, owner, 1234)
     assert slot >= 0
     found = t.find(tag)
@@ -453,7 +453,7 @@ def test_the_table_claims_finds_releases_and_reclaims() -> None:
     t.release(slot, tag, owner)
     assert t.find(tag) is None and t.in_use() == 0
     t.acquire(tag, owner, 1234)
-    t.acquire(tag_of(b"\x02" * 16), owner, 1234)
+    t.acquire(t.tag(b"\x02" * 16), owner, 1234)
     assert t.reclaim(1234) == 2 and t.in_use() == 0
 
 
@@ -462,12 +462,12 @@ def test_a_full_probe_window_refuses_and_tags_are_never_zero() -> None:
     tags = [8 * i + 5 for i in range(1, 9)]  # all start at the same slot
     assert all(t.acquire(tag, pack_owner(0, 1), 1) >= 0 for tag in tags)
     assert t.acquire(8 * 99 + 5, pack_owner(0, 1), 1) == FULL
-    assert tag_of(bytes(16)) != 0
+    assert t.tag(bytes(16)) != 0
 
 
 def test_racing_claims_for_one_tag_leave_one_owner() -> None:
     t = table()
-    tag = tag_of(b"\x07" * 16)
+    tag = t.tag(b"\x07" * 16)
     first = t.acquire(tag, pack_owner(0, 1), 100)
     assert first >= 0
     assert t.acquire(tag, pack_owner(1, 1), 200) == t.find(tag)
@@ -476,9 +476,70 @@ def test_racing_claims_for_one_tag_leave_one_owner() -> None:
 
 def test_an_unpublished_claim_makes_others_wait() -> None:
     t = table()
-    tag = tag_of(b"\x08" * 16)
+    tag = t.tag(b"\x08" * 16)
     slot = t.acquire(tag, pack_owner(0, 1), 100)
     assert isinstance(slot, int)
     t._a.store_i64(t._offsets[slot] + OWNER, 0)  # the claimer is between CAS and publish
     assert t.acquire(tag, pack_owner(1, 1), 200) == TAKEN
     assert t.in_use() == 1
+
+
+async def test_the_owner_shares_only_the_exact_key(tmp_path: Any) -> None:
+    """The shm tag only finds a candidate owner: over the attach socket the whole key
+    is compared, so a key whose tag collides gets a miss, never another call's frames."""
+    from llmkit.mux_link import MISS, LinkServer, connect, mirror_remote
+    from llmkit.providers.base import Provider, Target
+
+    asked = dedup_key(call(), Gateway(Config()).resolve("demo/x"))
+    other = asked[:-2] + b"0}"  # same length, one byte apart
+    owned = Entry(asked)
+    server = LinkServer({asked: owned}.get)
+    path = str(tmp_path / "link" / "owner.sock")
+    await server.start(path)
+    try:
+        reader, writer = await connect(path, other)
+        assert (await reader.readexactly(1)) == MISS
+        writer.close()
+        target = Target(Provider("local", "openai", "http://127.0.0.1:9"), "m", "local/m")
+        reader, writer = await connect(path, asked)
+        mirrored = Entry(asked)
+        mirroring = asyncio.ensure_future(mirror_remote(mirrored, reader, lambda _: target))
+        for _ in range(500):  # until the owner has read the hello and subscribed
+            if owned.subscribers:
+                break
+            await asyncio.sleep(0.01)
+        owned.open(target, streamed=True)
+        owned.append(b"data: 1\n\n")
+        owned.finish()
+        await asyncio.wait_for(mirroring, 5)
+        writer.close()
+    finally:
+        server.close()
+    assert mirrored.frames == [b"data: 1\n\n"] and mirrored.done and mirrored.error is None
+
+
+async def test_an_unshared_stream_cut_mid_way_fails_its_leader_and_leaves_nothing() -> None:
+    from llmkit.errors import LLMKitError
+    from tests.mocks.base import Fault
+
+    with OpenAIMock(key=None) as upstream:
+        upstream.faults.append(Fault("reset", after_chunks=2))
+        gateway = gateway_for(upstream)
+        mux = gateway.multiplexer
+        assert mux is not None
+        try:
+            _, stream = await gateway.stream(call())
+            got = []
+            tasks = asyncio.all_tasks()
+            with pytest.raises(LLMKitError):
+                async for frame in stream:
+                    got.append(frame)
+            assert asyncio.all_tasks() <= tasks  # nothing was handed off to a task
+            await stream.aclose()  # type: ignore[attr-defined]
+            assert got and mux.in_flight() == 0
+            _, again = await gateway.stream(call())  # the same request leads afresh
+            frames = b"".join(await read_all(again)).replace(b"data: [DONE]\n\n", b"")
+            assert "".join(deltas([frames])) == "Hello from m: one two three four"
+        finally:
+            await gateway.close()
+    assert len(upstream.requests) == 2

@@ -255,3 +255,36 @@ def test_one_holder_at_a_time_across_processes(shared: Atomics, impls: tuple[str
     assert [torn for _, _, torn in results] == [0, 0]
     assert all(claims > 0 for claims, _, _ in results)
     assert all(shared.load_i64(slot * STRIDE + TAG) == 0 for slot in range(SLOTS))
+
+
+# -- tags from keys ------------------------------------------------------------------
+
+
+def test_a_key_given_for_its_tag_is_hashed_as_mux_tag_does() -> None:
+    atomics = Atomics(bytearray(SLOTS * STRIDE))
+    key = b'[["local/m"],{"messages":[{"content":"hello","role":"user"}],"seed":1},{}]'
+    tag = atomics.mux_tag(key)
+    assert tag == atomics.mux_tag(bytearray(key)) == atomics.mux_tag(memoryview(key))
+    assert tag != atomics.mux_tag(key + b" ") and tag != atomics.mux_tag(key[:-1])
+    slot = atomics.mux_acquire(*GEOMETRY, key, 3, 4)
+    assert isinstance(slot, int) and slot >= 0
+    assert atomics.load_i64(slot * STRIDE + TAG) == tag
+    assert atomics.mux_acquire(*GEOMETRY, tag, 5, 6) == (slot, 3, 4)  # int and bytes agree
+    assert atomics.mux_release(slot * STRIDE, key, 3) is True
+    assert atomics.load_i64(slot * STRIDE + TAG) == 0
+    with pytest.raises(TypeError):
+        atomics.mux_tag("a str is not bytes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        atomics.mux_acquire(*GEOMETRY, 1.5, 3, 4)  # type: ignore[arg-type]
+    assert not any(atomics.load_i64(i * STRIDE + TAG) for i in range(SLOTS))
+
+
+def test_tags_are_never_zero_and_spread_over_the_table() -> None:
+    atomics = Atomics(bytearray(8))
+    tags = [atomics.mux_tag(b"question %d" % i) for i in range(20_000)]
+    assert 0 not in tags and atomics.mux_tag(b"") != 0
+    assert len(set(tags)) == len(tags)
+    per_slot = [0] * 256
+    for tag in tags:
+        per_slot[tag % 256] += 1
+    assert max(per_slot) < 2 * len(tags) / 256  # about 78 each; a bad hash piles up
