@@ -254,9 +254,12 @@ class HttpSurface:
         chunks: AsyncIterator[bytes],
         headers: dict[str, str],
     ) -> web.StreamResponse:
-        response = _EventStream(headers={**SSE_HEADERS, **headers})
-        response.headers["x-request-id"] = self._live[id(request)].request_id
-        _target_headers(response, target)
+        # All headers in one dict: aiohttp builds its multidict once from it.
+        response = _EventStream(headers={
+            **SSE_HEADERS, "x-llmkit-provider": target.provider.name,
+            "x-llmkit-deployment": target.deployment, **headers,
+            "x-request-id": self._live[id(request)].request_id,
+        })  # fmt: skip
         tail = SSE_DONE
         try:
             await response.prepare(request)
