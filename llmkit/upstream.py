@@ -64,11 +64,11 @@ class Upstream:
             connector = aiohttp.TCPConnector(
                 limit=self._pool_size, ttl_dns_cache=300, keepalive_timeout=30
             )
+            # The default User-Agent replaces aiohttp's own as it is; no skip_auto_headers,
+            # which would send every request down aiohttp's slow header path (a sorted
+            # copy of the skip list and of the request's headers, per request).
             self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=True,
-                skip_auto_headers=("User-Agent",),
-                headers={"User-Agent": "llmkit"},
+                connector=connector, auto_decompress=True, headers={"User-Agent": "llmkit"}
             )
         return self._session
 

@@ -229,6 +229,7 @@ async def test_text_round_trip_sends_what_the_sdk_accepts(
     assert "authorization" not in headers
     assert headers["anthropic-version"] == "2023-06-01"
     assert headers["content-type"] == "application/json"
+    assert headers["user-agent"] == "llmkit"  # the session's, not aiohttp's own
     assert mock.requests[-1].path == "/v1/messages"
 
     assert completion.choices[0].message.content == ANSWER
