@@ -25,6 +25,7 @@ from llmkit.errors import (
     RateLimitError,
 )
 from llmkit.multiplexer import Multiplexer
+from llmkit.mux_entry import Lead
 from llmkit.pricing import price_for
 from llmkit.providers.base import Adapter, Call, Provider, Target
 from llmkit.providers.catalog import BY_NAME
@@ -221,7 +222,10 @@ class Gateway:
             # multiplexer's own per stream), or else join the one in flight.
             lead = mux.lead_stream(call, self)
             if lead is None:
-                return await mux.join_stream(call, self)
+                joined = await mux.join_stream(call, self)
+                if not isinstance(joined, Lead):
+                    return joined
+                lead = joined  # nobody to join after all: lead, as above
             try:
                 target, chunks = await self.open_stream(call, lead.run, False)  # keep usage
             except BaseException as exc:

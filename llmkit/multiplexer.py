@@ -295,14 +295,14 @@ class Multiplexer:
 
     async def join_stream(
         self, call: Call, gateway: Leading
-    ) -> tuple[Target, AsyncIterator[bytes]]:
+    ) -> Lead | tuple[Target, AsyncIterator[bytes]]:
         """A streamed call when an identical one may be in flight (``lead_stream`` said
-        None): join it, or lead after all."""
+        None): join it, or lead after all (a ``Lead`` to open, as ``lead_stream``'s)."""
         wants_usage = call.request.wants_usage_chunk()
         key = self._key(call, gateway)
         joined = await self._join(key, call, gateway, streamed=True)
         if isinstance(joined, int):
-            return await _open_lead(self._lead(key, joined, call, gateway), call, gateway)
+            return self._lead(key, joined, call, gateway)
         entry, target, on_leave = joined
         return target, Subscription(entry, wants_usage, on_leave)
 
@@ -616,19 +616,6 @@ async def _pump_frames(entry: Entry, chunks: TrackedStream) -> None:
             pass
     finally:
         await chunks.aclose()
-
-
-async def _open_lead(
-    lead: Lead, call: Call, gateway: Leading
-) -> tuple[Target, AsyncIterator[bytes]]:
-    """Open a leader's upstream stream; its caller then reads it through ``lead``."""
-    try:
-        target, chunks = await gateway.open_stream(call, lead.run, False)  # keep usage
-    except BaseException as exc:
-        lead.abort(exc)
-        raise
-    lead.read_from(target, chunks)
-    return target, lead
 
 
 def _role(call: Call, role: str) -> None:
