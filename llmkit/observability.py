@@ -109,7 +109,7 @@ from llmkit.otlp import (
     string_attribute,
     trace_spans,
 )
-from llmkit.pricing import Price, cached_tokens
+from llmkit.pricing import cached_tokens
 from llmkit.tracing import TRACEPARENT, Tracing, build_tracing
 from llmkit.upstream import UpstreamStatus
 
@@ -143,7 +143,6 @@ __all__ = [
 )
 _MODEL_ROUTES = len(MODEL_ROUTES)  # route indexes below this carry a model
 _SERIES_MAX = 8192
-NO_PRICE = Price(0.0, 0.0)  # a plan for a deployment without one: its cost is 0
 _SHAPES_MAX = 4096
 _Shape = TypeVar("_Shape", bytes, tuple[bytes, bytes])
 
@@ -324,8 +323,7 @@ class Observability:
             self._served,
         )  # fmt: skip
         if words is None and target is not None:  # the usual kind: ``count``'s from now on
-            price = target.price or NO_PRICE
-            plan = metrics.plan(route, series, key, True, price, self._served)
+            plan = metrics.plan(route, series, key, True, target.price, self._served)
             self._plan_usual(route, target, call.key, plan)
 
     def _plan_usual(self, route: int, target: Target, key: str | None, plan: RequestPlan) -> None:
