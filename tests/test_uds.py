@@ -13,6 +13,7 @@ import random
 import socket
 import stat
 import struct
+import time
 import tracemalloc
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -61,7 +62,7 @@ class Harness:
             default_config(), server=msgspec.structs.replace(default_config().server,
                                                              max_body_bytes=4096)
         )  # fmt: skip
-        slot = SimpleNamespace(enter=lambda: 0, served_offset=0)
+        slot = SimpleNamespace(enter=time.monotonic_ns, served_offset=0)
         metrics = SimpleNamespace(record_http=lambda route, status, seconds, *ones: None)
         self.server = FrameServer(Gateway(config), metrics, slot)  # type: ignore[arg-type]
 
