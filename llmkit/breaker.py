@@ -51,6 +51,14 @@ re-armed with a fresh budget after ``probe_timeout_s``.
 Every ``acquire`` that returned True is balanced by one ``record`` (an outcome) or one
 ``release`` (no outcome: cancelled, or an upstream 429, which goes to ``cooldown``
 instead and must not count as a failure of the deployment's health).
+
+In flight across workers. The router weighs a deployment by its attempts in flight, a
+shared counter. A worker killed mid-attempt never balances its ``acquire``, so each
+worker also keeps what it holds per deployment in its own row (``BreakerHeld``), in the
+same C call as the counter: the counter first on ``acquire``, the row first on the way
+back. After reaping a worker the supervisor calls ``reclaim`` to give its holdings
+back; without it a cold deployment with one attempt leaked "in flight" would never be
+picked again (the router sends nothing else to a cold deployment that is busy).
 """
 
 from __future__ import annotations
@@ -184,11 +192,28 @@ class WindowRing(Cell):
             self._a.store_i64(self._off + 8 * i, 0)
 
 
-def declare(builder: LayoutBuilder, deployments: int) -> None:
-    """Add one breaker (state, stats, window) per deployment to a layout being built."""
+class BreakerHeld:
+    """One worker slot's attempts in flight: ``+8d int64`` on deployment ``d``.
+
+    Written only by the worker that owns the slot (fetch-add, in the same call as the
+    shared ``BreakerStats.IN_FLIGHT``); read and zeroed by the supervisor only after
+    that worker is dead (``Breakers.reclaim``), as ``limiter.HeldRow`` is.
+    """
+
+    KIND = "breaker_held"
+
+    @staticmethod
+    def size_for(deployments: int) -> int:
+        return 8 * max(deployments, 1)  # a layout's cells are never empty (no deployments)
+
+
+def declare(builder: LayoutBuilder, deployments: int, worker_slots: int = 1) -> None:
+    """Add one breaker (state, stats, window) per deployment to a layout being built,
+    and one row of attempts held per worker slot."""
     builder.add("breaker.state", BreakerCell.KIND, deployments, BreakerCell.SIZE)
     builder.add("breaker.stats", BreakerStats.KIND, deployments, BreakerStats.SIZE)
     builder.add("breaker.window", WindowRing.KIND, deployments, WindowRing.SIZE)
+    builder.add("breaker.held", BreakerHeld.KIND, worker_slots, BreakerHeld.size_for(deployments))
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +230,12 @@ class Health:
 
 
 class Breakers:
-    """The breakers of deployments ``0 .. count-1`` over one segment's atomics."""
+    """The breakers of deployments ``0 .. count-1`` over one segment's atomics.
+
+    ``worker_slot`` is the caller's worker slot: the attempts it has in flight are kept
+    in that slot's row too. The supervisor, which only calls ``reclaim`` and reads, may
+    pass any slot.
+    """
 
     def __init__(
         self,
@@ -214,6 +244,7 @@ class Breakers:
         config: BreakerConfig,
         count: int,
         *,
+        worker_slot: int = 0,
         probe_timeout_s: float = PROBE_TIMEOUT_S,
     ) -> None:
         self._a = atomics
@@ -221,8 +252,12 @@ class Breakers:
         self._count = count
         self._load = atomics.load_i64
         self._add = atomics.add_i64
+        self._adds = atomics.add_i64s
         self._cells = [layout["breaker.state"].offset_of(i) for i in range(count)]
         self._stats = [layout["breaker.stats"].offset_of(i) for i in range(count)]
+        self._held_rows = layout["breaker.held"]
+        row = self._held_rows.offset_of(worker_slot)
+        self._held = [row + 8 * i for i in range(count)]
         region = layout["breaker.window"]
         self._windows = [WindowRing(atomics, region.offset_of(i)) for i in range(count)]
         self._bucket_ns = max(1, round(config.window_s * 1e9 / WINDOW_BUCKETS))
@@ -276,7 +311,7 @@ class Breakers:
         """
         word = self._load(self._cells[index])
         if word & 3 == CLOSED or self._take_probe(index, word, now_ns):
-            self._add(self._stats[index], 1)
+            self._adds(self._stats[index] + BreakerStats.IN_FLIGHT, 1, self._held[index], 1)
             return True
         return False
 
@@ -294,7 +329,7 @@ class Breakers:
         is told from an older request); ``ttft_s`` marks a stream.
         """
         stats = self._stats[index]
-        self._add(stats + BreakerStats.IN_FLIGHT, -1)
+        self._adds(self._held[index], -1, stats + BreakerStats.IN_FLIGHT, -1)
         word = self._load(self._cells[index])
         self._windows[index].count(now_ns // self._bucket_ns, not ok)
         self._a.ewma_update(stats + BreakerStats.OUTCOMES, 0.0 if ok else 1.0, ERROR_ALPHA)
@@ -311,7 +346,24 @@ class Breakers:
 
     def release(self, index: int) -> None:
         """An acquired attempt that produced no health outcome (cancelled, or a 429)."""
-        self._add(self._stats[index] + BreakerStats.IN_FLIGHT, -1)
+        self._adds(self._held[index], -1, self._stats[index] + BreakerStats.IN_FLIGHT, -1)
+
+    def reclaim(self, worker_slot: int) -> int:
+        """Give back the attempts a dead worker had in flight; returns how many.
+
+        Call after reaping the worker and before its slot is reused. Each holding is
+        zeroed before the counter is lowered, so a supervisor killed in between leaves
+        the deployment looking one attempt busier rather than lowering it twice.
+        """
+        row = self._held_rows.offset_of(worker_slot)
+        total = 0
+        for index in range(self._count):
+            held = self._load(row + 8 * index)
+            if held:
+                self._a.store_i64(row + 8 * index, 0)
+                self._add(self._stats[index] + BreakerStats.IN_FLIGHT, -held)
+                total += held
+        return total
 
     def cooldown(self, index: int, until_ns: int) -> None:
         """Upstream 429 + Retry-After: skip this deployment until ``until_ns``.

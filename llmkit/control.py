@@ -93,7 +93,7 @@ def declare(builder: LayoutBuilder, config: Config, worker_slots: int) -> None:
     """Add the limiter's and the breakers' regions to a layout being built."""
     plan = Plan.of(config)
     declare_limiter(builder, len(plan.specs), worker_slots, leases=config.cluster.enabled)
-    declare_breakers(builder, len(plan.deployment_entity))
+    declare_breakers(builder, len(plan.deployment_entity), worker_slots)
 
 
 class ControlPlane:
@@ -114,7 +114,13 @@ class ControlPlane:
         self.limiter = Limiter(
             atomics, layout, self.plan.specs, worker_slot, set(self.plan.leased(config))
         )
-        self.breakers = Breakers(atomics, layout, config.breaker, len(self.plan.deployment_entity))
+        self.breakers = Breakers(
+            atomics,
+            layout,
+            config.breaker,
+            len(self.plan.deployment_entity),
+            worker_slot=worker_slot,
+        )
         self.rng = random.Random()
         self.router = Router(config.router.profile, self.rng)
         self._rate_limited = [bool(s.rpm or s.tpm) for s in self.plan.specs]

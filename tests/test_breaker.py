@@ -491,3 +491,22 @@ def test_failures_from_many_processes_open_the_breaker_once() -> None:
     assert (snap["state"], snap["opened"], snap["generation"]) == ("open", 1, 1)
     assert 20 <= sent <= 20 + PROCS - 1  # each process may have one in flight at the flip
     assert snap["window_requests"] == sent and snap["in_flight"] == 0
+
+
+def test_reclaim_gives_back_only_the_dead_workers_attempts() -> None:
+    builder = LayoutBuilder()
+    declare(builder, 2, worker_slots=2)
+    layout = builder.build()
+    atomics = Atomics(bytearray(layout.size))
+    config = BreakerConfig(anomaly_min_s=0.0)
+    alive, dead = (Breakers(atomics, layout, config, 2, worker_slot=s) for s in (0, 1))
+    assert alive.acquire(0, T0) and dead.acquire(0, T0) and dead.acquire(0, T0)
+    assert dead.acquire(1, T0)
+    alive.release(0)
+    assert alive.acquire(1, T0)
+    assert [alive.health(i, T0).in_flight for i in (0, 1)] == [2, 2]
+    assert alive.reclaim(1) == 3  # what the dead slot still held: 2 on 0, 1 on 1
+    assert [alive.health(i, T0).in_flight for i in (0, 1)] == [0, 1]
+    assert alive.reclaim(1) == 0  # zeroed: a second reclaim gives nothing back twice
+    alive.record(1, True, 0.01, T0 + 10 * MS)
+    assert alive.health(1, T0).in_flight == 0

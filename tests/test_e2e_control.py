@@ -36,8 +36,10 @@ async def _burst(
         )
 
 
-def burst(server: Server, body: dict[str, object], count: int) -> Counter[int]:
-    responses = asyncio.run(_burst(server.url, body, count))
+def burst(
+    server: Server, body: dict[str, object], count: int, headers: dict[str, str] | None = None
+) -> Counter[int]:
+    responses = asyncio.run(_burst(server.url, body, count, headers))
     for r in responses:
         if r.status_code == 429:
             assert int(r.headers["retry-after"]) >= 1
@@ -232,14 +234,18 @@ def test_latency_spike_opens_the_breaker_by_zscore(
 
 
 def test_concurrency_slots_of_a_killed_worker_are_reclaimed(
-    start_server: StartServer, slow_mock: OpenAIMock
+    start_server: StartServer, slow_mock: OpenAIMock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Concurrency slots, and the attempts the router sees in flight: with the second
+    leaked, the cold deployment (no outcome yet) would never be picked again."""
     import os
     import signal
     import threading
 
+    monkeypatch.setenv("LLMKIT_T_MASTER", "sk-admin-test")
     slow_mock.delay_s = 5.0
     config = (
+        '[server]\nmaster_key_env = "LLMKIT_T_MASTER"\n'
         f'[[providers]]\nname = "local"\nbase_url = "{slow_mock.url}/v1"\n\n'
         '[[models]]\nname = "m"\n[[models.deployments]]\nprovider = "local"\nmodel = "gpt"\n'
         "max_concurrency = 2\n"
@@ -247,9 +253,13 @@ def test_concurrency_slots_of_a_killed_worker_are_reclaimed(
     server = start_server(config, workers=2)
     body = {"model": "m", "messages": SHORT}
 
+    def in_flight() -> int:
+        state = httpx.get(f"{server.url}/admin/state", headers=MASTER).json()
+        return int(state["breakers"][0]["in_flight"])
+
     def hang() -> None:
         try:
-            httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=10)
+            httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=MASTER, timeout=10)
         except httpx.HTTPError:
             pass  # its worker is about to be killed
 
@@ -259,13 +269,16 @@ def test_concurrency_slots_of_a_killed_worker_are_reclaimed(
     deadline = time.monotonic() + 5
     while slow_mock.in_flight < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert burst(server, body, 3) == {429: 3}  # both slots are taken
+    assert burst(server, body, 3, MASTER) == {429: 3}  # both slots are taken
+    assert in_flight() == 2
     old = server.worker_pids()
     for pid in old:
         os.kill(pid, signal.SIGKILL)
     server.wait_workers(2, exclude=old)
+    assert in_flight() == 0  # the dead workers' attempts are no longer "in flight"
     slow_mock.delay_s = 0.0
-    assert burst(server, body, 2) == {200: 2}  # the dead workers' slots came back
+    assert burst(server, body, 2, MASTER) == {200: 2}  # the dead workers' slots came back
+    assert in_flight() == 0
     for t in threads:
         t.join()
 

@@ -215,6 +215,8 @@ class Supervisor:
         reclaimed = self._control.limiter.reclaim(record.slot)
         if reclaimed:
             log.info("reclaimed %d concurrency slots of worker pid %d", reclaimed, record.pid)
+        # And the attempts it had in flight, which the router weighs deployments by.
+        self._control.breakers.reclaim(record.slot)
         # Its shared calls ended with it: identical requests must lead afresh.
         self._state.mux_table().reclaim(record.pid)
         _unlink_quietly(link_path(self._shm_name, record.slot))
