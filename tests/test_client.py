@@ -246,6 +246,44 @@ def test_requests_over_the_socket_are_counted(server: Server) -> None:
     assert 'llmkit_http_requests_total{route="models",status="200"}' in metrics
 
 
+def test_chat_and_embeddings_over_the_socket_are_counted_like_http(
+    start_server: StartServer,
+) -> None:
+    """Per deployment, with their tokens, exactly: what a dashboard of /metrics shows
+    must not depend on which surface the requests came in by."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = start_server("", workers=2)
+    tokens = {"input": 0, "output": 0}
+    with Client(server.uds) as c:
+        for n in range(6):
+            answer = c.chat.completions.create(model="demo/fast", messages=HI, max_tokens=n + 1)
+            assert answer.usage is not None
+            tokens["input"] += answer.usage.prompt_tokens
+            tokens["output"] += answer.usage.completion_tokens
+        for _ in c.chat.completions.create(
+            model="demo/fast", messages=HI, max_tokens=3, stream=True
+        ):
+            pass
+        tokens["output"] += 3
+        tokens["input"] += answer.usage.prompt_tokens  # same prompt, same count
+        embedded = c.embeddings.create(model="demo/embed", input="hello")
+        tokens["input"] += embedded.usage.prompt_tokens
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+        for s in family.samples
+    }
+    demo = (("deployment", "demo/*"), ("model", "demo/*"), ("provider", "demo"))
+    ok = (("route", "chat"), ("status_class", "2xx"))
+    assert samples["llmkit_requests_total", tuple(sorted(demo + ok))] == 7
+    ok = (("route", "embeddings"), ("status_class", "2xx"))
+    assert samples["llmkit_requests_total", tuple(sorted(demo + ok))] == 1
+    for direction, count in tokens.items():
+        labels = tuple(sorted((*demo, ("direction", direction))))
+        assert samples["llmkit_tokens_total", labels] == count
+
+
 def test_no_socket_is_a_clear_connection_error(tmp_path: Path) -> None:
     with (
         Client(str(tmp_path / "missing.sock")) as c,

@@ -62,9 +62,9 @@ class Harness:
             default_config(), server=msgspec.structs.replace(default_config().server,
                                                              max_body_bytes=4096)
         )  # fmt: skip
-        slot = SimpleNamespace(enter=time.monotonic_ns, served_offset=0)
-        metrics = SimpleNamespace(record_http=lambda route, status, seconds, *ones: None)
-        self.server = FrameServer(Gateway(config), metrics, slot)  # type: ignore[arg-type]
+        slot = SimpleNamespace(enter=time.monotonic_ns, leave=lambda: None)
+        observe = SimpleNamespace(counting=False)  # counting over shm: test_client.py
+        self.server = FrameServer(Gateway(config), slot, observe)  # type: ignore[arg-type]
 
     def feed(self, data: bytes, linger: float = 0) -> MemoryWriter:
         """Serve one connection that sends ``data`` and hangs up; return what came back."""

@@ -3,8 +3,10 @@
 One ``FrameConnection`` per accepted socket reads frames in a loop and runs each
 request as its own task, so one connection carries many concurrent requests. Replies
 are whole frames written with one ``write`` each, so frames of different requests
-interleave but never tear. Every request is counted in shared memory like an HTTP
-request of the same route ("chat", "embeddings", "models", "health").
+interleave but never tear. Every request is counted in shared memory as an HTTP
+request of the same route ("chat", "embeddings", "models", "health") is, by the same
+``Observability.count``: a chat or embeddings call's model, deployment, key, tokens,
+cost and tries included.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from llmkit.frames import (
     Welcome,
 )
 from llmkit.gateway import Gateway
-from llmkit.observability import Metrics
-from llmkit.providers.base import SSE_DONE
+from llmkit.observability import Observability
+from llmkit.providers.base import SSE_DONE, Call
 from shm import WorkerSlot
 
 log = logging.getLogger("llmkit.uds")
@@ -45,10 +47,12 @@ ROUTES = {op: observability.route_index(op) for op in ("chat", "embeddings", "mo
 class FrameServer:
     """Accepts connections on the supervisor's Unix socket and serves frames on them."""
 
-    def __init__(self, gateway: Gateway, metrics: Metrics, slot: WorkerSlot) -> None:
+    def __init__(self, gateway: Gateway, slot: WorkerSlot, observe: Observability) -> None:
         self.gateway = gateway
-        self.metrics = metrics
         self.slot = slot
+        self.observe = observe
+        if observe.counting:
+            observe.count_served(slot)
         self.max_frame = gateway.config.server.max_body_bytes + frames.ENVELOPE_BYTES
         self._server: asyncio.Server | None = None
         self._connections: set[FrameConnection] = set()
@@ -159,10 +163,11 @@ class FrameConnection:
 
     async def _answer(self, request: Request) -> None:
         """Run one request and account for it like the HTTP surface does."""
-        slot, status = self._server.slot, 500
+        slot, observe, status = self._server.slot, self._server.observe, 500
         started = slot.enter()  # time.monotonic_ns, read as the request is counted in
+        live = _Live()
         try:
-            await self._run(request)
+            await self._run(request, live)
             status = 200
         except (asyncio.CancelledError, ConnectionError):
             status = CLIENT_GONE
@@ -174,16 +179,15 @@ class FrameConnection:
             self._send(_error_frame(request.id, InternalError("internal error; see the log")))
         finally:
             del self.requests[request.id]
-            seconds = (time.monotonic_ns() - started) / 1e9
-            # The slot's leave() is one of the words record_http adds to.
-            self._server.metrics.record_http(
-                ROUTES[request.op], status, seconds, slot.served_offset
-            )
+            if observe.counting:  # the slot's leave() is one of the words it adds to
+                observe.count(ROUTES[request.op], status, started, live.call)
+            else:
+                slot.leave()
 
-    async def _run(self, request: Request) -> None:
+    async def _run(self, request: Request, live: _Live) -> None:
         gateway, rid = self._gateway, request.id
         if request.op == "chat":
-            call = gateway.decode_chat(request.body)
+            call = live.call = gateway.decode_chat(request.body)
             call.key = self._key
             if call.request.stream:
                 _, chunks = await gateway.stream(call)
@@ -192,7 +196,9 @@ class FrameConnection:
             _, result = await gateway.chat(call)
             self._send(Result(id=rid, body=frames.encode_body(result)))
         elif request.op == "embeddings":
-            _, embedded = await gateway.embed(gateway.decode_embeddings(request.body), self._key)
+            embedding = gateway.decode_embeddings(request.body)
+            call = live.call = gateway.embedding_call(embedding, self._key, {})
+            _, embedded = await gateway.embed(embedding, self._key, call=call)
             self._send(Result(id=rid, body=frames.encode_body(embedded)))
         elif request.op == "models":
             self._send(Result(id=rid, body=frames.encode_body(gateway.models())))
@@ -213,6 +219,15 @@ class FrameConnection:
             if aclose is not None:
                 await aclose()
         self._send(End(id=rid))
+
+
+class _Live:
+    """What ``_answer`` counts a request by, once ``_run`` has decoded its call."""
+
+    __slots__ = ("call",)
+
+    def __init__(self) -> None:
+        self.call: Call | None = None
 
 
 def _error_frame(rid: int, exc: LLMKitError) -> frames.Error:

@@ -90,7 +90,7 @@ class Worker:
         self._gateway = gateway
         self._slot: WorkerSlot = state.metrics.workers[spec.slot]
         self._stop = asyncio.Event()
-        self._frames = FrameServer(gateway, state.metrics, self._slot)
+        self._frames = FrameServer(gateway, self._slot, observability)
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
