@@ -951,13 +951,26 @@ bucket_in(const double *bounds, Py_ssize_t n, double value)
     return lo;
 }
 
+/* word_at for a caller that has checked `exported` already, inline: the same checks,
+ * and word_at again only to say why one failed. A plan's dozen cells are checked on
+ * every request, so the call each would otherwise cost is worth saving. */
+static inline int64_t *
+plan_cell(AtomicsObject *self, int64_t offset, Py_ssize_t words)
+{
+    if (offset < 0 || offset > (int64_t)self->view.len - WORD_SIZE * (int64_t)words ||
+        ((uintptr_t)self->view.buf + (uintptr_t)offset) % WORD_SIZE != 0) {
+        return word_at(self, offset, words); /* NULL, with the error set */
+    }
+    return (int64_t *)(void *)((char *)self->view.buf + offset);
+}
+
 /* Checks n offsets (cells of `words` words) into cells[0..n-1]. */
 static int
 plan_cells(AtomicsObject *self, const int64_t *offsets, int64_t n, Py_ssize_t words,
            int64_t **cells)
 {
     for (int64_t i = 0; i < n; i++) {
-        cells[i] = word_at(self, offsets[i], words);
+        cells[i] = plan_cell(self, offsets[i], words);
         if (cells[i] == NULL) {
             return -1;
         }
@@ -965,36 +978,36 @@ plan_cells(AtomicsObject *self, const int64_t *offsets, int64_t n, Py_ssize_t wo
     return 0;
 }
 
-/* Every add of one finished request under `plan`, plus a 1 at each of the n_extra
- * offsets in extra; every offset is checked before any word changes. */
+/* Every add of one finished request under `plan` (read_plan's), plus a 1 at each of the
+ * n_extra offsets in extra; every offset is checked before any word changes. */
 static PyObject *
-record_plan(AtomicsObject *self, PyObject *plan_obj, const Finished *f, PyObject *const *extra,
-            Py_ssize_t n_extra)
+record_plan(AtomicsObject *self, const Plan *plan, const Finished *f,
+            PyObject *const *extra, Py_ssize_t n_extra)
 {
-    Plan plan;
-    if (read_plan(plan_obj, &plan) < 0) {
+    if (!self->exported) {
+        PyErr_SetString(PyExc_ValueError, "operation on a released Atomics");
         return NULL;
     }
     if (n_extra > MAX_BATCH) {
         PyErr_SetString(PyExc_TypeError, "record_request() takes too many extra words");
         return NULL;
     }
-    const PlanHead *h = &plan.head;
+    const PlanHead *h = &plan->head;
     int64_t *one_cells[2 * MAX_BATCH + 2], *hist_cells[MAX_BATCH], *io_cells[MAX_BATCH];
     int64_t *cost_cells[MAX_BATCH], *second_cell = NULL;
-    if (plan_cells(self, plan.ones, h->n_ones, 1, one_cells) < 0 ||
-        plan_cells(self, plan.hists, h->n_hists, h->n_bounds + 2, hist_cells) < 0 ||
-        plan_cells(self, plan.io, h->n_io, 1, io_cells) < 0 ||
-        plan_cells(self, plan.costs, h->n_costs, 1, cost_cells) < 0) {
+    if (plan_cells(self, plan->ones, h->n_ones, 1, one_cells) < 0 ||
+        plan_cells(self, plan->hists, h->n_hists, h->n_bounds + 2, hist_cells) < 0 ||
+        plan_cells(self, plan->io, h->n_io, 1, io_cells) < 0 ||
+        plan_cells(self, plan->costs, h->n_costs, 1, cost_cells) < 0) {
         return NULL;
     }
-    Py_ssize_t n_ones = h->n_ones, last = plan.n_statuses - 1;
+    Py_ssize_t n_ones = h->n_ones, last = plan->n_statuses - 1;
     Py_ssize_t status = f->status < 0 ? 0 : (f->status > last ? last : (Py_ssize_t)f->status);
-    one_cells[n_ones] = word_at(self, plan.statuses[status], 1);
+    one_cells[n_ones] = plan_cell(self, plan->statuses[status], 1);
     if (one_cells[n_ones++] == NULL) {
         return NULL;
     }
-    one_cells[n_ones] = word_at(self, h->class_base + plan.statuses[last + 1 + status], 1);
+    one_cells[n_ones] = plan_cell(self, h->class_base + plan->statuses[last + 1 + status], 1);
     if (one_cells[n_ones++] == NULL) {
         return NULL;
     }
@@ -1003,13 +1016,13 @@ record_plan(AtomicsObject *self, PyObject *plan_obj, const Finished *f, PyObject
         if (offset == -1 && PyErr_Occurred()) {
             return NULL;
         }
-        one_cells[n_ones] = word_at(self, offset, 1);
+        one_cells[n_ones] = plan_cell(self, offset, 1);
         if (one_cells[n_ones++] == NULL) {
             return NULL;
         }
     }
     if (f->has_second) {
-        second_cell = word_at(self, h->second_hist, h->n_bounds2 + 2);
+        second_cell = plan_cell(self, h->second_hist, h->n_bounds2 + 2);
         if (second_cell == NULL) {
             return NULL;
         }
@@ -1017,7 +1030,7 @@ record_plan(AtomicsObject *self, PyObject *plan_obj, const Finished *f, PyObject
     for (Py_ssize_t i = 0; i < n_ones; i++) {
         __atomic_fetch_add(one_cells[i], 1, __ATOMIC_SEQ_CST);
     }
-    Py_ssize_t bucket = bucket_in(plan.bounds, h->n_bounds, f->value);
+    Py_ssize_t bucket = bucket_in(plan->bounds, h->n_bounds, f->value);
     for (int64_t i = 0; i < h->n_hists; i++) {
         __atomic_fetch_add(hist_cells[i] + bucket, 1, __ATOMIC_SEQ_CST);
         add_f64_at(hist_cells[i] + h->n_bounds + 1, f->value);
@@ -1033,7 +1046,7 @@ record_plan(AtomicsObject *self, PyObject *plan_obj, const Finished *f, PyObject
         }
     }
     if (second_cell != NULL) {
-        Py_ssize_t at = bucket_in(plan.bounds2, h->n_bounds2, f->second);
+        Py_ssize_t at = bucket_in(plan->bounds2, h->n_bounds2, f->second);
         __atomic_fetch_add(second_cell + at, 1, __ATOMIC_SEQ_CST);
         add_f64_at(second_cell + h->n_bounds2 + 1, f->second);
     }
@@ -1064,7 +1077,11 @@ Atomics_record_request(AtomicsObject *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     Finished f = {status.i, in_delta.i, out_delta.i, value.f, cost.f, second.f, has_second};
-    return record_plan(self, args[0], &f, args + 7, nargs - 7);
+    Plan plan;
+    if (read_plan(args[0], &plan) < 0) {
+        return NULL;
+    }
+    return record_plan(self, &plan, &f, args + 7, nargs - 7);
 }
 
 /* record_finished(plan, status, started_ns, first_ns, in_delta, out_delta, cached)
@@ -1084,44 +1101,41 @@ Atomics_record_finished(AtomicsObject *self, PyObject *const *args, Py_ssize_t n
                                          "first_ns, in_delta, out_delta, cached");
         return NULL;
     }
-    Arg status, started, first, in_delta, out_delta, cached;
-    if (convert_arg('i', args[1], &status) < 0 || convert_arg('i', args[2], &started) < 0 ||
-        convert_arg('i', args[3], &first) < 0 || convert_arg('i', args[4], &in_delta) < 0 ||
-        convert_arg('i', args[5], &out_delta) < 0 || convert_arg('i', args[6], &cached) < 0) {
+    /* status, started_ns, first_ns, in_delta, out_delta, cached: ints (as_i64) */
+    int64_t v[6];
+    for (int i = 0; i < 6; i++) {
+        v[i] = as_i64(args[i + 1]);
+        if (v[i] == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    int64_t started = v[1], first = v[2], in_delta = v[3], out_delta = v[4];
+    Plan plan;
+    if (read_plan(args[0], &plan) < 0) {
         return NULL;
     }
-    PyObject *plan = args[0];
-    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 2 ||
-        !PyBytes_CheckExact(PyTuple_GET_ITEM(plan, 0)) ||
-        PyBytes_GET_SIZE(PyTuple_GET_ITEM(plan, 0)) < PLAN_HEAD * WORD_SIZE) {
-        PyErr_SetString(PyExc_TypeError, "a plan is a (words, statuses) tuple of bytes");
-        return NULL;
-    }
-    PlanHead h;
-    memcpy(&h, PyBytes_AS_STRING(PyTuple_GET_ITEM(plan, 0)), sizeof h);
+    const PlanHead *h = &plan.head;
     struct timespec now;
     if (clock_gettime(CLOCK_MONOTONIC, &now) != 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     int64_t now_ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
-    if (!h.has_cached_price) {
-        cached.i = 0;
-    }
+    int64_t cached = h->has_cached_price ? v[5] : 0;
     /* Price.cost: fresh * input + out * output, then + cached * cached_input, / 1e6 */
-    double total = (double)(in_delta.i - cached.i) * h.price_in + (double)out_delta.i * h.price_out;
-    if (cached.i) {
-        total += (double)cached.i * h.price_cached;
+    double total = (double)(in_delta - cached) * h->price_in + (double)out_delta * h->price_out;
+    if (cached) {
+        total += (double)cached * h->price_cached;
     }
     Finished f = {
-        .status = status.i,
-        .in_delta = in_delta.i,
-        .out_delta = out_delta.i,
-        .value = (double)(now_ns - started.i) / 1e9,
+        .status = v[0],
+        .in_delta = in_delta,
+        .out_delta = out_delta,
+        .value = (double)(now_ns - started) / 1e9,
         .cost = total / 1e6,
-        .second = first.i ? (double)(first.i - started.i) / 1e9 : 0.0,
-        .has_second = first.i != 0,
+        .second = first ? (double)(first - started) / 1e9 : 0.0,
+        .has_second = first != 0,
     };
-    return record_plan(self, plan, &f, NULL, 0);
+    return record_plan(self, &plan, &f, NULL, 0);
 }
 
 /* ------------------------------------------------------------------------ */

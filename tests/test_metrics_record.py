@@ -115,7 +115,23 @@ def test_a_bad_offset_changes_nothing() -> None:
         a.record_request(
             (plan[0], status_table([SIZE] * 600, [0] * 600)), 200, 0.1, 0, 0, 0.0, None
         )
+    with pytest.raises(TypeError):  # a float where the clock reading goes
+        a.record_finished(plan, 200, 1.0, 0, 0, 0, 0)  # type: ignore[arg-type]
     assert buffer == bytearray(SIZE)
+
+
+def test_a_released_atomics_records_nothing() -> None:
+    buffer = bytearray(SIZE)
+    a = Atomics(buffer)
+    plan = (pack_plan((0,), (64,), (), (), 1024, 16), status_table([8] * 600, [0] * 600))
+    a.record_finished(plan, 200, 1, 0, 0, 0, 0)
+    recorded = bytes(buffer)
+    a.release()
+    with pytest.raises(ValueError, match="released"):
+        a.record_finished(plan, 200, 1, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="released"):
+        a.record_request(plan, 200, 0.1, 0, 0, 0.0, None)
+    assert buffer == recorded
 
 
 def test_record_request_equals_the_adds_it_stands_for() -> None:
