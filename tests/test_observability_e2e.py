@@ -257,3 +257,52 @@ def _spans(body: bytes) -> list[Any]:
     request = ExportTraceServiceRequest()
     request.ParseFromString(body)
     return [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+
+
+def test_socket_requests_are_traced_and_logged_like_http(
+    start_server: StartServer, otlp: tuple[str, list[bytes]], tmp_path: Path
+) -> None:
+    """Over the Unix socket: one SERVER span per model request (its HTTP equivalent's
+    path), an attempt span under it, an access-log line per request with an id of its
+    own (frame ids repeat across connections), and no prompt anywhere."""
+    import json
+
+    from llmkit import Client
+
+    endpoint, exported = otlp
+    log_path = tmp_path / "access.log"
+    server = start_server(
+        f'[observability]\ntrace_sample_rate = 1.0\notlp_endpoint = "{endpoint}"\n'
+        f'access_log = true\naccess_log_path = "{log_path}"\n',
+        workers=1,
+    )
+    messages = [{"role": "user", "content": PROMPT}]
+    for _ in range(2):  # two connections: frame ids 1, 2 ... on each
+        with Client(server.uds) as c:
+            c.chat.completions.create(model="demo/fast", messages=messages, max_tokens=4)
+            for _ in c.chat.completions.create(
+                model="demo/fast", messages=messages, max_tokens=4, stream=True
+            ):
+                pass
+            c.embeddings.create(model="demo/embed", input=PROMPT)
+            c.models.list()
+    assert server.stop() == 0  # workers flush their spans on the way out
+    spans = [s for body in exported for s in _spans(body)]
+    roots = [s for s in spans if s.kind == 2]
+    paths = Counter(
+        kv.value.string_value for s in roots for kv in s.attributes if kv.key == "url.path"
+    )
+    assert paths == {"/v1/chat/completions": 4, "/v1/embeddings": 2}
+    for root in roots:  # each has its attempt: a CLIENT child in its trace
+        children = [s for s in spans if s.trace_id == root.trace_id and s.kind == 3]
+        assert [c.parent_span_id for c in children] == [root.span_id]
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert Counter(line["path"] for line in lines) == {
+        "/v1/chat/completions": 4,
+        "/v1/embeddings": 2,
+        "/v1/models": 2,
+    }
+    assert len({line["request_id"] for line in lines}) == 8
+    assert all(line["status"] == 200 for line in lines)
+    assert PROMPT.encode() not in b"".join(exported)
+    assert PROMPT not in log_path.read_text()

@@ -63,7 +63,7 @@ class Harness:
                                                              max_body_bytes=4096)
         )  # fmt: skip
         slot = SimpleNamespace(enter=time.monotonic_ns, leave=lambda: None)
-        observe = SimpleNamespace(counting=False)  # counting over shm: test_client.py
+        observe = SimpleNamespace(counting=False, detailed=False)  # shm: test_client.py
         self.server = FrameServer(Gateway(config), slot, observe)  # type: ignore[arg-type]
 
     def feed(self, data: bytes, linger: float = 0) -> MemoryWriter:

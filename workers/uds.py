@@ -6,14 +6,18 @@ are whole frames written with one ``write`` each, so frames of different request
 interleave but never tear. Every request is counted in shared memory as an HTTP
 request of the same route ("chat", "embeddings", "models", "health") is, by the same
 ``Observability.count``: a chat or embeddings call's model, deployment, key, tokens,
-cost and tries included.
+cost and tries included. It is sampled for tracing and written to the access log as
+that HTTP request too (``OP_REQUESTS``: its method and path), under a request id of
+this worker's own, since a frame's id is only unique on its connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -32,7 +36,7 @@ from llmkit.frames import (
     Welcome,
 )
 from llmkit.gateway import Gateway
-from llmkit.observability import Observability
+from llmkit.observability import Observability, RequestObs
 from llmkit.providers.base import SSE_DONE, Call
 from shm import WorkerSlot
 
@@ -42,6 +46,9 @@ HELLO_TIMEOUT_S = 10.0
 DONE_EVENT = SSE_DONE.rstrip()  # the client's stream ends with the End frame instead
 CLIENT_GONE = 499
 ROUTES = {op: observability.route_index(op) for op in ("chat", "embeddings", "models", "health")}
+# The HTTP request each operation stands for, in spans and access-log lines.
+OP_REQUESTS = {"chat": ("POST", "/v1/chat/completions"), "embeddings": ("POST", "/v1/embeddings"),
+               "models": ("GET", "/v1/models"), "health": ("GET", "/health")}  # fmt: skip
 
 
 class FrameServer:
@@ -54,8 +61,21 @@ class FrameServer:
         if observe.counting:
             observe.count_served(slot)
         self.max_frame = gateway.config.server.max_body_bytes + frames.ENVELOPE_BYTES
+        prefix = secrets.token_hex(4)  # as the HTTP surface's: unique without a syscall
+        self._request_ids = (f"{prefix}{n:08x}" for n in itertools.count())
         self._server: asyncio.Server | None = None
         self._connections: set[FrameConnection] = set()
+
+    def begin(self, op: frames.Operation) -> RequestObs | None:
+        """The recorder of a request that is sampled or logged (``Observability.begin``),
+        else None; called only when tracing or the access log is on."""
+        observe = self.observe
+        drawn = observe.draw()
+        if drawn < observe.rate or observe.logging:
+            method, path = OP_REQUESTS[op]
+            request_id = next(self._request_ids)
+            return observe.begin(ROUTES[op], method, path, request_id, None, drawn)
+        return None
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await asyncio.start_unix_server(self._accept, sock=sock, backlog=2048)
@@ -166,6 +186,8 @@ class FrameConnection:
         slot, observe, status = self._server.slot, self._server.observe, 500
         started = slot.enter()  # time.monotonic_ns, read as the request is counted in
         live = _Live()
+        if observe.detailed:  # tracing or an access log: most requests stop at the draw
+            live.obs = self._server.begin(request.op)
         try:
             await self._run(request, live)
             status = 200
@@ -183,21 +205,25 @@ class FrameConnection:
                 observe.count(ROUTES[request.op], status, started, live.call)
             else:
                 slot.leave()
+            if live.obs is not None:
+                live.obs.finish(status)
 
     async def _run(self, request: Request, live: _Live) -> None:
         gateway, rid = self._gateway, request.id
         if request.op == "chat":
             call = live.call = gateway.decode_chat(request.body)
-            call.key = self._key
+            call.key, call.obs = self._key, live.obs
             if call.request.stream:
                 _, chunks = await gateway.stream(call)
                 await self._stream(rid, chunks)
                 return
             _, result = await gateway.chat(call)
+            if live.obs is not None and live.obs.sampled:
+                live.obs.answered(result.choices)
             self._send(Result(id=rid, body=frames.encode_body(result)))
         elif request.op == "embeddings":
             embedding = gateway.decode_embeddings(request.body)
-            call = live.call = gateway.embedding_call(embedding, self._key, {})
+            call = live.call = gateway.embedding_call(embedding, self._key, {}, live.obs)
             _, embedded = await gateway.embed(embedding, self._key, call=call)
             self._send(Result(id=rid, body=frames.encode_body(embedded)))
         elif request.op == "models":
@@ -222,12 +248,14 @@ class FrameConnection:
 
 
 class _Live:
-    """What ``_answer`` counts a request by, once ``_run`` has decoded its call."""
+    """What ``_answer`` counts a request by, once ``_run`` has decoded its call, and its
+    recorder when it is sampled or logged."""
 
-    __slots__ = ("call",)
+    __slots__ = ("call", "obs")
 
     def __init__(self) -> None:
         self.call: Call | None = None
+        self.obs: RequestObs | None = None
 
 
 def _error_frame(rid: int, exc: LLMKitError) -> frames.Error:
