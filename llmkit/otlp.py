@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
+import ssl
 import struct
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
@@ -225,9 +227,22 @@ class OtlpHttpExporter:
     """POSTs batches to an OTLP/HTTP ``/v1/traces`` endpoint: ``send`` on the event loop
     through a kept-alive aiohttp session, ``export`` synchronously (at exit, when the loop
     is gone) with http.client. A failed batch is logged and dropped: spans are best
-    effort."""
+    effort.
 
-    def __init__(self, endpoint: str, service_name: str, timeout_s: float = 5.0) -> None:
+    ``headers`` go with every POST (a hosted collector's credentials: they are never
+    logged); ``cafile`` is the PEM bundle an ``https`` endpoint's certificate is checked
+    against instead of the system's (a collector with a private CA). ``from_env`` reads
+    both where OpenTelemetry's exporters do.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        service_name: str,
+        timeout_s: float = 5.0,
+        headers: Mapping[str, str] | None = None,
+        cafile: str | None = None,
+    ) -> None:
         url = urlsplit(endpoint)
         self._secure = url.scheme == "https"
         self._host = url.netloc
@@ -235,6 +250,12 @@ class OtlpHttpExporter:
         self._service = service_name
         self._timeout = timeout_s
         self._endpoint = endpoint
+        self._headers = {**(headers or {}), **HEADERS}
+        # Certificates are always verified: against the system's CAs, or the given bundle.
+        # (True: aiohttp's default, for a plain http endpoint, where there is no TLS.)
+        self._tls: ssl.SSLContext | bool = True
+        if self._secure:
+            self._tls = ssl.create_default_context(cafile=cafile)
         self._connection: http.client.HTTPConnection | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -247,7 +268,10 @@ class OtlpHttpExporter:
             timeout = aiohttp.ClientTimeout(total=self._timeout)
             self._session = aiohttp.ClientSession(timeout=timeout)
         try:
-            async with self._session.post(self._endpoint, data=body, headers=HEADERS) as answer:
+            post = self._session.post(
+                self._endpoint, data=body, headers=self._headers, ssl=self._tls
+            )
+            async with post as answer:
                 await answer.read()
                 status = answer.status
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -264,7 +288,7 @@ class OtlpHttpExporter:
 
     def export(self, traces: Sequence[bytes]) -> None:
         body = encode_request(traces, self._service)
-        headers = HEADERS
+        headers = self._headers
         for attempt in (1, 2):  # once more on a fresh connection if the kept one died
             try:
                 connection = self._connect()
@@ -281,11 +305,46 @@ class OtlpHttpExporter:
 
     def _connect(self) -> http.client.HTTPConnection:
         if self._connection is None:
-            cls = http.client.HTTPSConnection if self._secure else http.client.HTTPConnection
-            self._connection = cls(self._host, timeout=self._timeout)
+            if self._secure:
+                assert isinstance(self._tls, ssl.SSLContext)
+                self._connection = http.client.HTTPSConnection(
+                    self._host, timeout=self._timeout, context=self._tls
+                )
+            else:
+                self._connection = http.client.HTTPConnection(self._host, timeout=self._timeout)
         return self._connection
 
     def shutdown(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def env_headers(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Export headers as OpenTelemetry's exporters take them: from
+    ``OTEL_EXPORTER_OTLP_TRACES_HEADERS``, else ``OTEL_EXPORTER_OTLP_HEADERS``, written
+    ``key=value,key2=value2`` with URL-encoded values. A malformed pair is skipped with a
+    warning that names its position, never its text (it may hold a credential)."""
+    raw = environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+    if raw is None:
+        raw = environ.get("OTEL_EXPORTER_OTLP_HEADERS", "")
+    headers = {}
+    for position, pair in enumerate(raw.split(","), 1):
+        if not pair.strip():
+            continue
+        name, equals, value = pair.partition("=")
+        name = name.strip().lower()
+        if not equals or not name or not name.isascii() or " " in name:
+            log.warning("OTLP headers: pair %d is not key=value; skipped", position)
+            continue
+        headers[name] = unquote(value.strip())
+    return headers
+
+
+def env_cafile(environ: Mapping[str, str] = os.environ) -> str | None:
+    """``OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE``, else ``OTEL_EXPORTER_OTLP_CERTIFICATE``:
+    the PEM file a TLS collector's certificate is checked against (None: the system's)."""
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"):
+        if environ.get(name):
+            return environ[name]
+    return None

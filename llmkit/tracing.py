@@ -258,9 +258,11 @@ def build_tracing(
     if config.trace_sample_rate <= 0 or (not config.otlp_endpoint and exporter is None):
         return Tracing.off()
     if exporter is None:
-        from llmkit.otlp import OtlpHttpExporter
+        from llmkit.otlp import OtlpHttpExporter, env_cafile, env_headers
 
-        otlp = OtlpHttpExporter(config.otlp_endpoint, config.service_name)
+        otlp = OtlpHttpExporter(
+            config.otlp_endpoint, config.service_name, headers=env_headers(), cafile=env_cafile()
+        )
         return Tracing(
             config.trace_sample_rate, otlp.export, otlp.shutdown, rng, otlp.send, otlp.aclose
         )
