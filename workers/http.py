@@ -12,10 +12,8 @@ of a proxied request's CPU, so the surface dispatches by itself.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -45,6 +43,7 @@ from llmkit.state import METRIC_SOURCES
 from llmkit.tracing import TRACEPARENT
 from llmkit.types import encoder
 from shm import WorkerSlot
+from workers import request_ids
 
 log = logging.getLogger("llmkit.http")
 
@@ -73,9 +72,7 @@ class HttpSurface:
         self._slot = slot
         self._max_body = gateway.config.server.max_body_bytes
         self._health = encoder.encode({"status": "ok", "pid": os.getpid()})
-        # Unique across workers and restarts without a syscall per request.
-        prefix = secrets.token_hex(4)
-        self._request_ids = (f"{prefix}{n:08x}" for n in itertools.count())
+        self._request_ids = request_ids()
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(ShmCollector(metrics, METRIC_SOURCES))
         self._table = self._routes()

@@ -14,10 +14,8 @@ this worker's own, since a frame's id is only unique on its connection.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +37,7 @@ from llmkit.gateway import Gateway
 from llmkit.observability import Observability, RequestObs
 from llmkit.providers.base import SSE_DONE, Call
 from shm import WorkerSlot
+from workers import request_ids
 
 log = logging.getLogger("llmkit.uds")
 
@@ -61,8 +60,7 @@ class FrameServer:
         if observe.counting:
             observe.count_served(slot)
         self.max_frame = gateway.config.server.max_body_bytes + frames.ENVELOPE_BYTES
-        prefix = secrets.token_hex(4)  # as the HTTP surface's: unique without a syscall
-        self._request_ids = (f"{prefix}{n:08x}" for n in itertools.count())
+        self._request_ids = request_ids()
         self._server: asyncio.Server | None = None
         self._connections: set[FrameConnection] = set()
 
