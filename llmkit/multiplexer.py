@@ -536,7 +536,7 @@ class Multiplexer:
     async def _pump_rest(self, entry: Entry, chunks: TrackedStream) -> None:
         self._live.add(entry)
         if entry.done:  # abandoned before this task ever ran
-            await chunks.aclose()
+            await TrackedStream.aclose(chunks)
             return
         await _feed(entry, _pump_frames(entry, chunks))
 
@@ -610,12 +610,14 @@ async def _pump_stream(entry: Entry, gateway: Leading, call: Call, run: Run) -> 
 
 
 async def _pump_frames(entry: Entry, chunks: TrackedStream) -> None:
-    """Append the rest of ``chunks`` to ``entry`` until it ends."""
+    """Append the rest of ``chunks`` to ``entry`` until it ends. ``chunks`` may be a
+    ``Lead`` (the leader's own stream, handed off): closed as the upstream it reads,
+    not left as its leader's stream."""
     try:
         while await pull_into(entry, chunks) is not None:
             pass
     finally:
-        await chunks.aclose()
+        await TrackedStream.aclose(chunks)
 
 
 def _role(call: Call, role: str) -> None:
