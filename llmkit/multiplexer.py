@@ -163,23 +163,20 @@ class Counters:
     def __init__(self, segment: Segment | None = None, layout: Layout | None = None) -> None:
         self.local = [0, 0, 0]
         self._cells: list[Counter] = []
-        # One more leader: every unshared request counts one, so in shm it is a bound
-        # C call with no Python frame.
-        self.leader: Callable[[], object] = functools.partial(self.inc, LEADERS)
+        self.offsets: list[int] = []  # of the cells in shm, when there are some
         if segment is not None and layout is not None:
             region = layout[COUNTERS]
             self._cells = [Counter(segment.atomics, region.offset_of(i)) for i in range(3)]
             self._add = segment.atomics.add_i64
-            self._offsets = [cell.offset for cell in self._cells]
-            self.leader = functools.partial(self._add, self._offsets[LEADERS], 1)
+            self.offsets = [cell.offset for cell in self._cells]
 
-    def inc(self, which: int) -> None:
-        """One more of ``which``: in shm when there is one (``value`` reads it there),
-        else in ``local``."""
+    def inc(self, which: int, delta: int = 1) -> None:
+        """``delta`` more of ``which``: in shm when there is one (``value`` reads it
+        there), else in ``local``."""
         if self._cells:
-            self._add(self._offsets[which], 1)
+            self._add(self.offsets[which], delta)
         else:
-            self.local[which] += 1
+            self.local[which] += delta
 
     def value(self, which: int) -> int:
         return self._cells[which].value() if self._cells else self.local[which]
@@ -198,11 +195,29 @@ class Peers:
     def __post_init__(self) -> None:
         self.pid = self.pid or os.getpid()
         self.owner = pack_owner(self.worker_slot, self.incarnation)
-        # The table's two C calls, bound: find-or-claim and release (by slot offset);
-        # both take a request key's bytes for its tag and hash them in C.
+        # The table's C calls, bound: find-or-claim, and release (by slot offset, or
+        # ``unlead``: by index); each takes a request key's bytes for its tag and
+        # hashes them in C.
         self.claim = self.table.claim
         self.release = self.table.atomics.mux_release
         self.offsets = [self.table.offset_of(i) for i in range(self.table.geometry[2])]
+        offset, stride, _, _ = self.table.geometry
+        self.unlead = functools.partial(self.table.atomics.mux_unlead, offset, stride, self.owner)
+
+    def leading(self, counters: Counters) -> Callable[[bytes], int | tuple[int, int, int]]:
+        """Find-or-claim for a leader, ``claim(key)``: one C call, which also counts the
+        leader when it claims (with the counters in shm; else counted here)."""
+        if counters.offsets:
+            return functools.partial(self.table.atomics.mux_lead, *self.table.geometry,
+                                     self.owner, self.pid, counters.offsets[LEADERS])  # fmt: skip
+
+        def claim(key: bytes) -> int | tuple[int, int, int]:
+            found = self.claim(key, self.owner, self.pid)
+            if isinstance(found, int) and found >= 0:
+                counters.inc(LEADERS)
+            return found
+
+        return claim
 
 
 def collect_metrics(atomics: Atomics, layout: Layout, config: Config) -> Iterator[Metric]:
@@ -251,6 +266,7 @@ class Multiplexer:
         self._labels: dict[str, bytes] = {}  # model name -> its key labels, encoded
         self._enabled = config.enabled
         self._all = config.enabled and config.eligible == "all"
+        self._claim_lead = self._peers.leading(self.counters) if self._peers else None
 
     def in_flight(self) -> int:
         return len(self._entries)
@@ -275,23 +291,24 @@ class Multiplexer:
     def lead_stream(self, call: Call, gateway: Leading) -> Lead | None:
         """Lead a streamed call, the common case: an eligible stream nobody is making,
         claimed, admitted and in the table; the caller opens it (``Gateway.stream``:
-        ``open_stream``, then ``Lead.read_from``) and reads it through the ``Lead``.
+        ``open_stream`` with ``Lead.start`` as its stream) and reads it as its stream.
         None when an identical call may be in flight: ``join_stream`` then joins it, or
         leads after all."""
         key = self._key(call, gateway)
-        claim, peers = FULL, self._peers
-        if peers is not None:
-            # One C call, hashing the key: this worker's own calls in flight are there
-            # too (found as ours), so a free slot means nobody makes this call.
-            found = peers.claim(key, peers.owner, peers.pid)
+        claim_lead = self._claim_lead
+        if claim_lead is not None:
+            # One C call, hashing the key and counting a claim as a leader: this
+            # worker's own calls in flight are there too (found as ours), so a free
+            # slot means nobody makes this call.
+            found = claim_lead(key)
             if not isinstance(found, int) or found == TAKEN:
                 return None
-            claim = found
-        if claim == FULL:  # not in shm (no peers, or no room): only this worker knows
-            entry = self._entries.get(key)
-            if entry is not None and not entry.done:
-                return None
-        return self._lead(key, claim, call, gateway)
+            if found >= 0:
+                return self._lead(key, found, call, gateway, counted=True)
+        entry = self._entries.get(key)  # not in shm (no peers, or no room): only we know
+        if entry is not None and not entry.done:
+            return None
+        return self._lead(key, FULL, call, gateway)
 
     async def join_stream(
         self, call: Call, gateway: Leading
@@ -306,10 +323,13 @@ class Multiplexer:
         entry, target, on_leave = joined
         return target, Subscription(entry, wants_usage, on_leave)
 
-    def _lead(self, key: bytes, claim: int, call: Call, gateway: Leading) -> Lead:
+    def _lead(
+        self, key: bytes, claim: int, call: Call, gateway: Leading, counted: bool = False
+    ) -> Lead:
         """Admit a streaming leader (404/429 reach this caller only) and put its entry
         in the table, holding ``claim``, so identical requests from now on join it. The
-        shared call always asks for the usage chunk; each subscriber shows it or not."""
+        shared call always asks for the usage chunk; each subscriber shows it or not.
+        ``counted``: the claim counted it as a leader already."""
         wants_usage = call.request.wants_usage_chunk()
         if not wants_usage:
             call.request = msgspec.structs.replace(call.request, stream_options=WITH_USAGE)
@@ -317,10 +337,13 @@ class Multiplexer:
             run = gateway.start_run(call, True)
         except BaseException:
             if claim >= 0 and (peers := self._peers) is not None:
-                peers.release(peers.offsets[claim], key, peers.owner)
+                peers.unlead(claim, key)
+            if counted:  # it did not lead after all
+                self.counters.inc(LEADERS, -1)
             raise
         lead = self._entries[key] = Lead(key, claim, self, wants_usage, run)
-        self.counters.leader()
+        if not counted:
+            self.counters.inc(LEADERS)
         call.response_headers[HEADER] = "leader"
         if call.obs is not None:
             call.obs.multiplexer_role("leader")
@@ -356,19 +379,6 @@ class Multiplexer:
         )
         key = prefix + _key_encoder.encode(request)
         return key + _key_encoder.encode(call.extras) if call.extras else key
-
-    def _vacant(self, key: bytes) -> int | None:
-        """This worker's claim on ``key`` (a slot, or ``FULL``: lead unpublished) when
-        no identical call is in flight anywhere; None when there may be one (then
-        ``_join`` looks again and decides)."""
-        entry = self._entries.get(key)
-        if entry is not None and not entry.done:
-            return None
-        peers = self._peers
-        if peers is None:
-            return FULL
-        claim = peers.claim(key, peers.owner, peers.pid)  # one C call, hashing the key
-        return claim if isinstance(claim, int) and claim != TAKEN else None
 
     async def _join(self, key: bytes, call: Call, gateway: Leading, streamed: bool) -> Joined | int:
         """Join an identical call in flight (in this worker or another); or, when there
@@ -531,7 +541,8 @@ class Multiplexer:
             self._live.discard(entry)
         if claim >= 0 and (peers := self._peers) is not None:  # ``_release``, inline
             entry.claim = FULL
-            peers.release(peers.offsets[claim], key, peers.owner)
+            unlead = peers.unlead  # an attribute, not a method: loaded, then called
+            unlead(claim, key)
 
     async def _pump_rest(self, entry: Entry, chunks: TrackedStream) -> None:
         self._live.add(entry)

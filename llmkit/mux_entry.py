@@ -355,7 +355,8 @@ class Lead(Entry, TrackedStream):
                 if not events:
                     continue
                 return events
-            self._keep(events)
+            keep = self._keep  # an attribute, not a method: loaded as one, then called
+            keep(events)
             # The end with the last events, in one write; if this read was handed off,
             # the entry's end says it, as it does to every subscriber.
             return events + SSE_DONE if read.last and self._reader is None else events

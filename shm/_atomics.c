@@ -42,7 +42,7 @@
 #include <time.h>
 
 #define WORD_SIZE 8
-#define MAX_PARAMS 7
+#define MAX_PARAMS 8
 
 /* ------------------------------------------------------------------------ */
 /* Argument parsing                                                          */
@@ -1158,6 +1158,11 @@ static const char *const P_MUX_RELEASE[] = {"offset", "tag", "owner"};
 
 static const Signature SIG_MUX_ACQUIRE = {"mux_acquire", "iiiikii", P_MUX_ACQUIRE, 7, 7, 0};
 static const Signature SIG_MUX_RELEASE = {"mux_release", "iki", P_MUX_RELEASE, 3, 3, 2};
+static const char *const P_MUX_LEAD[] = {"offset", "stride", "slots", "probes",
+                                         "owner", "pid", "counter", "tag"};
+static const Signature SIG_MUX_LEAD = {"mux_lead", "iiiiiiik", P_MUX_LEAD, 8, 8, 0};
+static const char *const P_MUX_UNLEAD[] = {"offset", "stride", "owner", "index", "tag"};
+static const Signature SIG_MUX_UNLEAD = {"mux_unlead", "iiiik", P_MUX_UNLEAD, 5, 5, 0};
 
 /* The table's first word, once its geometry is checked and it lies in the buffer. */
 static int64_t *
@@ -1204,14 +1209,11 @@ mux_owner_found(int64_t index, int64_t *slot)
     return Py_BuildValue("(LLL)", (long long)index, (long long)owner, (long long)pid);
 }
 
+/* Find-or-claim a[4] (tag) for a[5] (owner), a[6] (pid) in the table of geometry
+ * a[0..3]; `counter`, when not NULL, gains 1 when a slot is claimed. */
 static PyObject *
-Atomics_mux_acquire(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
-                    PyObject *kwnames)
+mux_find_or_claim(AtomicsObject *self, const Arg *a, int64_t *counter)
 {
-    Arg a[7];
-    if (parse_args(&SIG_MUX_ACQUIRE, args, nargs, kwnames, a) < 0) {
-        return NULL;
-    }
     int64_t *table = mux_table_at(self, a);
     if (table == NULL) {
         return NULL;
@@ -1250,9 +1252,71 @@ Atomics_mux_acquire(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs
         __atomic_store_n(slot[p] + MUX_PID, a[6].i, __ATOMIC_SEQ_CST);
         __atomic_store_n(slot[p] + MUX_CLAIMED, mux_now_ns(), __ATOMIC_SEQ_CST);
         __atomic_store_n(slot[p] + MUX_OWNER, a[5].i, __ATOMIC_SEQ_CST);
+        if (counter != NULL) {
+            __atomic_fetch_add(counter, 1, __ATOMIC_SEQ_CST);
+        }
         return PyLong_FromLongLong(index[p]);
     }
     return PyLong_FromLong(MUX_FULL);
+}
+
+static PyObject *
+Atomics_mux_acquire(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                    PyObject *kwnames)
+{
+    Arg a[7];
+    if (parse_args(&SIG_MUX_ACQUIRE, args, nargs, kwnames, a) < 0) {
+        return NULL;
+    }
+    return mux_find_or_claim(self, a, NULL);
+}
+
+/* mux_acquire for a leader, its arguments ordered so that everything but the key can
+ * be bound once (functools.partial): the claim also counts one more leader. */
+static PyObject *
+Atomics_mux_lead(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                 PyObject *kwnames)
+{
+    Arg in[8], a[7];
+    if (parse_args(&SIG_MUX_LEAD, args, nargs, kwnames, in) < 0) {
+        return NULL;
+    }
+    int64_t *counter = word_at(self, in[6].i, 1);
+    if (counter == NULL) {
+        return NULL;
+    }
+    a[0] = in[0], a[1] = in[1], a[2] = in[2], a[3] = in[3];
+    a[4] = in[7], a[5] = in[4], a[6] = in[5];
+    return mux_find_or_claim(self, a, counter);
+}
+
+/* mux_release of slot `index` of the table at `offset` (slots `stride` bytes apart). */
+static PyObject *
+Atomics_mux_unlead(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                   PyObject *kwnames)
+{
+    Arg a[5];
+    if (parse_args(&SIG_MUX_UNLEAD, args, nargs, kwnames, a) < 0) {
+        return NULL;
+    }
+    int64_t stride = a[1].i, index = a[3].i;
+    if (stride < WORD_SIZE * MUX_WORDS || stride > MUX_MAX_STRIDE || stride % WORD_SIZE ||
+        index < 0 || index >= MUX_MAX_SLOTS) {
+        PyErr_SetString(PyExc_ValueError, "bad stride or slot index");
+        return NULL;
+    }
+    int64_t *slot = word_at(self, a[0].i + index * stride, MUX_WORDS);
+    if (slot == NULL) {
+        return NULL;
+    }
+    int64_t owner = a[2].i, tag = a[4].i;
+    if (!__atomic_compare_exchange_n(slot + MUX_OWNER, &owner, 0, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_ACQUIRE)) {
+        Py_RETURN_FALSE;
+    }
+    __atomic_compare_exchange_n(slot + MUX_TAG, &tag, 0, 0, __ATOMIC_SEQ_CST,
+                                __ATOMIC_ACQUIRE);
+    Py_RETURN_TRUE;
 }
 
 static PyObject *
@@ -1404,6 +1468,11 @@ static PyMethodDef Atomics_methods[] = {
              "table (llmkit/mux_table.py): the claimed\n"
              "slot's index, -1 while another claim is unpublished or won a race, -2 when\n"
              "the probe window is full, or (index, owner, pid) of the published owner."),
+    FASTCALL(mux_lead, "($self, offset, stride, slots, probes, owner, pid, counter, tag)",
+             "mux_acquire for a leader, everything but the tag first (to bind once); a\n"
+             "claimed slot also adds 1 to the int64 counter at offset counter."),
+    FASTCALL(mux_unlead, "($self, offset, stride, owner, index, tag)",
+             "mux_release of slot index of the table at offset (slots stride bytes apart)."),
     {"mux_tag", (PyCFunction)Atomics_mux_tag, METH_O,
      "mux_tag($self, key, /)\n--\n\n"
      "The in-flight table's 64-bit tag (never 0) for a request key's bytes."},
