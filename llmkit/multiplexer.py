@@ -6,11 +6,12 @@ the adapter. An eligible request computes its key; if an identical call is in fl
 admitted and routed as usual and its upstream call runs in a task of its own, feeding
 an ``Entry`` that every subscriber (the leader's own caller included) reads.
 
-Key. The canonical request, as bytes: the resolved deployments' ``provider/model``
-labels (so an alias and the same model asked for directly share), then the request
-with ``model``, ``stream``, ``stream_options`` and ``user`` cleared (``user`` is an
-abuse-monitoring tag that does not change the output), then the extra top-level fields
-passed through to providers, as JSON. msgspec's deterministic order sorts dict keys, so
+Key. The canonical request, as bytes: the request as JSON with its ``model`` replaced
+by the resolved deployments' ``provider/model`` labels (as the JSON text of their
+list: so an alias and the same model asked for directly share), ``stream``,
+``stream_options`` and ``user`` cleared (``user`` is an abuse-monitoring tag that does
+not change the output), then the extra top-level fields passed through to providers,
+as JSON. msgspec's deterministic order sorts dict keys, so
 JSON key order in the body does not matter. Everything else (messages and all their
 parts, tools, tool_choice, response_format, temperature, top_p, stop, max tokens, seed,
 n) is in the key: two requests differing in any of them never share. The key is
@@ -69,6 +70,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
+from multidict import istr
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -88,6 +90,9 @@ from shm import Atomics, Counter, Layout, LayoutBuilder, Segment
 log = logging.getLogger("llmkit.multiplexer")
 
 HEADER = "x-llmkit-dedup"
+# The response header's name as aiohttp's own header names are (``aiohttp.hdrs``): an
+# ``istr``, whose case-folded form is computed once here instead of per response.
+ROLE_HEADER = istr(HEADER)
 COUNTERS = "mux_counters"
 LEADERS, FOLLOWERS, AVOIDED = range(3)
 JOIN_TRIES = 3
@@ -125,13 +130,15 @@ def key_labels(targets: list[Target]) -> list[str]:
 
 
 def _canonical(labels: list[str], call: Call) -> bytes:
-    """The labels, the request and any extras, each one JSON value (self-delimiting,
-    so the bytes compare as the parts would); the extras only when there are some,
-    which is most of the time not. ``Multiplexer._key`` has it inline."""
+    """The request with the labels (as JSON text) in its ``model``, then any extras,
+    each one JSON value (self-delimiting, so the bytes compare as the parts would); the
+    extras only when there are some, which is most of the time not.
+    ``Multiplexer._key`` has it inline."""
     request = msgspec.structs.replace(
-        call.request, model="", stream=False, stream_options=None, user=None
-    )
-    key = _key_encoder.encode(labels) + _key_encoder.encode(request)
+        call.request, model=_key_encoder.encode(labels).decode(), stream=False,
+        stream_options=None, user=None,
+    )  # fmt: skip
+    key = _key_encoder.encode(request)
     return key + _key_encoder.encode(call.extras) if call.extras else key
 
 
@@ -263,10 +270,11 @@ class Multiplexer:
         self._tasks: dict[Entry, asyncio.Task[None]] = {}
         self._live: set[Entry] = set()  # entries whose task has started
         self._link = LinkServer(self._entries.get)
-        self._labels: dict[str, bytes] = {}  # model name -> its key labels, encoded
+        self._labels: dict[str, str] = {}  # model name -> its key labels, as JSON text
         self._enabled = config.enabled
         self._all = config.enabled and config.eligible == "all"
         self._claim_lead = self._peers.leading(self.counters) if self._peers else None
+        self._unlead = self._peers.unlead if self._peers else None
 
     def in_flight(self) -> int:
         return len(self._entries)
@@ -344,7 +352,7 @@ class Multiplexer:
         lead = self._entries[key] = Lead(key, claim, self, wants_usage, run)
         if not counted:
             self.counters.inc(LEADERS)
-        call.response_headers[HEADER] = "leader"
+        call.response_headers[ROLE_HEADER] = "leader"
         if call.obs is not None:
             call.obs.multiplexer_role("leader")
         return lead
@@ -368,16 +376,16 @@ class Multiplexer:
     def _key(self, call: Call, gateway: Leading) -> bytes:
         """``dedup_key``, with each model name's labels resolved once."""
         model = call.request.model
-        prefix = self._labels.get(model)
-        if prefix is None:
+        labels = self._labels.get(model)
+        if labels is None:
             if len(self._labels) >= LABELS_KEPT:
                 self._labels.clear()
-            labels = key_labels(gateway.resolve(model))
-            prefix = self._labels[model] = _key_encoder.encode(labels)
+            resolved = key_labels(gateway.resolve(model))
+            labels = self._labels[model] = _key_encoder.encode(resolved).decode()
         request = msgspec.structs.replace(  # ``_canonical``, inline
-            call.request, model="", stream=False, stream_options=None, user=None
+            call.request, model=labels, stream=False, stream_options=None, user=None
         )
-        key = prefix + _key_encoder.encode(request)
+        key = _key_encoder.encode(request)
         return key + _key_encoder.encode(call.extras) if call.extras else key
 
     async def _join(self, key: bytes, call: Call, gateway: Leading, streamed: bool) -> Joined | int:
@@ -530,6 +538,14 @@ class Multiplexer:
         if task is not None and started:
             task.cancel()
 
+    def ended(self, lead: Lead) -> None:
+        """``forget`` for a ``Lead`` whose leader read it to the end alone (the path of
+        every unshared stream): it is in the table, no task runs for it."""
+        key, claim, unlead = lead.key, lead.claim, self._unlead
+        self._entries.pop(key, None)
+        if claim >= 0 and unlead is not None:  # its slot in the shm table
+            unlead(claim, key)
+
     def forget(self, entry: Entry) -> None:
         """The entry's call ended: out of the table (this is not a cache)."""
         key, claim = entry.key, entry.claim
@@ -632,7 +648,7 @@ async def _pump_frames(entry: Entry, chunks: TrackedStream) -> None:
 
 
 def _role(call: Call, role: str) -> None:
-    call.response_headers[HEADER] = role
+    call.response_headers[ROLE_HEADER] = role
     if call.obs is not None:
         call.obs.multiplexer_role(role)
 

@@ -40,10 +40,12 @@ FRAME_SUFFIX = b"\n\n"
 
 class Keeper(Protocol):
     """The table an entry is in (``llmkit.multiplexer.Multiplexer``): told when the
-    entry's call ends, when its last subscriber leaves, and when a leading caller
-    stops reading the upstream itself."""
+    entry's call ends (``ended``: a ``Lead`` that nobody else read), when its last
+    subscriber leaves, and when a leading caller stops reading the upstream itself."""
 
     def forget(self, entry: Entry) -> None: ...
+
+    def ended(self, lead: Lead) -> None: ...
 
     def abandon(self, entry: Entry) -> None: ...
 
@@ -341,7 +343,7 @@ class Lead(Entry, TrackedStream):
                 self.done = True
                 if self._waiters:
                     self.notify()
-                self.keeper.forget(self)
+                self.keeper.ended(self)
                 raise
             except LLMKitError as exc:
                 self.fail(exc)  # the others get their copy
