@@ -208,15 +208,16 @@ class Peers:
         self.claim = self.table.claim
         self.release = self.table.atomics.mux_release
         self.offsets = [self.table.offset_of(i) for i in range(self.table.geometry[2])]
-        offset, stride, _, _ = self.table.geometry
-        self.unlead = functools.partial(self.table.atomics.mux_unlead, offset, stride, self.owner)
+        atomics, words = self.table.atomics, self.table.leader_words(self.owner, self.pid)
+        self.unlead = functools.partial(atomics.mux_unlead, words)
 
     def leading(self, counters: Counters) -> Callable[[bytes], int | tuple[int, int, int]]:
         """Find-or-claim for a leader, ``claim(key)``: one C call, which also counts the
-        leader when it claims (with the counters in shm; else counted here)."""
+        leader when it claims (in shm; with local counters, here)."""
+        table = self.table
         if counters.offsets:
-            return functools.partial(self.table.atomics.mux_lead, *self.table.geometry,
-                                     self.owner, self.pid, counters.offsets[LEADERS])  # fmt: skip
+            words = table.leader_words(self.owner, self.pid, counters.offsets[LEADERS])
+            return functools.partial(table.atomics.mux_lead, words)
 
         def claim(key: bytes) -> int | tuple[int, int, int]:
             found = self.claim(key, self.owner, self.pid)

@@ -85,20 +85,9 @@ class Atomics:
         pid: int,
     ) -> int | tuple[int, int, int]: ...
     def mux_release(self, offset: int, tag: int | Buffer, owner: int) -> bool: ...
-    # ``mux_acquire`` for a leader (everything but the tag bound once): a claim also
-    # adds 1 at ``counter``; ``mux_unlead`` releases by slot index.
-    def mux_lead(
-        self,
-        offset: int,
-        stride: int,
-        slots: int,
-        probes: int,
-        owner: int,
-        pid: int,
-        counter: int,
-        tag: int | Buffer,
-    ) -> int | tuple[int, int, int]: ...
-    def mux_unlead(
-        self, offset: int, stride: int, owner: int, index: int, tag: int | Buffer
-    ) -> bool: ...
+    # ``mux_acquire`` for a leader, the table's words (offset, stride, slots, probes,
+    # owner, pid, counter offset or -1) packed once as seven native int64: a claim also
+    # adds 1 at the counter. ``mux_unlead`` releases a slot by index.
+    def mux_lead(self, table: bytes, key: int | Buffer, /) -> int | tuple[int, int, int]: ...
+    def mux_unlead(self, table: bytes, index: int, key: int | Buffer, /) -> bool: ...
     def mux_tag(self, key: Buffer, /) -> int: ...
