@@ -284,8 +284,9 @@ class Multiplexer:
         """Whether ``call`` may share an upstream call, under this configuration."""
         if HEADER in call.headers or not self._enabled:
             return eligible(call, self.config)
+        # ``seed`` first: ``None == 0`` (the seed's usual temperature) is a slow compare.
         request = call.request
-        return self._all or request.temperature == 0 or request.seed is not None
+        return self._all or request.seed is not None or request.temperature == 0.0
 
     async def start(self) -> None:
         """Listen for followers on other workers (when there are peers)."""
@@ -313,7 +314,7 @@ class Multiplexer:
             if not isinstance(found, int) or found == TAKEN:
                 return None
             if found >= 0:
-                return self._lead(key, found, call, gateway, counted=True)
+                return self._lead(key, found, call, gateway, True)  # counted
         entry = self._entries.get(key)  # not in shm (no peers, or no room): only we know
         if entry is not None and not entry.done:
             return None
