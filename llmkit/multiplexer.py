@@ -7,8 +7,8 @@ admitted and routed as usual and its upstream call runs in a task of its own, fe
 an ``Entry`` that every subscriber (the leader's own caller included) reads.
 
 Key. The canonical request, as bytes: the request as JSON with its ``model`` replaced
-by the resolved deployments' ``provider/model`` labels (as the JSON text of their
-list: so an alias and the same model asked for directly share), ``stream``,
+by the resolved deployments' ``provider/model`` labels (``key_model``: so an alias and
+the same model asked for directly share), ``stream``,
 ``stream_options`` and ``user`` cleared (``user`` is an abuse-monitoring tag that does
 not change the output), then the extra top-level fields passed through to providers,
 as JSON. msgspec's deterministic order sorts dict keys, so
@@ -121,23 +121,27 @@ class Leading(Protocol):
 
 def dedup_key(call: Call, targets: list[Target]) -> bytes:
     """Everything in ``call`` that can change the output, as canonical bytes."""
-    return _canonical(key_labels(targets), call)
+    return _canonical(key_model(targets), call)
 
 
-def key_labels(targets: list[Target]) -> list[str]:
-    """What of the resolved deployments goes into the key: their ``provider/model``."""
-    return [targets[0].label] if len(targets) == 1 else sorted({t.label for t in targets})
+def key_model(targets: list[Target]) -> str:
+    """What of the resolved deployments goes into the key, in the request's ``model``:
+    their ``provider/model`` label, or the JSON text of their sorted labels when they
+    are several (never mistaken for one: a label starts with a provider name)."""
+    if len(targets) == 1:
+        return targets[0].label
+    labels = sorted({t.label for t in targets})
+    return labels[0] if len(labels) == 1 else _key_encoder.encode(labels).decode()
 
 
-def _canonical(labels: list[str], call: Call) -> bytes:
-    """The request with the labels (as JSON text) in its ``model``, then any extras,
-    each one JSON value (self-delimiting, so the bytes compare as the parts would); the
-    extras only when there are some, which is most of the time not.
-    ``Multiplexer._key`` has it inline."""
+def _canonical(model: str, call: Call) -> bytes:
+    """The request with ``model`` (``key_model``'s), then any extras, each one JSON
+    value (self-delimiting, so the bytes compare as the parts would); the extras only
+    when there are some, which is most of the time not. ``Multiplexer._key`` has it
+    inline."""
     request = msgspec.structs.replace(
-        call.request, model=_key_encoder.encode(labels).decode(), stream=False,
-        stream_options=None, user=None,
-    )  # fmt: skip
+        call.request, model=model, stream=False, stream_options=None, user=None
+    )
     key = _key_encoder.encode(request)
     return key + _key_encoder.encode(call.extras) if call.extras else key
 
@@ -271,7 +275,7 @@ class Multiplexer:
         self._tasks: dict[Entry, asyncio.Task[None]] = {}
         self._live: set[Entry] = set()  # entries whose task has started
         self._link = LinkServer(self._entries.get)
-        self._labels: dict[str, str] = {}  # model name -> its key labels, as JSON text
+        self._labels: dict[str, str] = {}  # model name -> its ``key_model``
         self._enabled = config.enabled
         self._all = config.enabled and config.eligible == "all"
         self._claim_lead = self._peers.leading(self.counters) if self._peers else None
@@ -382,8 +386,7 @@ class Multiplexer:
         if labels is None:
             if len(self._labels) >= LABELS_KEPT:
                 self._labels.clear()
-            resolved = key_labels(gateway.resolve(model))
-            labels = self._labels[model] = _key_encoder.encode(resolved).decode()
+            labels = self._labels[model] = key_model(gateway.resolve(model))
         request = msgspec.structs.replace(  # ``_canonical``, inline
             call.request, model=labels, stream=False, stream_options=None, user=None
         )
