@@ -308,7 +308,17 @@ class Multiplexer:
         ``open_stream`` with ``Lead.start`` as its stream) and reads it as its stream.
         None when an identical call may be in flight: ``join_stream`` then joins it, or
         leads after all."""
-        key = self._key(call, gateway)
+        request = call.request
+        model = self._labels.get(request.model)
+        if model is None:  # a model name not seen yet: ``_key`` learns its labels
+            key = self._key(call, gateway)
+        else:  # ``_key``, inline
+            canonical = msgspec.structs.replace(
+                request, model=model, stream=False, stream_options=None, user=None
+            )
+            key = _key_encoder.encode(canonical)
+            if call.extras:
+                key += _key_encoder.encode(call.extras)
         claim_lead = self._claim_lead
         if claim_lead is not None:
             # One C call, hashing the key and counting a claim as a leader: this
