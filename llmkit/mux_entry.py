@@ -257,8 +257,8 @@ class Lead(Entry, TrackedStream):
     reads the entry through a ``Subscription`` of its own, from where it had got to.
 
     A follower joining while the leader waits for an upstream read cannot take the
-    upstream over mid-read: it swaps ``_keep`` (the list's ``append`` until then) for
-    ``_keep_then_hand_off``, so the read lands in ``frames``, wakes the followers and
+    upstream over mid-read: it swaps ``_keep`` (``frames`` itself until then) for a
+    ``_HandOff``, whose ``append`` keeps the read in ``frames``, wakes the followers and
     hands off; the alone leader's read path checks for nothing.
 
     Every attribute it reads per upstream read is set in ``__init__`` or ``start``
@@ -277,7 +277,7 @@ class Lead(Entry, TrackedStream):
         self.run = run  # the leader's tries
         self._reader: Subscription | None = None  # the leader's, once it stops reading
         self._wants_usage = wants_usage
-        self._keep: Callable[[bytes], None] = self.frames.append
+        self._keep: list[bytes] | _HandOff = self.frames  # what each read is appended to
 
     def start(
         self,
@@ -307,7 +307,7 @@ class Lead(Entry, TrackedStream):
         self.subscribers += 1
         if self._reader is None and self.opened and not self.done:
             if getattr(self._rest, "ag_running", True):
-                self._keep = self._keep_then_hand_off
+                self._keep = _HandOff(self)
             else:
                 self._give_away(len(self.frames))  # every frame so far was returned
 
@@ -357,8 +357,7 @@ class Lead(Entry, TrackedStream):
                 if not events:
                     continue
                 return events
-            keep = self._keep  # an attribute, not a method: loaded as one, then called
-            keep(events)
+            self._keep.append(events)  # a list's append, done inline by CPython
             # The end with the last events, in one write; if this read was handed off,
             # the entry's end says it, as it does to every subscriber.
             return events + SSE_DONE if read.last and self._reader is None else events
@@ -392,6 +391,20 @@ class Lead(Entry, TrackedStream):
         if self._reader is not None:
             await self._reader.aclose()  # leaves the entry, once
         # else it ended by itself: a finished entry needs no leaving
+
+
+class _HandOff:
+    """Stands in for a ``Lead``'s ``frames`` as what its leader keeps each read in,
+    once a follower joined while the leader waited for that read: keeping it hands
+    the upstream off."""
+
+    __slots__ = ("_lead",)
+
+    def __init__(self, lead: Lead) -> None:
+        self._lead = lead
+
+    def append(self, events: bytes) -> None:
+        self._lead._keep_then_hand_off(events)
 
 
 async def pull_into(entry: Entry, chunks: TrackedStream) -> Frames | None:
