@@ -26,10 +26,11 @@ or always with ``[multiplexer] eligible = "all"``. ``n > 1`` shares only with th
 
 Shape. The shared upstream call is made the way its leader asked (streamed or not):
 the leader's request reaches the provider exactly as without the multiplexer, which
-keeps the overhead on unshared requests to one key encoding, one dict lookup, one C
-call to find-or-claim in the shm table (it hashes the key itself) and one to release;
-the leader's caller reads its own upstream stream inline until someone joins (its
-entry, a ``Lead``, is its stream too), keeping each read with a list append
+keeps the overhead on unshared requests to one key encoding, one dict insert, one C
+call to find-or-claim in the shm table (it hashes the key itself and counts the
+leader) and one to release; the leader's caller reads its own upstream stream inline
+until someone joins (its entry, a ``Lead``, *is* its stream: a ``TrackedStream``
+subclass that ``Gateway.open_stream`` builds), keeping each read with a list append
 (``bench/streaming_multiplexer_bench.py --instructions`` counts what is left). A
 non-streaming follower of a stream gets the completion assembled from its frames; a
 streaming follower of a whole completion gets it as chunks (both computed once per
