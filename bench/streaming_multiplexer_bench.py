@@ -410,7 +410,7 @@ def callgrind(child_args: list[str], drive: Any = None) -> int:
         out = Path(tmp, "callgrind.out")
         command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                    sys.executable, __file__, "--count-child", *child_args]  # fmt: skip
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
         with subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL) as child:  # fmt: skip
             if drive is not None:

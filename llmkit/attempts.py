@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from llmkit.control import ControlPlane
 from llmkit.errors import LLMKitError, RateLimitError, ServiceUnavailableError
@@ -336,3 +336,7 @@ class TrackedStream:
         """The stream ended normally."""
         self._attempt.succeeded(self._usage)
         self._run.close(self._usage)
+
+
+OpenedStream = Callable[[Run, Attempt, Frames | None, AsyncIterator[Frames], bool], TrackedStream]
+"""What makes a stream once its first read is in: ``TrackedStream``, or a subclass's."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-from llmkit.attempts import Run, TrackedStream, estimate_tokens
+from llmkit.attempts import OpenedStream, Run, TrackedStream, estimate_tokens
 from llmkit.config import Config, ConfigError, secret_from_env
 from llmkit.control import ControlPlane
 from llmkit.errors import (
@@ -226,13 +226,11 @@ class Gateway:
                 if not isinstance(joined, Lead):
                     return joined
                 lead = joined  # nobody to join after all: lead, as above
-            try:
-                target, chunks = await self.open_stream(call, lead.run, False)  # keep usage
+            try:  # keeps usage; the lead is its own stream (``Lead.start``)
+                return await self.open_stream(call, lead.run, False, lead.start)
             except BaseException as exc:
                 lead.abort(exc)
                 raise
-            lead.read_from(target, chunks)
-            return target, lead
         strip_usage = not call.request.wants_usage_chunk()
         if strip_usage:  # usage reconciles tokens/min; the client did not ask to see it
             call.request = msgspec.structs.replace(
@@ -242,9 +240,10 @@ class Gateway:
         return await self.open_stream(call, run, strip_usage)
 
     async def open_stream(
-        self, call: Call, run: Run, strip_usage: bool
+        self, call: Call, run: Run, strip_usage: bool, stream: OpenedStream = TrackedStream
     ) -> tuple[Target, TrackedStream]:
-        """``stream`` on an admitted ``run``, unshared."""
+        """``stream`` on an admitted ``run``, unshared; ``stream`` makes its stream
+        (a multiplexer's ``Lead`` is the stream of the call it leads)."""
         try:
             for attempt in run.tries():
                 target = attempt.target
@@ -261,7 +260,7 @@ class Gateway:
                     raise
                 attempt.first_byte()
                 self.limit_headers(call, target)
-                return target, TrackedStream(run, attempt, first, chunks, strip_usage)
+                return target, stream(run, attempt, first, chunks, strip_usage)
             raise run.error()
         except BaseException as exc:
             if isinstance(exc, LLMKitError):

@@ -6,11 +6,12 @@ the adapter. An eligible request computes its key; if an identical call is in fl
 admitted and routed as usual and its upstream call runs in a task of its own, feeding
 an ``Entry`` that every subscriber (the leader's own caller included) reads.
 
-Key. The canonical request, as bytes: the resolved deployments' ``provider/model``
-labels (so an alias and the same model asked for directly share), then the request
-with ``model``, ``stream``, ``stream_options`` and ``user`` cleared (``user`` is an
-abuse-monitoring tag that does not change the output), then the extra top-level fields
-passed through to providers, as JSON. msgspec's deterministic order sorts dict keys, so
+Key. The canonical request, as bytes: the request as JSON with its ``model`` replaced
+by the resolved deployments' ``provider/model`` labels (``key_model``: so an alias and
+the same model asked for directly share), ``stream``,
+``stream_options`` and ``user`` cleared (``user`` is an abuse-monitoring tag that does
+not change the output), then the extra top-level fields passed through to providers,
+as JSON. msgspec's deterministic order sorts dict keys, so
 JSON key order in the body does not matter. Everything else (messages and all their
 parts, tools, tool_choice, response_format, temperature, top_p, stop, max tokens, seed,
 n) is in the key: two requests differing in any of them never share. The key is
@@ -25,10 +26,11 @@ or always with ``[multiplexer] eligible = "all"``. ``n > 1`` shares only with th
 
 Shape. The shared upstream call is made the way its leader asked (streamed or not):
 the leader's request reaches the provider exactly as without the multiplexer, which
-keeps the overhead on unshared requests to one key encoding, one dict lookup, one C
-call to find-or-claim in the shm table (it hashes the key itself) and one to release;
-the leader's caller reads its own upstream stream inline until someone joins (its
-entry, a ``Lead``, is its stream too), keeping each read with a list append
+keeps the overhead on unshared requests to one key encoding, one dict insert, one C
+call to find-or-claim in the shm table (it hashes the key itself and counts the
+leader) and one to release; the leader's caller reads its own upstream stream inline
+until someone joins (its entry, a ``Lead``, *is* its stream: a ``TrackedStream``
+subclass that ``Gateway.open_stream`` builds), keeping each read with a list append
 (``bench/streaming_multiplexer_bench.py --instructions`` counts what is left). A
 non-streaming follower of a stream gets the completion assembled from its frames; a
 streaming follower of a whole completion gets it as chunks (both computed once per
@@ -69,6 +71,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
+from multidict import istr
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -88,6 +91,9 @@ from shm import Atomics, Counter, Layout, LayoutBuilder, Segment
 log = logging.getLogger("llmkit.multiplexer")
 
 HEADER = "x-llmkit-dedup"
+# The response header's name as aiohttp's own header names are (``aiohttp.hdrs``): an
+# ``istr``, whose case-folded form is computed once here instead of per response.
+ROLE_HEADER = istr(HEADER)
 COUNTERS = "mux_counters"
 LEADERS, FOLLOWERS, AVOIDED = range(3)
 JOIN_TRIES = 3
@@ -116,22 +122,28 @@ class Leading(Protocol):
 
 def dedup_key(call: Call, targets: list[Target]) -> bytes:
     """Everything in ``call`` that can change the output, as canonical bytes."""
-    return _canonical(key_labels(targets), call)
+    return _canonical(key_model(targets), call)
 
 
-def key_labels(targets: list[Target]) -> list[str]:
-    """What of the resolved deployments goes into the key: their ``provider/model``."""
-    return [targets[0].label] if len(targets) == 1 else sorted({t.label for t in targets})
+def key_model(targets: list[Target]) -> str:
+    """What of the resolved deployments goes into the key, in the request's ``model``:
+    their ``provider/model`` label, or the JSON text of their sorted labels when they
+    are several (never mistaken for one: a label starts with a provider name)."""
+    if len(targets) == 1:
+        return targets[0].label
+    labels = sorted({t.label for t in targets})
+    return labels[0] if len(labels) == 1 else _key_encoder.encode(labels).decode()
 
 
-def _canonical(labels: list[str], call: Call) -> bytes:
-    """The labels, the request and any extras, each one JSON value (self-delimiting,
-    so the bytes compare as the parts would); the extras only when there are some,
-    which is most of the time not. ``Multiplexer._key`` has it inline."""
+def _canonical(model: str, call: Call) -> bytes:
+    """The request with ``model`` (``key_model``'s), then any extras, each one JSON
+    value (self-delimiting, so the bytes compare as the parts would); the extras only
+    when there are some, which is most of the time not. ``Multiplexer._key`` has it
+    inline."""
     request = msgspec.structs.replace(
-        call.request, model="", stream=False, stream_options=None, user=None
+        call.request, model=model, stream=False, stream_options=None, user=None
     )
-    key = _key_encoder.encode(labels) + _key_encoder.encode(request)
+    key = _key_encoder.encode(request)
     return key + _key_encoder.encode(call.extras) if call.extras else key
 
 
@@ -163,23 +175,20 @@ class Counters:
     def __init__(self, segment: Segment | None = None, layout: Layout | None = None) -> None:
         self.local = [0, 0, 0]
         self._cells: list[Counter] = []
-        # One more leader: every unshared request counts one, so in shm it is a bound
-        # C call with no Python frame.
-        self.leader: Callable[[], object] = functools.partial(self.inc, LEADERS)
+        self.offsets: list[int] = []  # of the cells in shm, when there are some
         if segment is not None and layout is not None:
             region = layout[COUNTERS]
             self._cells = [Counter(segment.atomics, region.offset_of(i)) for i in range(3)]
             self._add = segment.atomics.add_i64
-            self._offsets = [cell.offset for cell in self._cells]
-            self.leader = functools.partial(self._add, self._offsets[LEADERS], 1)
+            self.offsets = [cell.offset for cell in self._cells]
 
-    def inc(self, which: int) -> None:
-        """One more of ``which``: in shm when there is one (``value`` reads it there),
-        else in ``local``."""
+    def inc(self, which: int, delta: int = 1) -> None:
+        """``delta`` more of ``which``: in shm when there is one (``value`` reads it
+        there), else in ``local``."""
         if self._cells:
-            self._add(self._offsets[which], 1)
+            self._add(self.offsets[which], delta)
         else:
-            self.local[which] += 1
+            self.local[which] += delta
 
     def value(self, which: int) -> int:
         return self._cells[which].value() if self._cells else self.local[which]
@@ -198,11 +207,30 @@ class Peers:
     def __post_init__(self) -> None:
         self.pid = self.pid or os.getpid()
         self.owner = pack_owner(self.worker_slot, self.incarnation)
-        # The table's two C calls, bound: find-or-claim and release (by slot offset);
-        # both take a request key's bytes for its tag and hash them in C.
+        # The table's C calls, bound: find-or-claim, and release (by slot offset, or
+        # ``unlead``: by index); each takes a request key's bytes for its tag and
+        # hashes them in C.
         self.claim = self.table.claim
         self.release = self.table.atomics.mux_release
         self.offsets = [self.table.offset_of(i) for i in range(self.table.geometry[2])]
+        atomics, words = self.table.atomics, self.table.leader_words(self.owner, self.pid)
+        self.unlead = functools.partial(atomics.mux_unlead, words)
+
+    def leading(self, counters: Counters) -> Callable[[bytes], int | tuple[int, int, int]]:
+        """Find-or-claim for a leader, ``claim(key)``: one C call, which also counts the
+        leader when it claims (in shm; with local counters, here)."""
+        table = self.table
+        if counters.offsets:
+            words = table.leader_words(self.owner, self.pid, counters.offsets[LEADERS])
+            return functools.partial(table.atomics.mux_lead, words)
+
+        def claim(key: bytes) -> int | tuple[int, int, int]:
+            found = self.claim(key, self.owner, self.pid)
+            if isinstance(found, int) and found >= 0:
+                counters.inc(LEADERS)
+            return found
+
+        return claim
 
 
 def collect_metrics(atomics: Atomics, layout: Layout, config: Config) -> Iterator[Metric]:
@@ -248,9 +276,11 @@ class Multiplexer:
         self._tasks: dict[Entry, asyncio.Task[None]] = {}
         self._live: set[Entry] = set()  # entries whose task has started
         self._link = LinkServer(self._entries.get)
-        self._labels: dict[str, bytes] = {}  # model name -> its key labels, encoded
+        self._labels: dict[str, str] = {}  # model name -> its ``key_model``
         self._enabled = config.enabled
         self._all = config.enabled and config.eligible == "all"
+        self._claim_lead = self._peers.leading(self.counters) if self._peers else None
+        self._unlead = self._peers.unlead if self._peers else None
 
     def in_flight(self) -> int:
         return len(self._entries)
@@ -259,8 +289,9 @@ class Multiplexer:
         """Whether ``call`` may share an upstream call, under this configuration."""
         if HEADER in call.headers or not self._enabled:
             return eligible(call, self.config)
+        # ``seed`` first: ``None == 0`` (the seed's usual temperature) is a slow compare.
         request = call.request
-        return self._all or request.temperature == 0 or request.seed is not None
+        return self._all or request.seed is not None or request.temperature == 0.0
 
     async def start(self) -> None:
         """Listen for followers on other workers (when there are peers)."""
@@ -275,23 +306,34 @@ class Multiplexer:
     def lead_stream(self, call: Call, gateway: Leading) -> Lead | None:
         """Lead a streamed call, the common case: an eligible stream nobody is making,
         claimed, admitted and in the table; the caller opens it (``Gateway.stream``:
-        ``open_stream``, then ``Lead.read_from``) and reads it through the ``Lead``.
+        ``open_stream`` with ``Lead.start`` as its stream) and reads it as its stream.
         None when an identical call may be in flight: ``join_stream`` then joins it, or
         leads after all."""
-        key = self._key(call, gateway)
-        claim, peers = FULL, self._peers
-        if peers is not None:
-            # One C call, hashing the key: this worker's own calls in flight are there
-            # too (found as ours), so a free slot means nobody makes this call.
-            found = peers.claim(key, peers.owner, peers.pid)
+        request = call.request
+        model = self._labels.get(request.model)
+        if model is None:  # a model name not seen yet: ``_key`` learns its labels
+            key = self._key(call, gateway)
+        else:  # ``_key``, inline
+            canonical = msgspec.structs.replace(
+                request, model=model, stream=False, stream_options=None, user=None
+            )
+            key = _key_encoder.encode(canonical)
+            if call.extras:
+                key += _key_encoder.encode(call.extras)
+        claim_lead = self._claim_lead
+        if claim_lead is not None:
+            # One C call, hashing the key and counting a claim as a leader: this
+            # worker's own calls in flight are there too (found as ours), so a free
+            # slot means nobody makes this call.
+            found = claim_lead(key)
             if not isinstance(found, int) or found == TAKEN:
                 return None
-            claim = found
-        if claim == FULL:  # not in shm (no peers, or no room): only this worker knows
-            entry = self._entries.get(key)
-            if entry is not None and not entry.done:
-                return None
-        return self._lead(key, claim, call, gateway)
+            if found >= 0:
+                return self._lead(key, found, call, gateway, True)  # counted
+        entry = self._entries.get(key)  # not in shm (no peers, or no room): only we know
+        if entry is not None and not entry.done:
+            return None
+        return self._lead(key, FULL, call, gateway)
 
     async def join_stream(
         self, call: Call, gateway: Leading
@@ -306,10 +348,13 @@ class Multiplexer:
         entry, target, on_leave = joined
         return target, Subscription(entry, wants_usage, on_leave)
 
-    def _lead(self, key: bytes, claim: int, call: Call, gateway: Leading) -> Lead:
+    def _lead(
+        self, key: bytes, claim: int, call: Call, gateway: Leading, counted: bool = False
+    ) -> Lead:
         """Admit a streaming leader (404/429 reach this caller only) and put its entry
         in the table, holding ``claim``, so identical requests from now on join it. The
-        shared call always asks for the usage chunk; each subscriber shows it or not."""
+        shared call always asks for the usage chunk; each subscriber shows it or not.
+        ``counted``: the claim counted it as a leader already."""
         wants_usage = call.request.wants_usage_chunk()
         if not wants_usage:
             call.request = msgspec.structs.replace(call.request, stream_options=WITH_USAGE)
@@ -317,11 +362,14 @@ class Multiplexer:
             run = gateway.start_run(call, True)
         except BaseException:
             if claim >= 0 and (peers := self._peers) is not None:
-                peers.release(peers.offsets[claim], key, peers.owner)
+                peers.unlead(claim, key)
+            if counted:  # it did not lead after all
+                self.counters.inc(LEADERS, -1)
             raise
         lead = self._entries[key] = Lead(key, claim, self, wants_usage, run)
-        self.counters.leader()
-        call.response_headers[HEADER] = "leader"
+        if not counted:
+            self.counters.inc(LEADERS)
+        call.response_headers[ROLE_HEADER] = "leader"
         if call.obs is not None:
             call.obs.multiplexer_role("leader")
         return lead
@@ -345,30 +393,16 @@ class Multiplexer:
     def _key(self, call: Call, gateway: Leading) -> bytes:
         """``dedup_key``, with each model name's labels resolved once."""
         model = call.request.model
-        prefix = self._labels.get(model)
-        if prefix is None:
+        labels = self._labels.get(model)
+        if labels is None:
             if len(self._labels) >= LABELS_KEPT:
                 self._labels.clear()
-            labels = key_labels(gateway.resolve(model))
-            prefix = self._labels[model] = _key_encoder.encode(labels)
+            labels = self._labels[model] = key_model(gateway.resolve(model))
         request = msgspec.structs.replace(  # ``_canonical``, inline
-            call.request, model="", stream=False, stream_options=None, user=None
+            call.request, model=labels, stream=False, stream_options=None, user=None
         )
-        key = prefix + _key_encoder.encode(request)
+        key = _key_encoder.encode(request)
         return key + _key_encoder.encode(call.extras) if call.extras else key
-
-    def _vacant(self, key: bytes) -> int | None:
-        """This worker's claim on ``key`` (a slot, or ``FULL``: lead unpublished) when
-        no identical call is in flight anywhere; None when there may be one (then
-        ``_join`` looks again and decides)."""
-        entry = self._entries.get(key)
-        if entry is not None and not entry.done:
-            return None
-        peers = self._peers
-        if peers is None:
-            return FULL
-        claim = peers.claim(key, peers.owner, peers.pid)  # one C call, hashing the key
-        return claim if isinstance(claim, int) and claim != TAKEN else None
 
     async def _join(self, key: bytes, call: Call, gateway: Leading, streamed: bool) -> Joined | int:
         """Join an identical call in flight (in this worker or another); or, when there
@@ -520,6 +554,14 @@ class Multiplexer:
         if task is not None and started:
             task.cancel()
 
+    def ended(self, lead: Lead) -> None:
+        """``forget`` for a ``Lead`` whose leader read it to the end alone (the path of
+        every unshared stream): it is in the table, no task runs for it."""
+        key, claim, unlead = lead.key, lead.claim, self._unlead
+        self._entries.pop(key, None)
+        if claim >= 0 and unlead is not None:  # its slot in the shm table
+            unlead(claim, key)
+
     def forget(self, entry: Entry) -> None:
         """The entry's call ended: out of the table (this is not a cache)."""
         key, claim = entry.key, entry.claim
@@ -531,12 +573,13 @@ class Multiplexer:
             self._live.discard(entry)
         if claim >= 0 and (peers := self._peers) is not None:  # ``_release``, inline
             entry.claim = FULL
-            peers.release(peers.offsets[claim], key, peers.owner)
+            unlead = peers.unlead  # an attribute, not a method: loaded, then called
+            unlead(claim, key)
 
     async def _pump_rest(self, entry: Entry, chunks: TrackedStream) -> None:
         self._live.add(entry)
         if entry.done:  # abandoned before this task ever ran
-            await chunks.aclose()
+            await TrackedStream.aclose(chunks)
             return
         await _feed(entry, _pump_frames(entry, chunks))
 
@@ -610,16 +653,18 @@ async def _pump_stream(entry: Entry, gateway: Leading, call: Call, run: Run) -> 
 
 
 async def _pump_frames(entry: Entry, chunks: TrackedStream) -> None:
-    """Append the rest of ``chunks`` to ``entry`` until it ends."""
+    """Append the rest of ``chunks`` to ``entry`` until it ends. ``chunks`` may be a
+    ``Lead`` (the leader's own stream, handed off): closed as the upstream it reads,
+    not left as its leader's stream."""
     try:
         while await pull_into(entry, chunks) is not None:
             pass
     finally:
-        await chunks.aclose()
+        await TrackedStream.aclose(chunks)
 
 
 def _role(call: Call, role: str) -> None:
-    call.response_headers[HEADER] = role
+    call.response_headers[ROLE_HEADER] = role
     if call.obs is not None:
         call.obs.multiplexer_role(role)
 

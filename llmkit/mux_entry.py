@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import msgspec
 
-from llmkit.attempts import Run, TrackedStream
+from llmkit.attempts import Attempt, Run, TrackedStream
 from llmkit.errors import LLMKitError, ServiceUnavailableError
 from llmkit.providers.base import SSE_DONE, Frames, Target, sse_event
 from llmkit.types import (
@@ -40,10 +40,12 @@ FRAME_SUFFIX = b"\n\n"
 
 class Keeper(Protocol):
     """The table an entry is in (``llmkit.multiplexer.Multiplexer``): told when the
-    entry's call ends, when its last subscriber leaves, and when a leading caller
-    stops reading the upstream itself."""
+    entry's call ends (``ended``: a ``Lead`` that nobody else read), when its last
+    subscriber leaves, and when a leading caller stops reading the upstream itself."""
 
     def forget(self, entry: Entry) -> None: ...
+
+    def ended(self, lead: Lead) -> None: ...
 
     def abandon(self, entry: Entry) -> None: ...
 
@@ -242,20 +244,26 @@ class Subscription:
             self._on_leave()
 
 
-class Lead(Entry):
-    """An entry that its leading caller reads: the call nobody shares (yet).
+class Lead(Entry, TrackedStream):
+    """An entry that is also its leading caller's stream: the call nobody shares (yet).
 
-    While nobody else reads it, the leader's caller reads the upstream stream itself
-    and returns each read at once, keeping it in ``frames`` for late joiners: an
-    unshared stream then costs one object, no task and no wake-ups. Once a follower
-    has joined (or when the leader leaves first while followers remain) the stream is
-    handed to its keeper, which carries it on in a task of its own, so the leader's
-    caller going away can no longer cut the followers short; the leader then reads
-    the entry through a ``Subscription`` of its own, from where it had got to.
+    While nobody else reads it, the leader's caller reads the upstream itself, through
+    this object's own ``TrackedStream`` side, and gets each read at once; the read is
+    kept in ``frames`` for late joiners with one list append. An unshared stream then
+    costs one object (this entry *is* its stream), no task and no wake-ups. Once a
+    follower has joined (or when the leader leaves first while followers remain) the
+    upstream is handed to the keeper, which carries it on in a task of its own, so the
+    leader's caller going away can no longer cut the followers short; the leader then
+    reads the entry through a ``Subscription`` of its own, from where it had got to.
 
-    Every attribute it reads per upstream read is set in ``__init__`` (no class
-    defaults, no ``__slots__`` base): CPython then keeps them inline in the instance
-    and specializes each access, which the class-default lookups of ``Entry`` are not.
+    A follower joining while the leader waits for an upstream read cannot take the
+    upstream over mid-read: it swaps ``_keep`` (``frames`` itself until then) for a
+    ``_HandOff``, whose ``append`` keeps the read in ``frames``, wakes the followers and
+    hands off; the alone leader's read path checks for nothing.
+
+    Every attribute it reads per upstream read is set in ``__init__`` or ``start``
+    (no class defaults): CPython then keeps them inline in the instance and
+    specializes each access, which the class-default lookups of ``Entry`` are not.
     """
 
     def __init__(self, key: bytes, claim: int, keeper: Keeper, wants_usage: bool, run: Run) -> None:
@@ -267,108 +275,136 @@ class Lead(Entry):
         self.done = False
         self._waiters = None
         self.run = run  # the leader's tries
-        self._chunks: TrackedStream | None = None  # the upstream, while the leader reads it
-        self._pulling = False  # a read of the upstream is under way
-        self._reader: Subscription | None = None  # the leader's, once it stops pulling
+        self._reader: Subscription | None = None  # the leader's, once it stops reading
         self._wants_usage = wants_usage
+        self._keep: list[bytes] | _HandOff = self.frames  # what each read is appended to
 
-    def __aiter__(self) -> Lead:
-        return self
-
-    def read_from(self, target: Target, chunks: TrackedStream) -> None:
-        """The call is open: its first output is in ``chunks``, the leader reads on."""
-        self.target, self.opened = target, True
-        self._chunks = chunks
+    def start(
+        self,
+        run: Run,
+        attempt: Attempt,
+        first: Frames | None,
+        rest: AsyncIterator[Frames],
+        strip_usage: bool,
+    ) -> Lead:
+        """The call is open (``Gateway.open_stream`` builds its stream with this):
+        its first output is in ``first``, the leader reads on."""
+        TrackedStream.__init__(self, run, attempt, first, rest, strip_usage)
+        self.target, self.opened = attempt.target, True
         if self._waiters:
             self.notify()
         if self.subscribers > 1:  # followers joined while the first chunk was awaited
             self._give_away(0)
+        return self
+
+    def __aiter__(self) -> Lead:
+        return self
 
     def join(self) -> None:
-        """A follower joined: unless a read is under way (it hands off when done), the
-        keeper takes the stream now, so a leader that stalls never stalls the others."""
+        """A follower joined: the keeper takes the upstream over now, so a leader that
+        stalls never stalls the others; or, if the leader is waiting for a read (its
+        upstream generator is running), once that read is kept."""
         self.subscribers += 1
-        if self._chunks is not None and not self._pulling:
-            self._give_away(len(self.frames))  # every frame so far was returned
+        if self._reader is None and self.opened and not self.done:
+            if getattr(self._rest, "ag_running", True):
+                self._keep = _HandOff(self)
+            else:
+                self._give_away(len(self.frames))  # every frame so far was returned
+
+    def _keep_then_hand_off(self, events: bytes) -> None:
+        self.frames.append(events)
+        self._shared_from(len(self.frames))
+
+    def _shared_from(self, index: int) -> None:
+        """Others joined during the leader's read, now kept: wake them, hand off."""
+        if self._waiters:
+            self.notify()
+        self._give_away(index)
 
     def _give_away(self, index: int) -> None:
         """Stop reading the upstream: the keeper carries it on, and the leader reads the
         entry from ``index`` on."""
         reader = self._reader = Subscription(self, self._wants_usage)
         reader._index = index
-        chunks, self._chunks = self._chunks, None
-        if chunks is not None:
-            self.keeper.hand_off(self, chunks)
+        self.keeper.hand_off(self, self)
 
     async def __anext__(self) -> bytes:
         # Alone and caught up: read the upstream ourselves and return each read at
-        # once; it is kept in ``frames`` for late joiners. This runs per upstream read
-        # of every unshared stream, so it is lean, and loops rather than recursing: the
-        # end of the stream is an exception, and every frame it passes through costs a
-        # traceback entry.
-        chunks = self._chunks
-        while chunks is not None:
-            self._pulling = True
+        # once, kept in ``frames`` for late joiners. This runs per upstream read of
+        # every unshared stream, so it does only what ``TrackedStream.__anext__``
+        # does, plus the keeping; it loops rather than recursing: the end of the
+        # stream is an exception, and every frame it passes costs a traceback entry.
+        while self._reader is None:
             try:
-                read = await chunks.next_frames()
+                read = await self.next_frames()
             except StopAsyncIteration:
                 # The end, settled inline (every unshared stream comes here once):
                 # finish(). The leader need not leave a finished entry (``aclose``).
-                self._chunks = None
                 self.done = True
                 if self._waiters:
                     self.notify()
-                self.keeper.forget(self)
+                self.keeper.ended(self)
                 raise
             except LLMKitError as exc:
-                self._chunks = None  # it ended: nothing to hand off
-                self._give_away(len(self.frames))
-                self.fail(exc)
-                break  # the entry raises its copy of the error
+                self.fail(exc)  # the others get their copy
+                raise
             except BaseException:  # cancelled mid-read: the call ends for all
                 self.fail(_gone(self))
                 raise
-            self._pulling = False
             events = read.events
-            if events:
-                self.frames.append(events)
-                if self.subscribers == 1 and not read.usage_event:
-                    return events + SSE_DONE if read.last else events
-            events = self._kept(read, events)
-            if events:
+            if read.usage_event or not events:
+                events = self._kept(read, events)
+                if not events:
+                    continue
                 return events
-            chunks = self._chunks
-        if self._reader is None:  # it ended, and every frame was returned
-            raise StopAsyncIteration
-        return await self._reader.__anext__()  # handed off, or failed: read the entry
+            self._keep.append(events)  # a list's append, done inline by CPython
+            # The end with the last events, in one write; if this read was handed off,
+            # the entry's end says it, as it does to every subscriber.
+            return events + SSE_DONE if read.last and self._reader is None else events
+        return await self._reader.__anext__()  # handed off: read the entry
 
     def _kept(self, read: Frames, events: bytes) -> bytes:
-        """The rest of ``__anext__`` for a read that is not plain events: what to
-        return, or b"" to read on (nothing to show, or others joined: handed off)."""
+        """The rest of ``__anext__`` for a read that is not plain events (the usage
+        chunk, or nothing): keep it, hand off if others joined meanwhile, and return
+        what this caller is shown (b"": nothing, read on)."""
+        frames = self.frames
+        if events:
+            frames.append(events)
         if read.usage_event:
-            self.usage_at = len(self.frames)
-            self.frames.append(read.usage_event)
+            self.usage_at = len(frames)
+            frames.append(read.usage_event)
             if self._wants_usage:
                 events += read.usage_event
-        if self.subscribers > 1:  # joined during the read: hand off, then read
-            self.notify()
-            self._give_away(len(self.frames) - bool(read.events) - bool(read.usage_event))
-            return b""
-        return events + SSE_DONE if read.last else events
+        if self.subscribers > 1:  # joined during the read: hand off
+            self._shared_from(len(frames))
+        elif read.last:
+            events += SSE_DONE
+        return events
 
     async def aclose(self) -> None:
-        chunks = self._chunks
-        if chunks is not None:  # left while reading the upstream itself
-            if self.subscribers > 1 and not self.done:
-                self._give_away(len(self.frames))  # the others carry on
-            else:
-                self._chunks = None
-                await chunks.aclose()
+        if self._reader is None and not self._closed:  # left while reading the upstream
+            if self.subscribers == 1 or self.done:
+                await TrackedStream.aclose(self)
                 self.leave()
                 return
+            self._give_away(len(self.frames))  # the others carry on without it
         if self._reader is not None:
             await self._reader.aclose()  # leaves the entry, once
         # else it ended by itself: a finished entry needs no leaving
+
+
+class _HandOff:
+    """Stands in for a ``Lead``'s ``frames`` as what its leader keeps each read in,
+    once a follower joined while the leader waited for that read: keeping it hands
+    the upstream off."""
+
+    __slots__ = ("_lead",)
+
+    def __init__(self, lead: Lead) -> None:
+        self._lead = lead
+
+    def append(self, events: bytes) -> None:
+        self._lead._keep_then_hand_off(events)
 
 
 async def pull_into(entry: Entry, chunks: TrackedStream) -> Frames | None:

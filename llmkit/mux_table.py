@@ -25,6 +25,11 @@ both look again a moment later.
 
 Release (owner, when its call ends; ``Atomics.mux_release``): CAS ``owner`` -> 0,
 then CAS ``tag`` hash -> 0.
+
+A leader calls ``Atomics.mux_lead`` and ``mux_unlead`` instead: the same acquire and
+release, taking the table's geometry, owner and pid packed once (``leader_words``) so
+that each call converts nothing but the key (and a slot index); a claim through
+``mux_lead`` also adds 1 to the leaders counter.
 Reclaim (supervisor, after reaping a worker; or a worker that found the owner's socket
 refusing): the same, for every slot whose ``pid`` is the dead worker's.
 
@@ -38,6 +43,7 @@ missed deduplication, never a wrong answer.
 from __future__ import annotations
 
 import functools
+import struct
 from typing import NamedTuple
 
 from shm import Atomics, Layout, LayoutBuilder
@@ -84,6 +90,12 @@ class MuxTable:
         # returns it but with a found owner as a tuple (index, owner word, pid).
         self.claim = functools.partial(atomics.mux_acquire, *self.geometry)
         self.tag = atomics.mux_tag  # a key's tag (never 0)
+
+    def leader_words(self, owner: int, pid: int, counter: int = -1) -> bytes:
+        """What ``Atomics.mux_lead`` and ``mux_unlead`` take for this table: geometry,
+        ``owner``, ``pid`` and the offset of a counter that a claim adds 1 to (-1:
+        none), seven native int64 packed once."""
+        return struct.pack("=7q", *self.geometry, owner, pid, counter)
 
     def find(self, tag: int) -> Owner | None:
         """The published owner of ``tag``; None if nobody holds it (or not published yet)."""

@@ -1173,6 +1173,7 @@ static const char *const P_MUX_RELEASE[] = {"offset", "tag", "owner"};
 static const Signature SIG_MUX_ACQUIRE = {"mux_acquire", "iiiikii", P_MUX_ACQUIRE, 7, 7, 0};
 static const Signature SIG_MUX_RELEASE = {"mux_release", "iki", P_MUX_RELEASE, 3, 3, 2};
 
+
 /* The table's first word, once its geometry is checked and it lies in the buffer. */
 static int64_t *
 mux_table_at(AtomicsObject *self, const Arg *a)
@@ -1218,14 +1219,11 @@ mux_owner_found(int64_t index, int64_t *slot)
     return Py_BuildValue("(LLL)", (long long)index, (long long)owner, (long long)pid);
 }
 
+/* Find-or-claim a[4] (tag) for a[5] (owner), a[6] (pid) in the table of geometry
+ * a[0..3]; `counter`, when not NULL, gains 1 when a slot is claimed. */
 static PyObject *
-Atomics_mux_acquire(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
-                    PyObject *kwnames)
+mux_find_or_claim(AtomicsObject *self, const Arg *a, int64_t *counter)
 {
-    Arg a[7];
-    if (parse_args(&SIG_MUX_ACQUIRE, args, nargs, kwnames, a) < 0) {
-        return NULL;
-    }
     int64_t *table = mux_table_at(self, a);
     if (table == NULL) {
         return NULL;
@@ -1264,9 +1262,23 @@ Atomics_mux_acquire(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs
         __atomic_store_n(slot[p] + MUX_PID, a[6].i, __ATOMIC_SEQ_CST);
         __atomic_store_n(slot[p] + MUX_CLAIMED, mux_now_ns(), __ATOMIC_SEQ_CST);
         __atomic_store_n(slot[p] + MUX_OWNER, a[5].i, __ATOMIC_SEQ_CST);
+        if (counter != NULL) {
+            __atomic_fetch_add(counter, 1, __ATOMIC_SEQ_CST);
+        }
         return PyLong_FromLongLong(index[p]);
     }
     return PyLong_FromLong(MUX_FULL);
+}
+
+static PyObject *
+Atomics_mux_acquire(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
+                    PyObject *kwnames)
+{
+    Arg a[7];
+    if (parse_args(&SIG_MUX_ACQUIRE, args, nargs, kwnames, a) < 0) {
+        return NULL;
+    }
+    return mux_find_or_claim(self, a, NULL);
 }
 
 static PyObject *
@@ -1284,6 +1296,84 @@ Atomics_mux_release(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs
         Py_RETURN_FALSE;
     }
     __atomic_compare_exchange_n(slot + MUX_TAG, &tag, 0, 0, __ATOMIC_SEQ_CST,
+                                __ATOMIC_ACQUIRE);
+    Py_RETURN_TRUE;
+}
+
+/*
+ * A leader's calls, mux_lead(table, key) and mux_unlead(table, index, key): `table` is
+ * bytes packing seven native int64 words, built once per worker (mux_table.py,
+ * MuxTable.leader_words): offset, stride, slots, probes (the geometry), owner, pid,
+ * and the offset of a counter that gains 1 with each claim (-1: none). So the
+ * unshared path's two calls convert no Python ints but a slot index.
+ */
+#define MUX_LEADER_WORDS 7
+
+static int
+mux_leader_words(PyObject *table, Arg *a)
+{
+    if (!PyBytes_CheckExact(table) ||
+        PyBytes_GET_SIZE(table) != MUX_LEADER_WORDS * WORD_SIZE) {
+        PyErr_SetString(PyExc_TypeError, "table must be bytes of 7 int64 words");
+        return -1;
+    }
+    const char *words = PyBytes_AS_STRING(table);
+    for (int i = 0; i < MUX_LEADER_WORDS; i++) {
+        memcpy(&a[i].i, words + i * WORD_SIZE, WORD_SIZE);
+    }
+    return 0;
+}
+
+/* mux_acquire(offset, stride, slots, probes, tag, owner, pid) from table's words, the
+ * claim also adding 1 to the table's counter (if any). */
+static PyObject *
+Atomics_mux_lead(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Arg w[MUX_LEADER_WORDS], a[7];
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "mux_lead() takes table, key");
+        return NULL;
+    }
+    if (mux_leader_words(args[0], w) < 0 || convert_arg('k', args[1], &a[4]) < 0) {
+        return NULL;
+    }
+    int64_t *counter = NULL;
+    if (w[6].i != -1 && (counter = word_at(self, w[6].i, 1)) == NULL) {
+        return NULL;
+    }
+    a[0] = w[0], a[1] = w[1], a[2] = w[2], a[3] = w[3], a[5] = w[4], a[6] = w[5];
+    return mux_find_or_claim(self, a, counter);
+}
+
+/* mux_release of slot `index` of the table in table's words, for its owner. */
+static PyObject *
+Atomics_mux_unlead(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Arg w[MUX_LEADER_WORDS], index, tag;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "mux_unlead() takes table, index, key");
+        return NULL;
+    }
+    if (mux_leader_words(args[0], w) < 0 || convert_arg('i', args[1], &index) < 0 ||
+        convert_arg('k', args[2], &tag) < 0) {
+        return NULL;
+    }
+    int64_t stride = w[1].i, slots = w[2].i;
+    if (stride < WORD_SIZE * MUX_WORDS || stride > MUX_MAX_STRIDE || stride % WORD_SIZE ||
+        index.i < 0 || index.i >= slots || slots > MUX_MAX_SLOTS) {
+        PyErr_SetString(PyExc_ValueError, "bad table geometry or slot index");
+        return NULL;
+    }
+    int64_t *slot = word_at(self, w[0].i + index.i * stride, MUX_WORDS);
+    if (slot == NULL) {
+        return NULL;
+    }
+    int64_t owner = w[4].i, expected = tag.i;
+    if (!__atomic_compare_exchange_n(slot + MUX_OWNER, &owner, 0, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_ACQUIRE)) {
+        Py_RETURN_FALSE;
+    }
+    __atomic_compare_exchange_n(slot + MUX_TAG, &expected, 0, 0, __ATOMIC_SEQ_CST,
                                 __ATOMIC_ACQUIRE);
     Py_RETURN_TRUE;
 }
@@ -1418,6 +1508,13 @@ static PyMethodDef Atomics_methods[] = {
              "table (llmkit/mux_table.py): the claimed\n"
              "slot's index, -1 while another claim is unpublished or won a race, -2 when\n"
              "the probe window is full, or (index, owner, pid) of the published owner."),
+    {"mux_lead", (PyCFunction)(void (*)(void))Atomics_mux_lead, METH_FASTCALL,
+     "mux_lead($self, table, key, /)\n--\n\n"
+     "mux_acquire for a leader, with the table's words packed once (see the C source):\n"
+     "a claim also adds 1 to the table's counter."},
+    {"mux_unlead", (PyCFunction)(void (*)(void))Atomics_mux_unlead, METH_FASTCALL,
+     "mux_unlead($self, table, index, key, /)\n--\n\n"
+     "mux_release of slot index of the table packed in table, for its owner."},
     {"mux_tag", (PyCFunction)Atomics_mux_tag, METH_O,
      "mux_tag($self, key, /)\n--\n\n"
      "The in-flight table's 64-bit tag (never 0) for a request key's bytes."},

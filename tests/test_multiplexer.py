@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from llmkit.config import Config, MultiplexerConfig, load_config
-from llmkit.errors import ServiceUnavailableError
+from llmkit.errors import RateLimitError, ServiceUnavailableError
 from llmkit.gateway import Gateway
 from llmkit.multiplexer import dedup_key, eligible
 from llmkit.mux_entry import Entry, Subscription, assemble, completion_frames
@@ -140,6 +140,21 @@ def test_an_alias_shares_with_the_model_it_resolves_to(mock: PacedMock) -> None:
         mock, '[[models]]\nname = "fast"\n[[models.deployments]]\nprovider = "local"\nmodel = "m"\n'
     )
     assert key(call(model="fast"), gateway) == key(call(model="local/m"), gateway)
+
+
+def test_an_alias_of_several_deployments_keys_on_all_their_labels(mock: PacedMock) -> None:
+    def alias(name: str, models: tuple[str, ...]) -> str:
+        rows = "".join(
+            f'[[models.deployments]]\nprovider = "local"\nmodel = "{m}"\n' for m in models
+        )
+        return f'[[models]]\nname = "{name}"\n{rows}'
+
+    gateway = gateway_for(mock, alias("ab", ("a", "b")) + alias("ba", ("b", "a")))
+    both = key(call(model="ab"), gateway)
+    assert both == key(call(model="ba"), gateway)  # the same deployments, in any order
+    assert both != key(call(model="local/a"), gateway)
+    assert both != key(call(model="local/b"), gateway)
+    assert b'"model":"[' in both  # never mistaken for one label: a label starts with a name
 
 
 def test_eligibility() -> None:
@@ -392,6 +407,57 @@ async def test_a_follower_joining_during_the_leaders_own_read_misses_nothing(
         await gateway.close()
     assert len(mock.requests) == 1
     assert b"".join(everything) == b"".join([*early, middle, *rest])
+
+
+async def test_a_leader_that_stalls_between_reads_hands_off_to_a_follower(
+    mock: PacedMock,
+) -> None:
+    """The leader's caller reads the upstream itself until someone joins; a follower
+    joining while the leader is not reading (its client stalled) takes the upstream over
+    at once, and the leader, reading again later, misses nothing."""
+    mock.chunk_delay_s = 0.01
+    gateway = gateway_for(mock)
+    request = {"messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(15))}]}
+    try:
+        _, leader = await gateway.stream(call(**request))
+        early = [await anext(leader), await anext(leader)]
+        await asyncio.sleep(0.05)  # the leader stalls between reads; the upstream goes on
+        _, follower = await gateway.stream(call(**request))
+        everything = await asyncio.wait_for(read_all(follower), 10)  # not held by the leader
+        rest = await read_all(leader)
+    finally:
+        await gateway.close()
+    assert len(mock.requests) == 1
+    assert b"".join(everything) == b"".join(early + rest)
+    assert len(deltas(everything)) == 19
+
+
+async def test_a_leader_refused_by_a_limit_is_not_counted_and_frees_its_claim(
+    mock: PacedMock,
+) -> None:
+    path = f"/tmp/llmkit-mux-test-refused-{id(mock)}.toml"
+    with open(path, "w") as f:
+        f.write(f'[limits]\nrpm = 1\n[[providers]]\nname = "local"\nbase_url = "{mock.url}/v1"\n')
+    config = load_config(path)
+    name = f"/llmkit-test-mux-refused-{os.getpid()}"
+    state = SharedState.create(name, config)
+    try:
+        mux = state.multiplexer(config, 0, name)
+        gateway = Gateway(config, control=state.control(config, 0), multiplexer=mux)
+        try:
+            _, stream = await gateway.stream(call(seed=1))
+            await read_all(stream)
+            await stream.aclose()  # type: ignore[attr-defined]
+            with pytest.raises(RateLimitError):
+                await gateway.stream(call(seed=2))  # claimed, counted, then refused
+            assert mux.counters.value(0) == 1  # leaders: the refused one uncounted
+            assert mux.in_flight() == 0 and state.mux_table().in_use() == 0
+        finally:
+            await gateway.close()
+    finally:
+        state.segment.unlink()
+        state.close()
+    assert len(mock.requests) == 1
 
 
 async def test_unshared_streams_with_shm_peers_leave_no_claim_behind(mock: PacedMock) -> None:

@@ -13,6 +13,7 @@ import mmap
 import multiprocessing
 import os
 import random
+import struct
 import time
 from typing import Any
 
@@ -114,6 +115,48 @@ def test_c_and_the_model_agree_on_random_histories() -> None:
                 if isinstance(got, int) and got >= 0:
                     held.append((got, tag, owner))
             assert words(c_buf) == words(m_buf)
+
+
+def test_the_leader_calls_agree_with_the_model_and_count_each_claim() -> None:
+    """``mux_lead`` / ``mux_unlead`` (the table's words packed once, the counter cell
+    after the table) against the model, on a random history of one owner."""
+    rng = random.Random(11)
+    counter = SLOTS * STRIDE
+    c_buf, m_buf = bytearray(SLOTS * STRIDE + 8), bytearray(SLOTS * STRIDE + 8)
+    c, model = Atomics(c_buf), Model(Atomics(m_buf))
+    owner, pid = 0x50003, 777
+    table = struct.pack("=7q", *GEOMETRY, owner, pid, counter)
+    tags = [SLOTS * k + rng.choice((1, 9, 14)) for k in range(1, 12)]
+    held: list[tuple[int, int]] = []
+    claims = 0
+    for _ in range(300):
+        if held and rng.random() < 0.4:
+            slot, tag = held.pop(rng.randrange(len(held)))
+            key = tag if rng.random() < 0.9 else tag + 1  # another key: nothing released
+            expected = model.release(slot * STRIDE, key, owner)
+            assert c.mux_unlead(table, slot, key) == expected
+            if not expected:
+                assert c.mux_unlead(table, slot, tag) == model.release(slot * STRIDE, tag, owner)
+        else:
+            tag = rng.choice(tags)
+            got = c.mux_lead(table, tag)
+            assert got == model.acquire(tag, owner, pid)
+            if isinstance(got, int) and got >= 0:
+                held.append((got, tag))
+                claims += 1
+        assert words(c_buf) == words(m_buf)
+        assert c.load_i64(counter) == claims
+    key = b"a request key"
+    slot = c.mux_lead(table, key)
+    assert isinstance(slot, int) and slot >= 0
+    assert c.mux_acquire(*GEOMETRY, key, owner + 1, 1) == (slot, owner, pid)  # its tag
+    assert c.mux_unlead(table, slot, key) and c.load_i64(slot * STRIDE + TAG) == 0
+    uncounted = struct.pack("=7q", *GEOMETRY, owner, pid, -1)
+    assert c.mux_lead(uncounted, key) == slot and c.load_i64(counter) == claims + 1
+    with pytest.raises(ValueError):
+        c.mux_unlead(table, SLOTS, key)  # past the table
+    with pytest.raises(TypeError):
+        c.mux_lead(table[:-8], key)
 
 
 def test_a_claim_records_its_time_and_a_found_owner_carries_its_pid() -> None:
