@@ -13,8 +13,9 @@ starts, not forked by the supervisor: valgrind's gdbserver, through which
 plays the supervisor's boot part (bind, create the segment) and nothing else, so the
 production path is exactly what is counted, and nothing in it knows about valgrind.
 Instrumentation starts off (``--instr-atstart=no``), so imports run at valgrind's
-uninstrumented speed; it is switched on before the warm-up. The worker runs with
-``PYTHONHASHSEED=0`` unless the caller's environment sets another.
+uninstrumented speed; it is switched on before the warm-up. The worker runs in
+``counted_env``'s layout: ``PYTHONHASHSEED=0`` unless the caller's environment sets
+another seed, and an environment padded by that seed.
 
 Usage, alone: ``python bench/_callgrind.py CONFIG.toml BODY_JSON [requests]`` (the demo
 provider needs no upstream).
@@ -39,6 +40,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 _TOTALS = re.compile(r"^(?:totals|summary):\s+(\d+)", re.MULTILINE)
 CHAT = "/v1/chat/completions"
+
+
+LAYOUT_PAD = "LLMKIT_BENCH_LAYOUT"
+PAD_PER_SEED = 37  # bytes: a different pymalloc size class for each of seeds 0-3
+
+
+def counted_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a counted process: one memory layout per hash seed.
+
+    The seed (``PYTHONHASHSEED``, 0 unless set) fixes str hashes and with them dict probe
+    sequences; with a random one, counts of one configuration moved by up to ~0.4%
+    between processes. It also pads the environment by ``PAD_PER_SEED`` bytes per unit,
+    which shifts the heap addresses of what is allocated after it, interned attribute
+    names among them: CPython's method cache is indexed by those addresses, so its
+    collisions, and counts by up to ~2%, change with the layout, which a seed alone
+    does not move. A figure is then the mean over seeds 0-3, i.e. over four layouts.
+    """
+    seed = os.environ.get("PYTHONHASHSEED", "0")
+    pad = "x" * (PAD_PER_SEED * int(seed)) if seed.isdigit() else ""
+    return {**os.environ, **(extra or {}), "PYTHONHASHSEED": seed, LAYOUT_PAD: pad}
 
 
 def available() -> bool:
@@ -69,11 +90,8 @@ class CallgrindWorker:
             f"--callgrind-out-file={self._out}",
             sys.executable, *served, str(self._port_file),
         ]  # fmt: skip
-        # A fixed hash seed: str hashes, and with them dict probe sequences, are then the
-        # same in every run. With a random one, counts moved by up to ~0.4% between
-        # worker processes of one configuration, as much as some differences measured.
-        env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0"),
-               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+        pythonpath = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+        env = counted_env({"PYTHONPATH": pythonpath})
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.port = self._wait_port(start_timeout_s)
         self._control("-i", "on")

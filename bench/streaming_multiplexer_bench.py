@@ -63,6 +63,7 @@ if __name__ == "__main__" and "--count-child" in sys.argv:
 import aiohttp  # noqa: E402
 import msgspec  # noqa: E402
 
+from bench._callgrind import counted_env  # noqa: E402
 from bench._harness import LLMKitServer  # noqa: E402
 from bench._upstreams import mock_upstream  # noqa: E402
 from bench.e2e_bench import KEY_ENV, MASTER_ENV, MASTER_KEY, llmkit_config  # noqa: E402
@@ -410,7 +411,7 @@ def callgrind(child_args: list[str], drive: Any = None) -> int:
         out = Path(tmp, "callgrind.out")
         command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                    sys.executable, __file__, "--count-child", *child_args]  # fmt: skip
-        env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+        env = counted_env()
         with subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL) as child:  # fmt: skip
             if drive is not None:
