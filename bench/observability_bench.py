@@ -2,7 +2,10 @@
 on two workloads, metric updates per second in one process, and a ``/metrics`` scrape
 over 1,000 series.
 
-Usage: ``python bench/observability_bench.py [--quick] [--instructions] [--json PATH]``
+Usage: ``python bench/observability_bench.py [--quick] [--instructions | --instructions-only]
+[--json PATH]`` (``--instructions-only``: the callgrind rows alone, e.g. one run per
+``PYTHONHASHSEED``, as a difference of ~2K instructions is only believable as the mean
+over seeds)
 
 CPU per request is the CPU time of the server's worker processes (every thread, from
 ``/proc/<pid>/task/<tid>/schedstat``: nanoseconds, so clock-tick resolution does not
@@ -426,24 +429,28 @@ def scrape_time(reps: int) -> dict[str, float]:
         state.close()
 
 
-def run(quick: bool, instructions: bool | None = None) -> dict[str, Any]:
+def run(quick: bool, instructions: bool | None = None, only: bool = False) -> dict[str, Any]:
     """Every figure of this benchmark; ``quick`` for a short smoke run; ``instructions``
-    adds the callgrind counts (by default in a full run, when valgrind is installed)."""
+    adds the callgrind counts (by default in a full run, when valgrind is installed);
+    ``only`` gives those counts alone."""
     if instructions is None:
-        instructions = not quick
+        instructions = not quick or only
     seconds, reps, connections = (2.0, 2, 32) if quick else (6.0, 7, 32)
     os.environ[KEY_ENV] = "sk-upstream-bench"
     os.environ[MASTER_ENV] = MASTER_KEY
     cpu, counted = {}, {}
     with mock_upstream() as mock:
         for workload in workloads(f"http://127.0.0.1:{mock.port}"):
-            cpu[workload.name] = cpu_per_request(workload, seconds, reps, connections)
+            if not only:
+                cpu[workload.name] = cpu_per_request(workload, seconds, reps, connections)
             if instructions and _callgrind.available():
                 counted[workload.name] = instructions_per_request(
                     workload,
                     200 if quick else 1000,
                     1 if quick else 3,  # the loop's batching moves a window by ~1K; a median
                 )
+    if only:
+        return {"machine": machine(), "instructions_per_request": counted}
     updates = update_rates(200_000 if quick else 2_000_000, 3 if quick else 5)
     scrape = scrape_time(20 if quick else 100)
     return {
@@ -502,6 +509,8 @@ def declared_metrics(
 
 
 def report(results: dict[str, Any]) -> str:
+    if "settings" not in results:
+        return "\n".join([f"Machine: {results['machine']}", *instruction_rows(results)])
     s = results["settings"]
     lines = [
         f"Machine: {results['machine']}",
@@ -522,6 +531,21 @@ def report(results: dict[str, Any]) -> str:
                 f"| {row['vs_metrics_pct']:+.2f}% | {row['paired_vs_off_pct']:+.2f}% "
                 f"| {row['paired_vs_metrics_pct']:+.2f}% | {row['requests_per_s']:,.0f} |"
             )
+    lines += instruction_rows(results)
+    lines += ["", "| metric updates, one process | per second |", "|---|---|"]
+    lines += [f"| {k} | {v:,.0f} |" for k, v in results["updates_per_s"].items()]
+    lines += ["", "| observability hooks of one proxied chat request, one process | µs |",
+              "|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v:.2f} |" for k, v in results["hooks_us"].items()]
+    scrape = results["scrape"]
+    lines += ["", f"/metrics with {scrape['series']:,} series ({scrape['bytes']:,} bytes): "
+              f"{scrape['scrape_ms']:.2f} ms per scrape (median)"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def instruction_rows(results: dict[str, Any]) -> list[str]:
+    """The callgrind table, if the run counted instructions."""
+    lines: list[str] = []
     if results.get("instructions_per_request"):
         lines += ["", "| workload | configuration | instructions / request (callgrind) | vs off "
                   "| vs metrics only | traces | OTLP POSTs | traces / POST |",
@@ -539,15 +563,7 @@ def report(results: dict[str, Any]) -> str:
             "(full-speed estimate: metrics only + 0.9 x the unsampled request's extra "
             "+ 0.1 x the 100% row's extra; see instructions_per_request)"
         )
-    lines += ["", "| metric updates, one process | per second |", "|---|---|"]
-    lines += [f"| {k} | {v:,.0f} |" for k, v in results["updates_per_s"].items()]
-    lines += ["", "| observability hooks of one proxied chat request, one process | µs |",
-              "|---|---|"]  # fmt: skip
-    lines += [f"| {k} | {v:.2f} |" for k, v in results["hooks_us"].items()]
-    scrape = results["scrape"]
-    lines += ["", f"/metrics with {scrape['series']:,} series ({scrape['bytes']:,} bytes): "
-              f"{scrape['scrape_ms']:.2f} ms per scrape (median)"]  # fmt: skip
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
@@ -555,9 +571,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--instructions", action=argparse.BooleanOptionalAction,
                         help="callgrind counts (default: in a full run)")  # fmt: skip
+    parser.add_argument("--instructions-only", action="store_true",
+                        help="the callgrind counts alone")  # fmt: skip
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    results = run(args.quick, args.instructions)
+    results = run(args.quick, args.instructions, args.instructions_only)
     print(report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
