@@ -95,9 +95,10 @@ async def _drive(mode: str, upto: int, n: int) -> None:
             started = slot.enter()
             obs = None
             if observe.detailed:  # workers/http.py handle, as it is
-                traceparent, drawn = headers.get(TRACEPARENT), observe.draw()
-                if traceparent is not None or drawn < observe.rate or observe.logging:
-                    obs = observe.begin(0, "POST", CHAT, request_id, traceparent, drawn)
+                traceparent = headers.get(TRACEPARENT)
+                observe.countdown -= 1
+                if traceparent is not None or observe.countdown < 0 or observe.logging:
+                    obs = observe.begin(0, "POST", CHAT, request_id, traceparent, True)
             call.obs = obs
             _pipeline(gateway, call, targets, obs, upto, usage, choices)
             count(0, 200, started, call)

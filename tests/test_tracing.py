@@ -195,16 +195,16 @@ def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
                   "long": "x" * 300}  # fmt: skip
     # Span ids are ints written little-endian (llmkit.tracing); the SDK reads big-endian.
     sdk_root, sdk_child, sdk_other = (int.from_bytes(otlp.SPAN_ID(i), "big") for i in (root, 5, 9))
-    field = b"\x0a\x10" + trace_id.to_bytes(16, "big")
+    field = trace_id.to_bytes(16, "big")
     head, tail = otlp.child_shape("chat x", otlp.CLIENT, {"llmkit.attempt": 1}, "server_error")
     child_span = [head, otlp.CHILD_HEAD(otlp.child_prefix(field, root), 5, otlp.START_TAG,
                                         1_100, otlp.END_TAG, 1_900), tail]  # fmt: skip
-    root_tail = [otlp.span_tail("chat m", otlp.SERVER, attributes)]
+    root_tail = [b"", otlp.span_tail("chat m", otlp.SERVER, attributes), otlp.FLAGS[True]]
     trace = otlp.trace_spans(field, root, (77).to_bytes(8, "big"), 1_000, 2_000, root_tail,
                              child_span)  # fmt: skip
     # One trace with a remote parent (and so a longer root), one that starts its own.
-    other = otlp.trace_spans(field, 9, None, 3, 4, [otlp.span_tail("chat n", otlp.SERVER, {})],
-                             [])  # fmt: skip
+    other = otlp.trace_spans(field, 9, None, 3, 4, [b"", otlp.span_tail("chat n", otlp.SERVER, {}),
+                                                    otlp.FLAGS[False]], [])  # fmt: skip
     mine = ExportTraceServiceRequest()
     mine.ParseFromString(otlp.encode_request([trace, other], "svc"))
 
