@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,8 +98,12 @@ class CallgrindWorker:
         self, body: str, headers: Mapping[str, str], requests: int, connections: int
     ) -> int:
         """Instructions the worker executed while answering ``requests`` requests."""
+        return self.counted(lambda: send(self.port, body, headers, requests, connections))
+
+    def counted(self, action: Callable[[], object]) -> int:
+        """Instructions the worker executed while ``action()`` ran."""
         self._control("-z")
-        send(self.port, body, headers, requests, connections)
+        action()
         self._control("-d")
         self._dumps += 1
         dump = Path(f"{self._out}.{self._dumps}")

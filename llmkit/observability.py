@@ -18,9 +18,10 @@ time to first token and cost computed in C from the clock and the plan's prices
 metrics add to a request.
 
 Tracing and the access log do need a recorder: the surface calls ``Observability.begin``,
-which returns a ``RequestObs`` for a request that is sampled (one ``random()`` compare)
-or logged and None for any other, so an unsampled request pays one ``is not None`` test
-per hook. A sampled request's spans are OTLP bytes as soon as each ends (``RequestObs``).
+which returns a ``TracedRequest`` for a request that is sampled (a countdown, see
+``llmkit.tracing``), a ``RequestObs`` for one only logged, and None for any other, so an
+unsampled request pays one ``is not None`` test per hook. A sampled request's spans are
+OTLP bytes as soon as each ends (``TracedRequest``).
 Hooks (who calls what): the HTTP surface ``begin`` / ``answered`` / ``finish``;
 ``Gateway._run`` ``mark`` + ``routed``; ``Run.admit`` ``mark`` + ``admitted``;
 ``Run._open`` ``attempt_started``; ``Attempt._settle`` ``attempt_settled``;
@@ -58,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from math import log
 from time import monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -195,6 +197,7 @@ class Observability:
         # Head sampling (``Tracing.draw``): the requests left before the next one drawn.
         # The HTTP surface counts it down inline; ``begin`` draws the next when it is < 0.
         self.countdown = self.tracing.draw()
+        self._random, self._gap_scale = self.tracing.random, self.tracing.gap_scale
         self.bits = self.tracing.bits  # ids: ``Tracing.root``, ``Tracing.span_id``
         # Encoded span parts many requests share, by what they are made of (``keep``).
         self.shapes: dict[Any, Any] = {}
@@ -241,8 +244,9 @@ class Observability:
         if not counted:
             self.countdown -= 1
         drawn = self.countdown < 0
-        if drawn:
-            self.countdown = self.tracing.draw()
+        if drawn:  # the next gap (``Tracing.draw``), inline
+            scale = self._gap_scale
+            self.countdown = int(log(1.0 - self._random()) * scale) if scale else 0
         if route < _MODEL_ROUTES and self._traced:  # no traces of /health, /metrics
             if traceparent is None:
                 if drawn:  # a new trace: ids as ``Tracing.root`` draws them, inline

@@ -1,9 +1,12 @@
 """Sampled tracing: the head-sampling decision, W3C ``traceparent``, the span queue.
 
-Sampling is decided once per request, at the start, with one call to a seeded
-``random.Random``: an incoming ``traceparent`` decides by its sampled flag (what OTel's
-``ParentBased`` sampler does), otherwise ``random() < trace_sample_rate``. A request
-that is not sampled records nothing, and with tracing off (rate 0, or no exporter
+Sampling is decided once per request, at the start: an incoming ``traceparent`` decides
+by its sampled flag (what OTel's ``ParentBased`` sampler does), otherwise each request
+is sampled with probability ``trace_sample_rate``, independently. That is done as a
+countdown (``Tracing.draw``): one ``random()`` per *sampled* request draws how many
+requests go unsampled before the next (geometric, which is exactly what independent
+draws per request give), and a request in between costs one decrement. A request that
+is not sampled records nothing, and with tracing off (rate 0, or no exporter
 configured) nothing here runs past one attribute check.
 
 The request path never touches the OpenTelemetry SDK: a sampled request draws its ids
@@ -114,7 +117,7 @@ class Tracing:
         self.bits = rng.getrandbits  # ids: bits(64) | 1, as span_id (callers inline it)
         # draw(): log(1 - random()) / log(1 - rate) rounded down is geometric: the
         # failures before the next success of a Bernoulli(rate) trial per request.
-        self._scale = 1 / math.log1p(-rate) if 0 < rate < 1 else 0.0
+        self.gap_scale = 1 / math.log1p(-rate) if 0 < rate < 1 else 0.0
         self._export = export  # synchronous: flush() and shutdown
         self._send = send  # asynchronous, on the loop; None: ``export`` there too
         self._shutdown = shutdown
@@ -141,9 +144,9 @@ class Tracing:
         probability ``rate``). Tracing off: never (no request counts down that far)."""
         if not self.enabled:
             return sys.maxsize
-        if self._scale == 0.0:  # rate 1: every request
+        if self.gap_scale == 0.0:  # rate 1: every request
             return 0
-        return int(math.log(1.0 - self.random()) * self._scale)
+        return int(math.log(1.0 - self.random()) * self.gap_scale)
 
     def sample(self, traceparent: str, drawn: bool) -> tuple[bytes, int, bytes | None] | None:
         """A request with a ``traceparent``: its trace (trace id, root span id, parent span

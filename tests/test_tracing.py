@@ -92,6 +92,8 @@ async def test_a_request_that_fell_back_has_a_gateway_span_and_two_attempt_spans
     assert second.status.status_code != StatusCode.ERROR
     assert len(named["llmkit.router"]) == len(named["llmkit.limiter"]) == 1
     assert {s.context.trace_id for s in spans} == {root.context.trace_id}
+    ids = [s.context.span_id for s in spans]  # router and limiter ids derive from the root's
+    assert len(set(ids)) == len(ids) == 5 and 0 not in ids
     # The upstream saw the first attempt span as its parent.
     sent = parse_traceparent(mock.requests[0].headers["traceparent"])
     assert sent == (first.context.trace_id, first.context.span_id, True)
@@ -170,6 +172,36 @@ async def test_head_sampling_at_a_tenth_over_10000_requests(
     assert low <= len(roots) <= high, (len(roots), low, high)
     # Every sampled request is a whole trace: root, router, limiter and one attempt.
     assert len(exporter.get_finished_spans()) == 4 * len(roots)
+
+
+class _CountedRandom(random.Random):
+    draws = 0
+
+    def random(self) -> float:
+        self.draws += 1
+        return super().random()
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_head_sampling_counts_down_geometric_gaps(tmp_path: Path, rate: float) -> None:
+    """Each request is sampled with probability ``rate`` (tight interval over 200,000
+    requests: a gap off by one request, at 0.1, would sample 9.1%), and only a sampled
+    request draws a random number: the others count down."""
+    from llmkit.observability import Observability
+    from llmkit.tracing import Tracing
+
+    rng = _CountedRandom(7)
+    tracing = Tracing(rate, lambda batch: None, rng=rng)
+    observability = Observability(config_of(tmp_path, ""), None, tracing)
+    n = 200_000
+    sampled = sum(observability.begin(0, "POST", CHAT, "r", None) is not None for _ in range(n))
+    spread = 3.9 * math.sqrt(n * rate * (1 - rate))  # ~1e-4 two-sided
+    assert abs(sampled - n * rate) < spread, (sampled, n * rate)
+    assert rng.draws == sampled + 1  # one gap drawn at start, one after each sampled request
+    flags = [observability.begin(0, "POST", CHAT, "r", None) is not None for _ in range(50_000)]
+    runs = "".join("x" if f else "." for f in flags).split("x")[1:-1]
+    mean_gap = sum(map(len, runs)) / len(runs)  # unsampled requests between sampled ones
+    assert abs(mean_gap - (1 - rate) / rate) < 0.1 * (1 - rate) / rate + 0.05
 
 
 def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
