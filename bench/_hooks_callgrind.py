@@ -30,7 +30,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,13 +170,9 @@ def main() -> None:
     for mode in args.mode or MODES:
         for upto in (args.upto or ["finish"]) if mode == "sampled" else ["finish"]:
             runs.append((mode, upto))
-    results: dict[tuple[str, str], float] = {}
-    measure: Callable[[tuple[str, str]], float] = lambda run: per_request(*run)  # noqa: E731
-    for run in runs:
-        results[run] = measure(run)
-        mode, upto = run
+    for mode, upto in runs:
         label = f"{mode} (up to {upto})" if mode == "sampled" else mode
-        print(f"{label:32} {results[run]:>10,.0f} instructions / request", flush=True)
+        print(f"{label:32} {per_request(mode, upto):>10,.0f} instructions / request", flush=True)
 
 
 if __name__ == "__main__":
