@@ -78,6 +78,7 @@ class CallgrindWorker:
         self.port = self._wait_port(start_timeout_s)
         self._control("-i", "on")
         self._dumps = 0
+        self.zeroed_at = 0.0  # when counted() last zeroed the counters (time.monotonic)
 
     def _wait_port(self, timeout_s: float) -> int:
         deadline = time.monotonic() + timeout_s
@@ -103,6 +104,7 @@ class CallgrindWorker:
     def counted(self, action: Callable[[], object]) -> int:
         """Instructions the worker executed while ``action()`` ran."""
         self._control("-z")
+        self.zeroed_at = time.monotonic()
         action()
         self._control("-d")
         self._dumps += 1
