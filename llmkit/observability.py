@@ -602,11 +602,11 @@ class TracedRequest(RequestObs):
         if self._attempt is not None:  # a stream the client left mid-way
             self.attempt_settled(None, None)
         target, usage, parent = self.target, self.usage, self._parent
-        # The root's attributes but for the request id, tokens and cost: status and
-        # attempts take a few values, and so with the rest are one cached part.
+        # The root's attributes but for the request id, tokens and cost: status, attempts
+        # and error kind take a few values, and so with the rest are one cached part.
         key = (self.route, self.path, self.model, self.key,
                target.deployment if target is not None else None, self.finish_reasons,
-               self.role, status, self.attempts, parent is None)  # fmt: skip
+               self.role, status, self.attempts, self.error_kind, parent is None)  # fmt: skip
         shared = self._o.shapes.get(key) or self._o.keep(key, self._root_tail(status))
         request_id = self.request_id.encode()
         if len(request_id) < len(_REQUEST_IDS):

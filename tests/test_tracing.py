@@ -393,6 +393,38 @@ def test_the_root_span_carries_each_request_id_whole(
     assert root.status.status_code == StatusCode.ERROR
 
 
+def test_the_root_span_of_a_failed_request_names_its_own_error_kind(
+    tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    """The root's status, attempts and error are cached with its shape: two requests
+    alike but for why their upstream failed get each their own ``error.type``."""
+    from llmkit.errors import BadUpstreamResponseError, UpstreamTimeoutError
+    from llmkit.gateway import Gateway
+    from llmkit.observability import Observability
+    from llmkit.tracing import build_tracing
+
+    config = config_of(tmp_path, '[[models]]\nname = "m"\n[[models.deployments]]\n'
+                       'provider = "demo"\nmodel = "x"\n' + tracing_config(1.0))  # fmt: skip
+    observability = Observability(config, None, build_tracing(config.observability, exporter))
+    gateway = Gateway(config)
+    call = gateway.decode_chat(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    targets = gateway.resolve("m")
+    failures = [("r-timeout", UpstreamTimeoutError("slow")),
+                ("r-bad", BadUpstreamResponseError("garbled"))]  # fmt: skip
+    for request_id, error in failures:
+        obs = observability.begin(0, "POST", CHAT, request_id, None)
+        assert obs is not None
+        obs.routed(call, targets, obs.mark())
+        obs.attempt_started(targets[0], {})
+        obs.attempt_settled(False, error)
+        obs.finish(502)
+    observability.close()
+    roots = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    kinds = {(r.attributes or {})["llmkit.request_id"]: (r.attributes or {})["error.type"]
+             for r in roots}  # fmt: skip
+    assert kinds == {"r-timeout": "timeout", "r-bad": "protocol"}
+
+
 async def test_batches_leave_when_full_or_after_the_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
