@@ -234,7 +234,8 @@ def instructions_per_request(
         for name, section in sections.items():
             if name == "off (control)":
                 continue  # deterministic: no noise floor to show
-            counts[name] = _window(workload, workload.config + section, requests, reps)
+            counts[name] = _window(workload, workload.config + section, requests, reps,
+                                   one_post=name == "metrics + 100% tracing")  # fmt: skip
     off = counts["off"]["instructions"]
     metrics = counts["metrics only"]["instructions"]
     unsampled = counts[UNSAMPLED]["instructions"] - metrics
@@ -255,7 +256,9 @@ def instructions_per_request(
     return counts
 
 
-def _window(workload: Workload, config: str, requests: int, reps: int) -> dict[str, float]:
+def _window(
+    workload: Workload, config: str, requests: int, reps: int, one_post: bool = False
+) -> dict[str, float]:
     """Instructions per request of one callgrind worker (median of ``reps`` windows), and
     the traces of its windows and the POSTs made during them (0 untraced)."""
     warmup = {**workload.headers, "x-request-id": "obsbench-warmup"}
@@ -268,7 +271,7 @@ def _window(workload: Workload, config: str, requests: int, reps: int) -> dict[s
             before = _Sink.received
             counts.append(worker.instructions(workload.body, window, requests, 4) / requests)
             posts += _Sink.received - before
-        post = _one_post(worker, workload) if posts else 0
+        post = _one_post(worker, workload) if one_post else 0  # every request sampled
     # The worker flushed the rest of its traces on its way out.
     traces = _Sink.window_traces
     return {"instructions": statistics.median(counts), "traces": traces / reps,
