@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +96,7 @@ class CallgrindWorker:
         self.port = self._wait_port(start_timeout_s)
         self._control("-i", "on")
         self._dumps = 0
+        self.zeroed_at = 0.0  # when counted() last zeroed the counters (time.monotonic)
 
     def _wait_port(self, timeout_s: float) -> int:
         deadline = time.monotonic() + timeout_s
@@ -116,8 +117,13 @@ class CallgrindWorker:
         self, body: str, headers: Mapping[str, str], requests: int, connections: int
     ) -> int:
         """Instructions the worker executed while answering ``requests`` requests."""
+        return self.counted(lambda: send(self.port, body, headers, requests, connections))
+
+    def counted(self, action: Callable[[], object]) -> int:
+        """Instructions the worker executed while ``action()`` ran."""
         self._control("-z")
-        send(self.port, body, headers, requests, connections)
+        self.zeroed_at = time.monotonic()
+        action()
         self._control("-d")
         self._dumps += 1
         dump = Path(f"{self._out}.{self._dumps}")

@@ -2,7 +2,10 @@
 on two workloads, metric updates per second in one process, and a ``/metrics`` scrape
 over 1,000 series.
 
-Usage: ``python bench/observability_bench.py [--quick] [--instructions] [--json PATH]``
+Usage: ``python bench/observability_bench.py [--quick] [--instructions | --instructions-only]
+[--json PATH]`` (``--instructions-only``: the callgrind rows alone, e.g. one run per
+``PYTHONHASHSEED``, as a difference of ~2K instructions is only believable as the mean
+over seeds)
 
 CPU per request is the CPU time of the server's worker processes (every thread, from
 ``/proc/<pid>/task/<tid>/schedstat``: nanoseconds, so clock-tick resolution does not
@@ -46,6 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,10 @@ CONFIGURATIONS = ("off", "metrics only", "metrics + 10% tracing", "metrics + 100
                   "off (control)")  # fmt: skip
 UNSAMPLED = "metrics + tracing, none sampled"  # callgrind only: what a 10% run's other 90% pay
 WINDOW_ID = "obsbench-window"  # the x-request-id of the requests callgrind counts
+# Traces per OTLP POST of a worker at full speed (10% of ~5,000 requests/s, one POST per
+# EXPORT_INTERVAL_S), and the estimate that charges each trace that share of a POST.
+FULL_SPEED_BATCH = 500
+POST_CORRECTED = "metrics + 10% tracing, full-speed estimate, 500 traces per POST"
 
 
 @dataclass
@@ -93,11 +101,13 @@ class _Sink(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     received = 0  # OTLP export requests
+    posted_at = 0.0  # when the last one came (time.monotonic)
     window_traces = 0
 
     def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         _Sink.received += 1
+        _Sink.posted_at = time.monotonic()
         _Sink.window_traces += body.count(WINDOW_ID.encode())
         self.send_response(200)
         self.send_header("Content-Length", "0")
@@ -211,7 +221,10 @@ def instructions_per_request(
     10% row carries that. The full-speed row is the estimate that does not: metrics
     only, plus 90% of what an unsampled request pays with tracing on (``UNSAMPLED``),
     plus 10% of what a sampled one pays (the 100% row's, whose ~100-trace batches
-    still overstate the POST's share)."""
+    still overstate the POST's share). How many POSTs fall in a window follows
+    callgrind's pace, and so the machine's load (10 to 45 per 1,000 requests were seen),
+    so a second estimate (``POST_CORRECTED``) takes the 100% row's POSTs out and charges
+    each trace 1/``FULL_SPEED_BATCH`` of one POST, counted alone (``_one_post``)."""
     counts: dict[str, dict[str, float]] = {}
     with otlp_sink() as sink:
         sections = observability_sections(sink)
@@ -221,21 +234,31 @@ def instructions_per_request(
         for name, section in sections.items():
             if name == "off (control)":
                 continue  # deterministic: no noise floor to show
-            counts[name] = _window(workload, workload.config + section, requests, reps)
+            counts[name] = _window(workload, workload.config + section, requests, reps,
+                                   one_post=name == "metrics + 100% tracing")  # fmt: skip
     off = counts["off"]["instructions"]
     metrics = counts["metrics only"]["instructions"]
     unsampled = counts[UNSAMPLED]["instructions"] - metrics
-    sampled = counts["metrics + 100% tracing"]["instructions"] - metrics
+    full = counts["metrics + 100% tracing"]
+    sampled = full["instructions"] - metrics
     counts["metrics + 10% tracing, full-speed estimate"] = {
         "instructions": metrics + 0.9 * unsampled + 0.1 * sampled,
     }
+    # The same, with the 100% row's POSTs (as many as callgrind's pace made: 10 to 45
+    # per window, as the machine's load varies) replaced by one per FULL_SPEED_BATCH.
+    post = full["post_instructions"]
+    per_trace = sampled - full["posts"] * post / requests + post / FULL_SPEED_BATCH
+    counts[POST_CORRECTED] = {"instructions": metrics + 0.9 * unsampled + 0.1 * per_trace,
+                              "per_sampled_request": per_trace, "post": post}  # fmt: skip
     for row in counts.values():
         row["vs_off_pct"] = (row["instructions"] / off - 1) * 100
         row["vs_metrics_pct"] = (row["instructions"] / metrics - 1) * 100
     return counts
 
 
-def _window(workload: Workload, config: str, requests: int, reps: int) -> dict[str, float]:
+def _window(
+    workload: Workload, config: str, requests: int, reps: int, one_post: bool = False
+) -> dict[str, float]:
     """Instructions per request of one callgrind worker (median of ``reps`` windows), and
     the traces of its windows and the POSTs made during them (0 untraced)."""
     warmup = {**workload.headers, "x-request-id": "obsbench-warmup"}
@@ -248,10 +271,37 @@ def _window(workload: Workload, config: str, requests: int, reps: int) -> dict[s
             before = _Sink.received
             counts.append(worker.instructions(workload.body, window, requests, 4) / requests)
             posts += _Sink.received - before
+        post = _one_post(worker, workload) if one_post else 0  # every request sampled
     # The worker flushed the rest of its traces on its way out.
     traces = _Sink.window_traces
     return {"instructions": statistics.median(counts), "traces": traces / reps,
-            "posts": posts / reps}  # fmt: skip
+            "posts": posts / reps, "post_instructions": post}  # fmt: skip
+
+
+def _one_post(worker: _callgrind.CallgrindWorker, workload: Workload) -> int:
+    """Instructions of one OTLP POST (a batch of ~20 traces) with the worker otherwise
+    idle: traces are queued, then the counters zeroed until the export timer has sent
+    them (``EXPORT_INTERVAL_S``), with a few heartbeats of the idle loop besides. Zeroing
+    takes callgrind a while; if the POST left before it, the traces are queued again."""
+    warmup = {**workload.headers, "x-request-id": "obsbench-warmup"}
+    time.sleep(2.5)  # what the windows left queued leaves (the interval is 1 s)
+    for _ in range(5):
+        before = _Sink.received
+        _callgrind.send(worker.port, workload.body, warmup, 20, 4)
+        counted = worker.counted(partial(_wait_for_post, before))
+        if _Sink.posted_at >= worker.zeroed_at:  # else it left before the counting began
+            return counted
+        time.sleep(2.5)
+    raise RuntimeError("no OTLP POST fell inside a counted window")
+
+
+def _wait_for_post(received: int, timeout_s: float = 60.0) -> None:
+    """Until a POST after the first ``received``: at once if it came already."""
+    deadline = time.monotonic() + timeout_s
+    while _Sink.received == received:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the worker made no OTLP POST")
+        time.sleep(0.05)
 
 
 def workloads(mock_url: str) -> list[Workload]:
@@ -426,24 +476,28 @@ def scrape_time(reps: int) -> dict[str, float]:
         state.close()
 
 
-def run(quick: bool, instructions: bool | None = None) -> dict[str, Any]:
+def run(quick: bool, instructions: bool | None = None, only: bool = False) -> dict[str, Any]:
     """Every figure of this benchmark; ``quick`` for a short smoke run; ``instructions``
-    adds the callgrind counts (by default in a full run, when valgrind is installed)."""
+    adds the callgrind counts (by default in a full run, when valgrind is installed);
+    ``only`` gives those counts alone."""
     if instructions is None:
-        instructions = not quick
+        instructions = not quick or only
     seconds, reps, connections = (2.0, 2, 32) if quick else (6.0, 7, 32)
     os.environ[KEY_ENV] = "sk-upstream-bench"
     os.environ[MASTER_ENV] = MASTER_KEY
     cpu, counted = {}, {}
     with mock_upstream() as mock:
         for workload in workloads(f"http://127.0.0.1:{mock.port}"):
-            cpu[workload.name] = cpu_per_request(workload, seconds, reps, connections)
+            if not only:
+                cpu[workload.name] = cpu_per_request(workload, seconds, reps, connections)
             if instructions and _callgrind.available():
                 counted[workload.name] = instructions_per_request(
                     workload,
                     200 if quick else 1000,
                     1 if quick else 3,  # the loop's batching moves a window by ~1K; a median
                 )
+    if only:
+        return {"machine": machine(), "instructions_per_request": counted}
     updates = update_rates(200_000 if quick else 2_000_000, 3 if quick else 5)
     scrape = scrape_time(20 if quick else 100)
     return {
@@ -491,7 +545,10 @@ def declared_metrics(
                 "vs_metrics_pct",
                 "tracing_10pct_full_speed_instructions_pct",
             ),
+            (POST_CORRECTED, "vs_metrics_pct", "tracing_10pct_full_speed_500_instructions_pct"),
         ):
+            if config not in configs:
+                continue
             metrics.append({"name": f"{name}.{workload}", "value": configs[config][key],
                             "unit": "%", "better": "lower"})  # fmt: skip
     metrics.append({"name": "counter_updates_per_s", "value": updates["Counter.inc / s"],
@@ -502,6 +559,8 @@ def declared_metrics(
 
 
 def report(results: dict[str, Any]) -> str:
+    if "settings" not in results:
+        return "\n".join([f"Machine: {results['machine']}", *instruction_rows(results)])
     s = results["settings"]
     lines = [
         f"Machine: {results['machine']}",
@@ -522,6 +581,21 @@ def report(results: dict[str, Any]) -> str:
                 f"| {row['vs_metrics_pct']:+.2f}% | {row['paired_vs_off_pct']:+.2f}% "
                 f"| {row['paired_vs_metrics_pct']:+.2f}% | {row['requests_per_s']:,.0f} |"
             )
+    lines += instruction_rows(results)
+    lines += ["", "| metric updates, one process | per second |", "|---|---|"]
+    lines += [f"| {k} | {v:,.0f} |" for k, v in results["updates_per_s"].items()]
+    lines += ["", "| observability hooks of one proxied chat request, one process | µs |",
+              "|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v:.2f} |" for k, v in results["hooks_us"].items()]
+    scrape = results["scrape"]
+    lines += ["", f"/metrics with {scrape['series']:,} series ({scrape['bytes']:,} bytes): "
+              f"{scrape['scrape_ms']:.2f} ms per scrape (median)"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def instruction_rows(results: dict[str, Any]) -> list[str]:
+    """The callgrind table, if the run counted instructions."""
+    lines: list[str] = []
     if results.get("instructions_per_request"):
         lines += ["", "| workload | configuration | instructions / request (callgrind) | vs off "
                   "| vs metrics only | traces | OTLP POSTs | traces / POST |",
@@ -539,15 +613,13 @@ def report(results: dict[str, Any]) -> str:
             "(full-speed estimate: metrics only + 0.9 x the unsampled request's extra "
             "+ 0.1 x the 100% row's extra; see instructions_per_request)"
         )
-    lines += ["", "| metric updates, one process | per second |", "|---|---|"]
-    lines += [f"| {k} | {v:,.0f} |" for k, v in results["updates_per_s"].items()]
-    lines += ["", "| observability hooks of one proxied chat request, one process | µs |",
-              "|---|---|"]  # fmt: skip
-    lines += [f"| {k} | {v:.2f} |" for k, v in results["hooks_us"].items()]
-    scrape = results["scrape"]
-    lines += ["", f"/metrics with {scrape['series']:,} series ({scrape['bytes']:,} bytes): "
-              f"{scrape['scrape_ms']:.2f} ms per scrape (median)"]  # fmt: skip
-    return "\n".join(lines)
+        for workload, rows in results["instructions_per_request"].items():
+            if POST_CORRECTED in rows:
+                row = rows[POST_CORRECTED]
+                lines.append(f"({workload}, 500 traces per POST: a sampled request "
+                             f"{row['per_sampled_request']:,.0f} instructions over metrics only "
+                             f"with 1/500 of a POST of {row['post']:,.0f})")  # fmt: skip
+    return lines
 
 
 def main() -> None:
@@ -555,9 +627,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--instructions", action=argparse.BooleanOptionalAction,
                         help="callgrind counts (default: in a full run)")  # fmt: skip
+    parser.add_argument("--instructions-only", action="store_true",
+                        help="the callgrind counts alone")  # fmt: skip
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    results = run(args.quick, args.instructions)
+    results = run(args.quick, args.instructions, args.instructions_only)
     print(report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -18,9 +18,10 @@ time to first token and cost computed in C from the clock and the plan's prices
 metrics add to a request.
 
 Tracing and the access log do need a recorder: the surface calls ``Observability.begin``,
-which returns a ``RequestObs`` for a request that is sampled (one ``random()`` compare)
-or logged and None for any other, so an unsampled request pays one ``is not None`` test
-per hook. A sampled request's spans are OTLP bytes as soon as each ends (``RequestObs``).
+which returns a ``TracedRequest`` for a request that is sampled (a countdown, see
+``llmkit.tracing``), a ``RequestObs`` for one only logged, and None for any other, so an
+unsampled request pays one ``is not None`` test per hook. A sampled request's spans are
+OTLP bytes as soon as each ends (``TracedRequest``).
 Hooks (who calls what): the HTTP surface ``begin`` / ``answered`` / ``finish``;
 ``Gateway._run`` ``mark`` + ``routed``; ``Run.admit`` ``mark`` + ``admitted``;
 ``Run._open`` ``attempt_started``; ``Attempt._settle`` ``attempt_settled``;
@@ -58,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from math import log
 from time import monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -94,16 +96,17 @@ from llmkit.otlp import (
     CLIENT,
     DOUBLE,
     END_TAG,
+    FLAGS,
     INTERNAL,
     PARENT_TAG,
     SERVER,
     SPAN_ID,
     SPAN_TAG,
     START_TAG,
+    TRACE_TAG,
     IntAttribute,
     child_shape,
     double_prefix,
-    error_fields,
     key_field,
     span_tail,
     string_attribute,
@@ -132,6 +135,7 @@ __all__ = [
     "Observability",
     "RequestObs",
     "ShmCollector",
+    "TracedRequest",
     "declare",
     "error_kind",
     "route_index",
@@ -189,12 +193,14 @@ class Observability:
         self.active = self.counting or self.detailed
         self._traced = self.tracing.enabled
         self.logging = access is not None
-        # The head-sampling draw: a request is sampled when draw() < rate (0: tracing off).
-        self.draw, self.rate = self.tracing.random, self.tracing.rate
-        self._new_trace = self.tracing.root
+        self.log_prompts = access is not None and access.log_prompts
+        # Head sampling (``Tracing.draw``): the requests left before the next one drawn.
+        # The HTTP surface counts it down inline; ``begin`` draws the next when it is < 0.
+        self.countdown = self.tracing.draw()
+        self._random, self._gap_scale = self.tracing.random, self.tracing.gap_scale
+        self.bits = self.tracing.bits  # ids: ``Tracing.root``, ``Tracing.span_id``
         # Encoded span parts many requests share, by what they are made of (``keep``).
-        self.shapes: dict[tuple[Any, ...], Any] = {}
-        self.bits = self.tracing.bits  # span ids: bits(64) | 1 (``Tracing.span_id``)
+        self.shapes: dict[Any, Any] = {}
         self._deployments = self.series.deployments
         self._series = dict(self._deployments)  # deployment name -> series, see series_of
         self._unrouted = self.series.unrouted
@@ -228,26 +234,33 @@ class Observability:
         path: str,
         request_id: str,
         traceparent: str | None,
-        drawn: float | None = None,
+        counted: bool = False,
     ) -> RequestObs | None:
         """The recorder of a request that is sampled or logged; None for any other (its
-        metrics are counted by ``count``, from the pipeline's own objects). ``drawn`` is
-        the request's head-sampling draw when the caller has made it (``draw``): the HTTP
-        surface calls this only for a request with a ``traceparent``, a winning draw or
-        an access log, so the others pay one header probe and one draw."""
-        if traceparent is None:  # Tracing.sample, inline: most requests are not drawn
-            if drawn is None:
-                drawn = self.draw()
-            if drawn < self.rate and route < _MODEL_ROUTES:  # (rate 0: tracing off)
-                trace, root = self._new_trace()
-                return RequestObs(self, route, method, path, request_id, trace, root)
-        elif self._traced and route < _MODEL_ROUTES:  # no traces of /health, /metrics
-            sampled = self.tracing.sample(traceparent)
-            if sampled is not None:
-                return RequestObs(self, route, method, path, request_id, *sampled)
+        metrics are counted by ``count``, from the pipeline's own objects). ``counted``:
+        the caller has counted this request down already (``countdown``): the HTTP
+        surface calls this only for a request with a ``traceparent``, the one drawn or
+        an access log, so the others pay one header probe and one decrement."""
+        if not counted:
+            self.countdown -= 1
+        drawn = self.countdown < 0
+        if drawn:  # the next gap (``Tracing.draw``), inline
+            scale = self._gap_scale
+            self.countdown = int(log(1.0 - self._random()) * scale) if scale else 0
+        if route < _MODEL_ROUTES and self._traced:  # no traces of /health, /metrics
+            if traceparent is None:
+                if drawn:  # a new trace: ids as ``Tracing.root`` draws them, inline
+                    bits = self.bits
+                    trace = (bits(128) | 1).to_bytes(16, "little")
+                    return TracedRequest(self, route, method, path, request_id, trace,
+                                         bits(64) | 1, None)  # fmt: skip
+            else:
+                sampled = self.tracing.sample(traceparent, drawn)
+                if sampled is not None:
+                    return TracedRequest(self, route, method, path, request_id, *sampled)
         if self.access is None:
             return None
-        return RequestObs(self, route, method, path, request_id, None, 0)
+        return RequestObs(self, route, method, path, request_id)
 
     def count_served(self, slot: WorkerSlot) -> None:
         """Make every ``count`` also count ``slot``'s request as served (``leave``), in
@@ -355,7 +368,7 @@ class Observability:
             previous = (target.deployment, stats)
         return words
 
-    def keep(self, key: tuple[Any, ...], shape: _Shape) -> _Shape:
+    def keep(self, key: str | tuple[Any, ...], shape: _Shape) -> _Shape:
         """``shape`` (encoded span parts) as the one for ``key`` in ``shapes``."""
         if len(self.shapes) >= _SHAPES_MAX:
             self.shapes.clear()
@@ -387,57 +400,36 @@ class Observability:
 
 
 class RequestObs:
-    """A request that is sampled for tracing or written to the access log: keeps what
-    the log line says and, when sampled, writes each span as OTLP protobuf when it ends
-    (``llmkit.otlp``: ids and times packed between cached bytes, written out here, one
-    hook call per span and no helper calls on the usual path). Its hooks count nothing:
-    ``Observability.count`` does that for every request alike."""
+    """A request written to the access log but not sampled: keeps what the log line says.
+    Its hooks count nothing (``Observability.count`` does that for every request alike),
+    and ``mark()`` reads no clock. A sampled request's recorder is ``TracedRequest``."""
 
-    __slots__ = ("_o", "route", "started", "key", "target", "attempts", "usage", "method",
-                 "path", "request_id", "model", "error_kind", "role", "finish_reasons",
-                 "messages", "trace", "mark", "_root", "_parent", "_prefix", "_start_ns",
-                 "_attempt", "_spans")  # fmt: skip
+    __slots__ = ("_o", "route", "method", "path", "request_id", "started", "key", "model",
+                 "target", "attempts", "usage", "error_kind", "role", "finish_reasons",
+                 "messages")  # fmt: skip
 
-    def __init__(
-        self,
-        obs: Observability,
-        route: int,
-        method: str,
-        path: str,
-        request_id: str,
-        trace: bytes | None,
-        root: int,
-        parent: bytes | None = None,
-    ) -> None:
+    trace: bytes | None = None  # a sampled request's trace id field (``TracedRequest``)
+    # A span start time when sampled, else 0: ``int()``, a C call like ``time_ns()``, so
+    # the pipeline's ``obs.mark()`` costs no Python frame either way.
+    mark: Callable[[], int] = int
+
+    def __init__(self, obs: Observability, route: int, method: str, path: str,
+                 request_id: str) -> None:  # fmt: skip
         self._o = obs
         self.route = route
-        self.started = time.perf_counter()
-        self.key: str | None = None
-        self.target: Target | None = None
-        self.attempts = 0
-        self.usage: Usage | None = None
         self.method = method
         self.path = path
         self.request_id = request_id
+        self.started = time_ns()
+        self.key: str | None = None
         self.model: str | None = None
+        self.target: Target | None = None
+        self.attempts = 0
+        self.usage: Usage | None = None
         self.error_kind: int | None = None
         self.role: str | None = None
         self.finish_reasons: tuple[str, ...] | None = None
         self.messages: Any = None
-        # A sampled request's trace id field, root span id and remote parent (``tracing``).
-        self.trace = trace
-        self._root = root
-        self._parent = parent
-        # ``mark()``: a span start time when sampled, else 0 (no clock read); a C function
-        # either way (``int()`` is 0), so the pipeline's call costs no Python frame.
-        self.mark: Callable[[], int] = int
-        if trace is not None:
-            self.mark = time_ns
-            self._start_ns = time_ns()
-            self._prefix = CHILD_PREFIX(trace, PARENT_TAG, root, SPAN_TAG)
-        # The open attempt span: (span id, start ns, target, attempt number).
-        self._attempt: tuple[int, int, Target, int] | None = None
-        self._spans: list[bytes] = []  # finished child spans, encoded (in parts)
 
     @property
     def sampled(self) -> bool:
@@ -449,53 +441,21 @@ class RequestObs:
         """The model resolved to ``targets`` (ordered by the router when ``mark``)."""
         self.key = call.key
         self.model = call.request.model
-        access = self._o.access
-        if access is not None and access.log_prompts:
+        if self._o.log_prompts:
             self.messages = call.request.messages
-        ids = self.trace
-        if ids is not None and mark:
-            if len(targets) == 1:
-                order: tuple[str, ...] = (targets[0].deployment,)
-            else:
-                order = tuple([target.deployment for target in targets])
-            head, tail = self._o.shapes.get(order) or self._o.keep(order, router_shape(order))
-            self._spans += (head, CHILD_HEAD(self._prefix, self._o.bits(64) | 1, START_TAG, mark,
-                                             END_TAG, time_ns()), tail)  # fmt: skip
 
     def admitted(self, mark: int, refused: bool) -> None:
         """The request's own limits (global, key) admitted or refused it."""
-        ids = self.trace
-        if ids is not None and mark:
-            head, tail = _LIMITER[refused]
-            self._spans += (head, CHILD_HEAD(self._prefix, self._o.bits(64) | 1, START_TAG, mark,
-                                             END_TAG, time_ns()), tail)  # fmt: skip
 
     def attempt_started(self, target: Target, headers: dict[str, str]) -> None:
         """An admitted try at ``target`` is about to go upstream with ``headers``."""
         self.attempts += 1
         self.target = target
-        ids = self.trace
-        if ids is not None:
-            span_id = self._o.bits(64) | 1
-            self._attempt = (span_id, time_ns(), target, self.attempts)
-            headers[TRACEPARENT] = f"00-{ids[2:].hex()}-{SPAN_ID(span_id).hex()}-01"
 
     def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
         """The current try ended: answered (``ok``), failed, or abandoned (None)."""
-        kind = None
         if error is not None:
-            kind = self.error_kind = error_kind(error)
-        attempt = self._attempt
-        if attempt is None:
-            return
-        self._attempt = None
-        span_id, start, target, number = attempt
-        key = (self.route, target.deployment, number, ok, kind)
-        shape = self._o.shapes.get(key)
-        if shape is None:
-            shape = self._o.keep(key, self._attempt_shape(target, number, ok, kind))
-        self._spans += (shape[0], CHILD_HEAD(self._prefix, span_id, START_TAG, start, END_TAG,
-                                             time_ns()), shape[1])  # fmt: skip
+            self.error_kind = error_kind(error)
 
     def settled(self, usage: Usage | None) -> None:
         """The tokens the serving upstream reported (None: unknown)."""
@@ -515,28 +475,144 @@ class RequestObs:
         self.role = role
 
     def finish(self, status: int) -> None:
-        """The response is complete: write the log line, record the trace."""
+        """The response is complete: write the log line."""
+        self.log(status)
+
+    def log(self, status: int) -> None:
         access = self._o.access
         if access is not None:
-            elapsed = time.perf_counter() - self.started
-            access.write(self._record(status, elapsed, self._cost()))
-        ids = self.trace
-        if ids is None:
+            elapsed_ms = (time_ns() - self.started) / 1e6
+            access.write(self._record(status, elapsed_ms, self._cost()))
+
+    def _cost(self) -> float:
+        target, usage = self.target, self.usage
+        if target is None or usage is None or target.price is None:
+            return 0.0
+        return target.price.cost(usage)
+
+    def _record(self, status: int, elapsed_ms: float, cost: float) -> dict[str, object]:
+        target, usage = self.target, self.usage
+        record: dict[str, object] = {
+            "time": round(time.time(), 3), "request_id": self.request_id,
+            "method": self.method, "path": self.path, "status": status,
+            "duration_ms": round(elapsed_ms, 3), "model": self.model,
+            "deployment": target.deployment if target else None,
+            "provider": target.provider.name if target else None, "key": self.key,
+            "tokens_in": usage.prompt_tokens if usage else None,
+            "tokens_out": usage.completion_tokens if usage else None,
+            "cost_usd": cost if usage else None, "attempts": self.attempts,
+            "dedup_role": self.role,
+            "error_kind": ERROR_KINDS[self.error_kind] if self.error_kind is not None else None,
+        }  # fmt: skip
+        if self.trace is not None:
+            record["trace_id"] = self.trace.hex()
+        if self.messages is not None:
+            record["messages"] = self.messages
+        return record
+
+
+class TracedRequest(RequestObs):
+    """A request sampled for tracing (and maybe logged too): writes each span as OTLP
+    protobuf when it ends (``llmkit.otlp``: ids and times packed between bytes cached per
+    shape), one hook call per span, no helper calls on the usual path.
+
+    Ids: the trace id and root span id are drawn at ``begin``, each attempt span's id
+    when it starts (it leaves in the upstream ``traceparent``). The router and limiter
+    spans, which never leave the process, take the root's id XOR a constant
+    (``_ROUTER_ID``, ``_LIMITER_ID``): unique within the trace, as unpredictable as the
+    root's, never zero (the root is odd, the constants even), and two draws cheaper.
+
+    ``started`` is the root span's start: epoch nanoseconds (``time_ns``), which the
+    access log's duration reads as well."""
+
+    __slots__ = ("trace", "_root", "_parent", "_prefix", "_attempt", "_spans")
+
+    trace: bytes
+    mark: Callable[[], int] = time_ns
+
+    def __init__(self, obs: Observability, route: int, method: str, path: str,
+                 request_id: str, trace: bytes, root: int, parent: bytes | None
+                 ) -> None:  # fmt: skip
+        self._o = obs
+        self.route = route
+        self.method = method
+        self.path = path
+        self.request_id = request_id
+        self.key = self.model = self.target = self.usage = self.error_kind = None
+        self.role = self.finish_reasons = self.messages = None
+        self.attempts = 0
+        # The trace id field, root span id and remote parent (``tracing``).
+        self.trace = trace
+        self._root = root
+        self._parent = parent
+        self._prefix = CHILD_PREFIX(TRACE_TAG, trace, PARENT_TAG, root, SPAN_TAG)
+        # The open attempt span: (span id, start ns, target, attempt number).
+        self._attempt: tuple[int, int, Target, int] | None = None
+        self._spans: list[bytes] = []  # finished child spans, encoded (in parts)
+        self.started = time_ns()
+
+    def routed(self, call: Call, targets: Sequence[Target], mark: int) -> None:
+        self.key = call.key
+        self.model = call.request.model
+        observability = self._o
+        if observability.log_prompts:
+            self.messages = call.request.messages
+        if mark:
+            # One deployment: its name is the shape's key (no tuple built and hashed).
+            order = targets[0].deployment if len(targets) == 1 else tuple(
+                [target.deployment for target in targets])  # fmt: skip
+            shape = observability.shapes.get(order) or observability.keep(
+                order, router_shape(order)
+            )
+            self._spans += (shape[0], CHILD_HEAD(self._prefix, self._root ^ _ROUTER_ID, START_TAG,
+                                                 mark, END_TAG, time_ns()), shape[1])  # fmt: skip
+
+    def admitted(self, mark: int, refused: bool) -> None:
+        head, tail = _LIMITER[refused]
+        self._spans += (head, CHILD_HEAD(self._prefix, self._root ^ _LIMITER_ID, START_TAG, mark,
+                                         END_TAG, time_ns()), tail)  # fmt: skip
+
+    def attempt_started(self, target: Target, headers: dict[str, str]) -> None:
+        self.attempts += 1
+        self.target = target
+        span_id = self._o.bits(64) | 1
+        self._attempt = (span_id, time_ns(), target, self.attempts)
+        headers[TRACEPARENT] = f"00-{self.trace.hex()}-{SPAN_ID(span_id).hex()}-01"
+
+    def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
+        kind = None
+        if error is not None:
+            kind = self.error_kind = error_kind(error)
+        attempt = self._attempt
+        if attempt is None:
             return
+        self._attempt = None
+        span_id, start, target, number = attempt
+        key = (self.route, target.deployment, number, ok, kind)
+        shape = self._o.shapes.get(key)
+        if shape is None:
+            shape = self._o.keep(key, self._attempt_shape(target, number, ok, kind))
+        self._spans += (shape[0], CHILD_HEAD(self._prefix, span_id, START_TAG, start, END_TAG,
+                                             time_ns()), shape[1])  # fmt: skip
+
+    def finish(self, status: int) -> None:
+        """The response is complete: write the log line, record the trace."""
+        if self._o.access is not None:
+            self.log(status)
         if self._attempt is not None:  # a stream the client left mid-way
             self.attempt_settled(None, None)
-        target, reasons, usage = self.target, self.finish_reasons, self.usage
-        key = (self.route, self.method, self.path, self.model, self.key,
-               target.deployment if target is not None else None,
-               reasons, self.role)  # fmt: skip
-        shared = self._o.shapes.get(key) or self._o.keep(key, self._root_tail())
+        target, usage, parent = self.target, self.usage, self._parent
+        # The root's attributes but for the request id, tokens and cost: status, attempts
+        # and error kind take a few values, and so with the rest are one cached part.
+        key = (self.route, self.path, self.model, self.key,
+               target.deployment if target is not None else None, self.finish_reasons,
+               self.role, status, self.attempts, self.error_kind, parent is None)  # fmt: skip
+        shared = self._o.shapes.get(key) or self._o.keep(key, self._root_tail(status))
         request_id = self.request_id.encode()
         if len(request_id) < len(_REQUEST_IDS):
-            tail = [shared, _REQUEST_IDS[len(request_id)], request_id, _STATUS[status],
-                    _ATTEMPTS[self.attempts]]  # fmt: skip
+            tail = [b"", shared, _REQUEST_IDS[len(request_id)], request_id]
         else:
-            tail = [shared, string_attribute(_REQUEST_ID, self.request_id), _STATUS[status],
-                    _ATTEMPTS[self.attempts]]  # fmt: skip
+            tail = [b"", shared, string_attribute(_REQUEST_ID, self.request_id)]
         if usage is not None:
             price = target.price if target is not None else None
             cost = 0.0
@@ -548,20 +624,8 @@ class RequestObs:
                     cost = price.cost(usage)
             tail += (_TOKENS_IN[usage.prompt_tokens], _TOKENS_OUT[usage.completion_tokens],
                      _COST, DOUBLE(cost))  # fmt: skip
-        if status >= 400:
-            kind = self.error_kind
-            tail.append(error_fields(ERROR_KINDS[kind] if kind is not None and status >= 500
-                                     else str(status)))  # fmt: skip
-        self._o.tracing.record(trace_spans(ids, self._root, self._parent, self._start_ns,
+        self._o.tracing.record(trace_spans(self.trace, self._root, parent, self.started,
                                            time_ns(), tail, self._spans))  # fmt: skip
-
-    def _cost(self) -> float:
-        target, usage = self.target, self.usage
-        if target is None or usage is None or target.price is None:
-            return 0.0
-        return target.price.cost(usage)
-
-    # -- spans ------------------------------------------------------------------------
 
     def _attempt_shape(
         self, target: Target, number: int, ok: bool | None, kind: int | None
@@ -580,8 +644,8 @@ class RequestObs:
     def _operation(self) -> str:
         return MODEL_ROUTES[self.route] if self.route < _MODEL_ROUTES else "chat"
 
-    def _root_tail(self) -> bytes:
-        """The root span's name, kind and the attributes many requests share."""
+    def _root_tail(self, status: int) -> bytes:
+        """The root span's name, kind, flags and the attributes many requests share."""
         operation = self._operation() if self.model is not None else None
         values: dict[str, Any] = {"http.request.method": self.method, "url.path": self.path}
         if operation is not None:
@@ -597,36 +661,24 @@ class RequestObs:
             values["gen_ai.response.finish_reasons"] = list(self.finish_reasons)
         if self.role is not None:
             values["llmkit.multiplexer.role"] = self.role
+        values["http.response.status_code"] = status
+        values["llmkit.attempts"] = self.attempts
+        error = None
+        if status >= 400:
+            kind = self.error_kind
+            error = ERROR_KINDS[kind] if kind is not None and status >= 500 else str(status)
         name = f"{operation} {self.model}" if operation else f"{self.method} {ROUTES[self.route]}"
-        return span_tail(name, SERVER, values)
-
-    # -- access log -------------------------------------------------------------------
-
-    def _record(self, status: int, elapsed: float, cost: float) -> dict[str, object]:
-        target, usage = self.target, self.usage
-        record: dict[str, object] = {
-            "time": round(time.time(), 3), "request_id": self.request_id,
-            "method": self.method, "path": self.path, "status": status,
-            "duration_ms": round(elapsed * 1000, 3), "model": self.model,
-            "deployment": target.deployment if target else None,
-            "provider": target.provider.name if target else None, "key": self.key,
-            "tokens_in": usage.prompt_tokens if usage else None,
-            "tokens_out": usage.completion_tokens if usage else None,
-            "cost_usd": cost if usage else None, "attempts": self.attempts,
-            "dedup_role": self.role,
-            "error_kind": ERROR_KINDS[self.error_kind] if self.error_kind is not None else None,
-        }  # fmt: skip
-        if self.trace is not None:
-            record["trace_id"] = self.trace[2:].hex()
-        if self.messages is not None:
-            record["messages"] = self.messages
-        return record
+        return span_tail(name, SERVER, values, error) + FLAGS[self._parent is not None]
 
 
-def router_shape(order: tuple[str, ...]) -> tuple[bytes, bytes]:
-    return child_shape("llmkit.router", INTERNAL, {"llmkit.router.order": list(order)})
+def router_shape(order: str | tuple[str, ...]) -> tuple[bytes, bytes]:
+    deployments = [order] if isinstance(order, str) else list(order)
+    return child_shape("llmkit.router", INTERNAL, {"llmkit.router.order": deployments})
 
 
+# Span ids of the router and limiter spans: the root's XOR these (``TracedRequest``).
+# Distinct, even (an odd root stays odd) and not zero.
+_ROUTER_ID, _LIMITER_ID = 0x5F3759DF_9E3779B8, 0x2545F491_4F6CDD1E
 _OUTCOMES = {True: "ok", False: "failed", None: "released"}
 _LIMITER = {refused: child_shape("llmkit.limiter", INTERNAL, {"llmkit.limiter.refused": refused})
             for refused in (False, True)}  # fmt: skip
@@ -635,6 +687,5 @@ _REQUEST_ID = key_field("llmkit.request_id")
 _REQUEST_IDS = [bytes((0x4A, size + 23)) + _REQUEST_ID + bytes((0x12, size + 2, 0x0A, size))
                 for size in range(105)]  # fmt: skip
 _COST = double_prefix("llmkit.cost_usd")
-_STATUS, _ATTEMPTS = IntAttribute("http.response.status_code"), IntAttribute("llmkit.attempts")
 _TOKENS_IN = IntAttribute("gen_ai.usage.input_tokens")
 _TOKENS_OUT = IntAttribute("gen_ai.usage.output_tokens")

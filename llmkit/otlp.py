@@ -51,12 +51,13 @@ _SAMPLED, _HAS_REMOTE, _IS_REMOTE = 0x01, 0x100, 0x200
 # A span's ids and times, packed at once. A child span: the 30 bytes its trace shares
 # (``CHILD_PREFIX``: trace id field 1, parent span id field 4, field 2's tag), its span
 # id, start and end (fields 7 and 8: a tag and fixed64); 56 bytes. A root span: its
-# trace id field, span id, its remote parent's id if any, and times. Span ids are ints
-# written little-endian (``tracing``).
-CHILD_PREFIX = struct.Struct("<18s2sQ2s").pack
+# trace id field, span id, its remote parent's id if any, and times. A trace id is its
+# 16 bytes, a span id an int written little-endian (``tracing``).
+TRACE_TAG = b"\x0a\x10"  # field 1, 16 bytes
+CHILD_PREFIX = struct.Struct("<2s16s2sQ2s").pack
 CHILD_HEAD = struct.Struct("<30sQBQBQ").pack
-_ROOT_HEAD = struct.Struct("<18s2sQBQBQ").pack
-_REMOTE_ROOT_HEAD = struct.Struct("<18s2sQ2s8sBQBQ").pack
+_ROOT_HEAD = struct.Struct("<2s16s2sQBQBQ").pack
+_REMOTE_ROOT_HEAD = struct.Struct("<2s16s2sQ2s8sBQBQ").pack
 SPAN_ID = struct.Struct("<Q").pack  # a span id's bytes, as every field holds them
 CHILD_SIZE = 56
 SPAN_TAG, PARENT_TAG = b"\x12\x08", b"\x22\x08"  # fields 2, 4
@@ -128,8 +129,8 @@ def child_shape(name: str, kind: int, values: Mapping[str, Any], error: str | No
 
 def child_prefix(trace: bytes, root: int) -> bytes:
     """The fields every child span of a trace starts with (``CHILD_HEAD``'s first):
-    ``trace`` is the trace id's field (``0a 10`` and its 16 bytes), ``root`` its parent."""
-    return CHILD_PREFIX(trace, PARENT_TAG, root, SPAN_TAG)
+    ``trace`` is the trace id (16 bytes), ``root`` the children's parent."""
+    return CHILD_PREFIX(TRACE_TAG, trace, PARENT_TAG, root, SPAN_TAG)
 
 
 def trace_spans(
@@ -142,23 +143,19 @@ def trace_spans(
     children: list[bytes],
 ) -> bytes:
     """A finished trace: its root span's ``ScopeSpans.spans`` field after ``children``
-    (theirs, whole or in parts). ``trace`` is the trace id's field, ``root`` the root's
-    span id, ``parent`` a remote parent's span id (bytes) or None, and ``tail`` the
-    root's fields after its times but for flags, in parts (``span_tail``, then the
-    per-request attributes)."""
+    (theirs, whole or in parts). ``trace`` is the trace id, ``root`` the root's span id,
+    ``parent`` a remote parent's span id (bytes) or None, and ``tail`` the root's fields
+    in parts: a placeholder that its ids and times replace, then the fields after them,
+    flags included (``span_tail``, ``FLAGS[parent is not None]``, the attributes)."""
     if parent is None:
-        head = _ROOT_HEAD(trace, SPAN_TAG, root, START_TAG, start, END_TAG, end)
-        tail.append(FLAGS[False])
+        head = _ROOT_HEAD(TRACE_TAG, trace, SPAN_TAG, root, START_TAG, start, END_TAG, end)
     else:
-        head = _REMOTE_ROOT_HEAD(trace, SPAN_TAG, root, PARENT_TAG, parent, START_TAG, start,
-                                 END_TAG, end)  # fmt: skip
-        tail.append(FLAGS[True])
+        head = _REMOTE_ROOT_HEAD(TRACE_TAG, trace, SPAN_TAG, root, PARENT_TAG, parent, START_TAG,
+                                 start, END_TAG, end)  # fmt: skip
+    tail[0] = head
     body = b"".join(tail)
-    size = len(head) + len(body)
-    if 0x80 <= size < 0x4000:
-        children += (bytes((0x12, size & 0x7F | 0x80, size >> 7)), head, body)
-    else:
-        children += (b"\x12" + _varint(size), head, body)
+    size = len(body)
+    children += (_SPAN_FIELDS[size] if size < _SPAN_FIELDS_MAX else b"\x12" + _varint(size), body)
     return b"".join(children)
 
 
@@ -180,6 +177,12 @@ class IntAttribute(dict[int, bytes]):
 
 
 _INTS_MAX = 4096
+
+
+# A span's ``ScopeSpans.spans`` field tag and length, by length (a root span's are mostly
+# 200-600 bytes): a list index instead of a varint written per trace.
+_SPAN_FIELDS_MAX = 2048
+_SPAN_FIELDS = [b"\x12" + _varint(size) for size in range(_SPAN_FIELDS_MAX)]
 
 
 def string_attribute(prefix: bytes, value: str) -> bytes:

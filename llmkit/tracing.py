@@ -1,9 +1,12 @@
 """Sampled tracing: the head-sampling decision, W3C ``traceparent``, the span queue.
 
-Sampling is decided once per request, at the start, with one call to a seeded
-``random.Random``: an incoming ``traceparent`` decides by its sampled flag (what OTel's
-``ParentBased`` sampler does), otherwise ``random() < trace_sample_rate``. A request
-that is not sampled records nothing, and with tracing off (rate 0, or no exporter
+Sampling is decided once per request, at the start: an incoming ``traceparent`` decides
+by its sampled flag (what OTel's ``ParentBased`` sampler does), otherwise each request
+is sampled with probability ``trace_sample_rate``, independently. That is done as a
+countdown (``Tracing.draw``): one ``random()`` per *sampled* request draws how many
+requests go unsampled before the next (geometric, which is exactly what independent
+draws per request give), and a request in between costs one decrement. A request that
+is not sampled records nothing, and with tracing off (rate 0, or no exporter
 configured) nothing here runs past one attribute check.
 
 The request path never touches the OpenTelemetry SDK: a sampled request draws its ids
@@ -16,19 +19,25 @@ first: posted asynchronously over OTLP/HTTP or, when an SDK ``SpanExporter`` is 
 bytes a collector would; the SDK is imported only then, so it stays an optional extra
 (``llmkit[tracing]``).
 
-Measured (``bench/observability_bench.py --instructions``, proxied requests of ~760K
-instructions): a sampled request costs ~66K instructions more than with tracing off,
-everything included (~8K of it aiohttp sending the ``traceparent`` header upstream; the
-POST, ~600K per batch, adds ~1K per trace at full-speed batches), an unsampled one ~1K.
-Before: the SDK's tracer ~250 µs per trace; span tuples encoded at export ~200K.
+Measured (``bench/observability_bench.py --instructions``, proxied requests of ~740K
+instructions, mean of ``PYTHONHASHSEED`` 0-3): a sampled request costs ~64K instructions
+more than metrics only with callgrind's small batches, ~58K with one POST (~500K) per
+500 traces as at full speed; ~8K of that is the upstream ``traceparent`` (formatting it,
+and aiohttp sending one more header). An unsampled one costs one header probe and a
+decrement (~0.85K counted in-process by ``bench/_hooks_callgrind.py``, within the ~2K
+that code layout moves a whole request). In-process, a sampled request's hooks, spans
+and queueing cost ~51K. Before: the SDK's tracer ~250 µs per trace; span tuples encoded
+at export ~200K; spans written at hook time with a random id each, the recorder's every
+field set at ``begin``, a ``random()`` per request: ~60K in-process, ~67K per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
-import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -54,12 +63,11 @@ BATCH_BYTES = 1024 * 1024
 EXPORT_INTERVAL_S = 1.0
 MAX_QUEUED_BYTES = 4 * 1024 * 1024  # kept when the exporter falls behind; then dropped
 
-# A sampled request's trace is (its trace id as OTLP's field 1: ``0a 10`` and 16 bytes,
-# its root span's id, its remote parent span's id or None). Span ids are 64-bit ints,
-# written little-endian everywhere (``llmkit.otlp``, ``traceparent``): struct's fast
-# path, where big-endian bytes cost a per-byte loop. Bit 0 is set so that no id is all
-# zeros (invalid): 63 random bits per span id, 127 per trace id.
-_TRACE_FIELD = struct.Struct("<2sQQ").pack
+# A sampled request's trace is (its trace id: 16 bytes, its root span's id, its remote
+# parent span's id or None). Span ids are 64-bit ints, written little-endian everywhere
+# (``llmkit.otlp``, ``traceparent``): struct's fast path, where big-endian bytes cost a
+# per-byte loop. Bit 0 is set so that no id is all zeros (invalid): 63 random bits per
+# span id, 127 per trace id.
 
 
 def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
@@ -110,8 +118,11 @@ class Tracing:
         self.enabled = export is not None and rate > 0
         self.rate = rate
         rng = rng or random.Random()
-        self.random = rng.random  # the head-sampling draw: random() < rate
+        self.random = rng.random
         self.bits = rng.getrandbits  # ids: bits(64) | 1, as span_id (callers inline it)
+        # draw(): log(1 - random()) / log(1 - rate) rounded down is geometric: the
+        # failures before the next success of a Bernoulli(rate) trial per request.
+        self.gap_scale = 1 / math.log1p(-rate) if 0 < rate < 1 else 0.0
         self._export = export  # synchronous: flush() and shutdown
         self._send = send  # asynchronous, on the loop; None: ``export`` there too
         self._shutdown = shutdown
@@ -129,23 +140,37 @@ class Tracing:
 
     # -- request path ---------------------------------------------------------------
 
-    def sample(self, traceparent: str | None) -> tuple[bytes, int, bytes | None] | None:
-        """A sampled request's trace (see ``_TRACE_FIELD``), or None: not sampled."""
-        if traceparent:
-            parent = parse_traceparent(traceparent)
-            if parent is not None:
-                if not parent[2]:
-                    return None
-                trace = b"\x0a\x10" + parent[0].to_bytes(16, "big")
-                return trace, self.span_id(), parent[1].to_bytes(8, "big")
-        if self.random() >= self.rate:
+    def draw(self) -> int:
+        """How many requests go unsampled before the next one that is: head sampling as
+        a countdown (``Observability.countdown``), so that a request not drawn costs one
+        decrement instead of a ``random()`` call. The gaps of independent draws with
+        probability ``rate`` are geometric, so counting down one drawn gap at a time
+        samples exactly as a draw per request would (each request, independently, with
+        probability ``rate``). Tracing off: never (no request counts down that far)."""
+        if not self.enabled:
+            return sys.maxsize
+        if self.gap_scale == 0.0:  # rate 1: every request
+            return 0
+        return int(math.log(1.0 - self.random()) * self.gap_scale)
+
+    def sample(self, traceparent: str, drawn: bool) -> tuple[bytes, int, bytes | None] | None:
+        """A request with a ``traceparent``: its trace (trace id, root span id, parent span
+        id; see above), or None when it is not sampled. A valid parent decides by its
+        sampled flag (OTel's ``ParentBased``); an invalid one is ignored and ``drawn``, the
+        request's own head sampling, decides."""
+        parent = parse_traceparent(traceparent)
+        if parent is not None:
+            if not parent[2]:
+                return None
+            return parent[0].to_bytes(16, "big"), self.span_id(), parent[1].to_bytes(8, "big")
+        if not drawn:
             return None
         return (*self.root(), None)
 
     def root(self) -> tuple[bytes, int]:
-        """A new trace's id field and root span id: the request was drawn for sampling."""
+        """A new trace's id and root span id: the request was drawn for sampling."""
         bits = self.bits
-        return _TRACE_FIELD(b"\x0a\x10", bits(64) | 1, bits(64)), bits(64) | 1
+        return (bits(128) | 1).to_bytes(16, "little"), bits(64) | 1
 
     def span_id(self) -> int:
         return self.bits(64) | 1

@@ -92,6 +92,8 @@ async def test_a_request_that_fell_back_has_a_gateway_span_and_two_attempt_spans
     assert second.status.status_code != StatusCode.ERROR
     assert len(named["llmkit.router"]) == len(named["llmkit.limiter"]) == 1
     assert {s.context.trace_id for s in spans} == {root.context.trace_id}
+    ids = [s.context.span_id for s in spans]  # router and limiter ids derive from the root's
+    assert len(set(ids)) == len(ids) == 5 and 0 not in ids
     # The upstream saw the first attempt span as its parent.
     sent = parse_traceparent(mock.requests[0].headers["traceparent"])
     assert sent == (first.context.trace_id, first.context.span_id, True)
@@ -172,6 +174,36 @@ async def test_head_sampling_at_a_tenth_over_10000_requests(
     assert len(exporter.get_finished_spans()) == 4 * len(roots)
 
 
+class _CountedRandom(random.Random):
+    draws = 0
+
+    def random(self) -> float:
+        self.draws += 1
+        return super().random()
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_head_sampling_counts_down_geometric_gaps(tmp_path: Path, rate: float) -> None:
+    """Each request is sampled with probability ``rate`` (tight interval over 200,000
+    requests: a gap off by one request, at 0.1, would sample 9.1%), and only a sampled
+    request draws a random number: the others count down."""
+    from llmkit.observability import Observability
+    from llmkit.tracing import Tracing
+
+    rng = _CountedRandom(7)
+    tracing = Tracing(rate, lambda batch: None, rng=rng)
+    observability = Observability(config_of(tmp_path, ""), None, tracing)
+    n = 200_000
+    sampled = sum(observability.begin(0, "POST", CHAT, "r", None) is not None for _ in range(n))
+    spread = 3.9 * math.sqrt(n * rate * (1 - rate))  # ~1e-4 two-sided
+    assert abs(sampled - n * rate) < spread, (sampled, n * rate)
+    assert rng.draws == sampled + 1  # one gap drawn at start, one after each sampled request
+    flags = [observability.begin(0, "POST", CHAT, "r", None) is not None for _ in range(50_000)]
+    runs = "".join("x" if f else "." for f in flags).split("x")[1:-1]
+    mean_gap = sum(map(len, runs)) / len(runs)  # unsampled requests between sampled ones
+    assert abs(mean_gap - (1 - rate) / rate) < 0.1 * (1 - rate) / rate + 0.05
+
+
 def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
     """Spans written by ``llmkit.otlp`` parse with the protobuf classes into exactly what
     the SDK's own encoder writes for the same spans, built here by hand; and the SDK
@@ -195,16 +227,16 @@ def test_hand_written_otlp_matches_the_protobuf_schema() -> None:
                   "long": "x" * 300}  # fmt: skip
     # Span ids are ints written little-endian (llmkit.tracing); the SDK reads big-endian.
     sdk_root, sdk_child, sdk_other = (int.from_bytes(otlp.SPAN_ID(i), "big") for i in (root, 5, 9))
-    field = b"\x0a\x10" + trace_id.to_bytes(16, "big")
+    field = trace_id.to_bytes(16, "big")
     head, tail = otlp.child_shape("chat x", otlp.CLIENT, {"llmkit.attempt": 1}, "server_error")
     child_span = [head, otlp.CHILD_HEAD(otlp.child_prefix(field, root), 5, otlp.START_TAG,
                                         1_100, otlp.END_TAG, 1_900), tail]  # fmt: skip
-    root_tail = [otlp.span_tail("chat m", otlp.SERVER, attributes)]
+    root_tail = [b"", otlp.span_tail("chat m", otlp.SERVER, attributes), otlp.FLAGS[True]]
     trace = otlp.trace_spans(field, root, (77).to_bytes(8, "big"), 1_000, 2_000, root_tail,
                              child_span)  # fmt: skip
     # One trace with a remote parent (and so a longer root), one that starts its own.
-    other = otlp.trace_spans(field, 9, None, 3, 4, [otlp.span_tail("chat n", otlp.SERVER, {})],
-                             [])  # fmt: skip
+    other = otlp.trace_spans(field, 9, None, 3, 4, [b"", otlp.span_tail("chat n", otlp.SERVER, {}),
+                                                    otlp.FLAGS[False]], [])  # fmt: skip
     mine = ExportTraceServiceRequest()
     mine.ParseFromString(otlp.encode_request([trace, other], "svc"))
 
@@ -359,6 +391,38 @@ def test_the_root_span_carries_each_request_id_whole(
     assert attrs["gen_ai.usage.output_tokens"] == 70000 and attrs["llmkit.attempts"] == 1
     assert attrs["http.response.status_code"] == 503 and attrs["error.type"] == "503"
     assert root.status.status_code == StatusCode.ERROR
+
+
+def test_the_root_span_of_a_failed_request_names_its_own_error_kind(
+    tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    """The root's status, attempts and error are cached with its shape: two requests
+    alike but for why their upstream failed get each their own ``error.type``."""
+    from llmkit.errors import BadUpstreamResponseError, UpstreamTimeoutError
+    from llmkit.gateway import Gateway
+    from llmkit.observability import Observability
+    from llmkit.tracing import build_tracing
+
+    config = config_of(tmp_path, '[[models]]\nname = "m"\n[[models.deployments]]\n'
+                       'provider = "demo"\nmodel = "x"\n' + tracing_config(1.0))  # fmt: skip
+    observability = Observability(config, None, build_tracing(config.observability, exporter))
+    gateway = Gateway(config)
+    call = gateway.decode_chat(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    targets = gateway.resolve("m")
+    failures = [("r-timeout", UpstreamTimeoutError("slow")),
+                ("r-bad", BadUpstreamResponseError("garbled"))]  # fmt: skip
+    for request_id, error in failures:
+        obs = observability.begin(0, "POST", CHAT, request_id, None)
+        assert obs is not None
+        obs.routed(call, targets, obs.mark())
+        obs.attempt_started(targets[0], {})
+        obs.attempt_settled(False, error)
+        obs.finish(502)
+    observability.close()
+    roots = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    kinds = {(r.attributes or {})["llmkit.request_id"]: (r.attributes or {})["error.type"]
+             for r in roots}  # fmt: skip
+    assert kinds == {"r-timeout": "timeout", "r-bad": "protocol"}
 
 
 async def test_batches_leave_when_full_or_after_the_interval(

@@ -118,11 +118,12 @@ class HttpSurface:
         observe = self._observe
         started = self._slot.enter()
         obs = None
-        if observe.detailed:  # tracing or an access log: most requests stop at the draw
-            traceparent, drawn = request.headers.get(TRACEPARENT), observe.draw()
-            if traceparent is not None or drawn < observe.rate or observe.logging:
+        if observe.detailed:  # tracing or an access log: most requests stop at the count
+            traceparent = request.headers.get(TRACEPARENT)
+            observe.countdown -= 1  # head sampling: this one is drawn when it goes below 0
+            if traceparent is not None or observe.countdown < 0 or observe.logging:
                 obs = observe.begin(
-                    route, request.method, request.path, request_id, traceparent, drawn
+                    route, request.method, request.path, request_id, traceparent, True
                 )
         status = 500
         live = self._live[id(request)] = _InFlight(request_id, obs)
