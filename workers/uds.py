@@ -68,11 +68,11 @@ class FrameServer:
         """The recorder of a request that is sampled or logged (``Observability.begin``),
         else None; called only when tracing or the access log is on."""
         observe = self.observe
-        drawn = observe.draw()
-        if drawn < observe.rate or observe.logging:
+        observe.countdown -= 1  # head sampling: this one is drawn when it goes below 0
+        if observe.countdown < 0 or observe.logging:
             method, path = OP_REQUESTS[op]
             request_id = next(self._request_ids)
-            return observe.begin(ROUTES[op], method, path, request_id, None, drawn)
+            return observe.begin(ROUTES[op], method, path, request_id, None, True)
         return None
 
     async def start(self, sock: socket.socket) -> None:
