@@ -1281,6 +1281,20 @@ Atomics_mux_acquire(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs
     return mux_find_or_claim(self, a, NULL);
 }
 
+/* Frees `slot` if `owner` still holds it (owner first, then the tag, each by CAS, so a
+ * slot that changed hands meanwhile is left alone): True if it was freed. */
+static PyObject *
+mux_free(int64_t *slot, int64_t owner, int64_t tag)
+{
+    if (!__atomic_compare_exchange_n(slot + MUX_OWNER, &owner, 0, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_ACQUIRE)) {
+        Py_RETURN_FALSE;
+    }
+    __atomic_compare_exchange_n(slot + MUX_TAG, &tag, 0, 0, __ATOMIC_SEQ_CST,
+                                __ATOMIC_ACQUIRE);
+    Py_RETURN_TRUE;
+}
+
 static PyObject *
 Atomics_mux_release(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs,
                     PyObject *kwnames)
@@ -1290,14 +1304,7 @@ Atomics_mux_release(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs
     if (slot == NULL) {
         return NULL;
     }
-    int64_t owner = a[2].i, tag = a[1].i;
-    if (!__atomic_compare_exchange_n(slot + MUX_OWNER, &owner, 0, 0, __ATOMIC_SEQ_CST,
-                                     __ATOMIC_ACQUIRE)) {
-        Py_RETURN_FALSE;
-    }
-    __atomic_compare_exchange_n(slot + MUX_TAG, &tag, 0, 0, __ATOMIC_SEQ_CST,
-                                __ATOMIC_ACQUIRE);
-    Py_RETURN_TRUE;
+    return mux_free(slot, a[2].i, a[1].i);
 }
 
 /*
@@ -1368,14 +1375,7 @@ Atomics_mux_unlead(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (slot == NULL) {
         return NULL;
     }
-    int64_t owner = w[4].i, expected = tag.i;
-    if (!__atomic_compare_exchange_n(slot + MUX_OWNER, &owner, 0, 0, __ATOMIC_SEQ_CST,
-                                     __ATOMIC_ACQUIRE)) {
-        Py_RETURN_FALSE;
-    }
-    __atomic_compare_exchange_n(slot + MUX_TAG, &expected, 0, 0, __ATOMIC_SEQ_CST,
-                                __ATOMIC_ACQUIRE);
-    Py_RETURN_TRUE;
+    return mux_free(slot, w[4].i, tag.i);
 }
 
 /*
