@@ -59,7 +59,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from math import log
 from time import monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -196,9 +195,9 @@ class Observability:
         self.log_prompts = access is not None and access.log_prompts
         # Head sampling (``Tracing.draw``): the requests left before the next one drawn.
         # The HTTP surface counts it down inline; ``begin`` draws the next when it is < 0.
-        self.countdown = self.tracing.draw()
-        self._random, self._gap_scale = self.tracing.random, self.tracing.gap_scale
-        self.bits = self.tracing.bits  # ids: ``Tracing.root``, ``Tracing.span_id``
+        self._draw, self._new_trace = self.tracing.draw, self.tracing.root
+        self.countdown = self._draw()
+        self.bits = self.tracing.bits  # attempt span ids, as ``Tracing.span_id`` draws them
         # Encoded span parts many requests share, by what they are made of (``keep``).
         self.shapes: dict[Any, Any] = {}
         self._deployments = self.series.deployments
@@ -244,16 +243,13 @@ class Observability:
         if not counted:
             self.countdown -= 1
         drawn = self.countdown < 0
-        if drawn:  # the next gap (``Tracing.draw``), inline
-            scale = self._gap_scale
-            self.countdown = int(log(1.0 - self._random()) * scale) if scale else 0
+        if drawn:
+            self.countdown = self._draw()  # the next gap
         if route < _MODEL_ROUTES and self._traced:  # no traces of /health, /metrics
             if traceparent is None:
-                if drawn:  # a new trace: ids as ``Tracing.root`` draws them, inline
-                    bits = self.bits
-                    trace = (bits(128) | 1).to_bytes(16, "little")
-                    return TracedRequest(self, route, method, path, request_id, trace,
-                                         bits(64) | 1, None)  # fmt: skip
+                if drawn:
+                    trace, root = self._new_trace()
+                    return TracedRequest(self, route, method, path, request_id, trace, root, None)
             else:
                 sampled = self.tracing.sample(traceparent, drawn)
                 if sampled is not None:
