@@ -138,8 +138,7 @@ def key_model(targets: list[Target]) -> str:
 def _canonical(model: str, call: Call) -> bytes:
     """The request with ``model`` (``key_model``'s), then any extras, each one JSON
     value (self-delimiting, so the bytes compare as the parts would); the extras only
-    when there are some, which is most of the time not. ``Multiplexer._key`` has it
-    inline."""
+    when there are some, which is most of the time not."""
     request = msgspec.structs.replace(
         call.request, model=model, stream=False, stream_options=None, user=None
     )
@@ -309,17 +308,7 @@ class Multiplexer:
         ``open_stream`` with ``Lead.start`` as its stream) and reads it as its stream.
         None when an identical call may be in flight: ``join_stream`` then joins it, or
         leads after all."""
-        request = call.request
-        model = self._labels.get(request.model)
-        if model is None:  # a model name not seen yet: ``_key`` learns its labels
-            key = self._key(call, gateway)
-        else:  # ``_key``, inline
-            canonical = msgspec.structs.replace(
-                request, model=model, stream=False, stream_options=None, user=None
-            )
-            key = _key_encoder.encode(canonical)
-            if call.extras:
-                key += _key_encoder.encode(call.extras)
+        key = self._key(call, gateway)
         claim_lead = self._claim_lead
         if claim_lead is not None:
             # One C call, hashing the key and counting a claim as a leader: this
@@ -398,11 +387,7 @@ class Multiplexer:
             if len(self._labels) >= LABELS_KEPT:
                 self._labels.clear()
             labels = self._labels[model] = key_model(gateway.resolve(model))
-        request = msgspec.structs.replace(  # ``_canonical``, inline
-            call.request, model=labels, stream=False, stream_options=None, user=None
-        )
-        key = _key_encoder.encode(request)
-        return key + _key_encoder.encode(call.extras) if call.extras else key
+        return _canonical(labels, call)
 
     async def _join(self, key: bytes, call: Call, gateway: Leading, streamed: bool) -> Joined | int:
         """Join an identical call in flight (in this worker or another); or, when there
