@@ -234,8 +234,8 @@ class OtlpHttpExporter:
 
     ``headers`` go with every POST (a hosted collector's credentials: they are never
     logged); ``cafile`` is the PEM bundle an ``https`` endpoint's certificate is checked
-    against instead of the system's (a collector with a private CA). ``from_env`` reads
-    both where OpenTelemetry's exporters do.
+    against instead of the system's (a collector with a private CA). ``env_headers`` and
+    ``env_cafile`` read both where OpenTelemetry's exporters do.
     """
 
     def __init__(
