@@ -105,6 +105,7 @@ from llmkit.otlp import (
     TRACE_TAG,
     IntAttribute,
     child_shape,
+    children_pack,
     double_prefix,
     key_field,
     span_tail,
@@ -147,7 +148,8 @@ __all__ = [
 _MODEL_ROUTES = len(MODEL_ROUTES)  # route indexes below this carry a model
 _SERIES_MAX = 8192
 _SHAPES_MAX = 4096
-_Shape = TypeVar("_Shape", bytes, tuple[bytes, bytes])
+_TraceShape = tuple[bytes, Callable[..., bytes], tuple[bytes, ...]]
+_Shape = TypeVar("_Shape", tuple[bytes, bytes], _TraceShape)
 
 
 def error_kind(error: BaseException) -> int:
@@ -364,7 +366,7 @@ class Observability:
             previous = (target.deployment, stats)
         return words
 
-    def keep(self, key: str | tuple[Any, ...], shape: _Shape) -> _Shape:
+    def keep(self, key: tuple[Any, ...], shape: _Shape) -> _Shape:
         """``shape`` (encoded span parts) as the one for ``key`` in ``shapes``."""
         if len(self.shapes) >= _SHAPES_MAX:
             self.shapes.clear()
@@ -508,9 +510,12 @@ class RequestObs:
 
 
 class TracedRequest(RequestObs):
-    """A request sampled for tracing (and maybe logged too): writes each span as OTLP
-    protobuf when it ends (``llmkit.otlp``: ids and times packed between bytes cached per
-    shape), one hook call per span, no helper calls on the usual path.
+    """A request sampled for tracing (and maybe logged too). Its hooks note ids and times
+    in slots; ``finish`` writes the trace as OTLP protobuf (``llmkit.otlp``): the child
+    spans (router, limiter, the last attempt) in one ``struct`` pack between bytes cached
+    per shape of trace (``children_pack``), the root span from cached parts and the
+    request's own id, tokens and cost. An attempt that another follows is written when
+    the next one starts.
 
     Ids: the trace id and root span id are drawn at ``begin``, each attempt span's id
     when it starts (it leaves in the upstream ``traceparent``). The router and limiter
@@ -518,10 +523,14 @@ class TracedRequest(RequestObs):
     (``_ROUTER_ID``, ``_LIMITER_ID``): unique within the trace, as unpredictable as the
     root's, never zero (the root is odd, the constants even), and two draws cheaper.
 
-    ``started`` is the root span's start: epoch nanoseconds (``time_ns``), which the
-    access log's duration reads as well."""
+    Times are epoch nanoseconds (``time_ns``); 0 is "not yet". ``started`` is the root
+    span's start, which the access log's duration reads as well. A child span is in the
+    trace when its hook ran: the router's when ``_order`` is set, the limiter's when
+    ``_refused`` is, an attempt's when ``attempts`` counts it."""
 
-    __slots__ = ("trace", "_root", "_parent", "_prefix", "_attempt", "_spans")
+    __slots__ = ("trace", "_root", "_parent", "_order", "_routed", "_routed_end", "_refused",
+                 "_admitted", "_admitted_end", "_span", "_span_start", "_span_end", "_ok",
+                 "_kind", "_spans")  # fmt: skip
 
     trace: bytes
     mark: Callable[[], int] = time_ns
@@ -541,69 +550,83 @@ class TracedRequest(RequestObs):
         self.trace = trace
         self._root = root
         self._parent = parent
-        self._prefix = CHILD_PREFIX(TRACE_TAG, trace, PARENT_TAG, root, SPAN_TAG)
-        # The open attempt span: (span id, start ns, target, attempt number).
-        self._attempt: tuple[int, int, Target, int] | None = None
-        self._spans: list[bytes] = []  # finished child spans, encoded (in parts)
+        # The router's order (a deployment, or their tuple), the limiter's verdict, times.
+        self._order: str | tuple[str, ...] | None = None
+        self._refused: bool | None = None
+        self._routed = self._routed_end = self._admitted = self._admitted_end = 0
+        # The last attempt's span: id (0: none yet), times, outcome and error kind.
+        self._span = self._span_start = self._span_end = 0
+        self._ok: bool | None = None
+        self._kind: int | None = None
+        self._spans: list[bytes] = []  # spans written already: earlier attempts
         self.started = time_ns()
 
     def routed(self, call: Call, targets: Sequence[Target], mark: int) -> None:
         self.key = call.key
         self.model = call.request.model
-        observability = self._o
-        if observability.log_prompts:
+        if self._o.log_prompts:
             self.messages = call.request.messages
         if mark:
             # One deployment: its name is the shape's key (no tuple built and hashed).
-            order = targets[0].deployment if len(targets) == 1 else tuple(
+            self._order = targets[0].deployment if len(targets) == 1 else tuple(
                 [target.deployment for target in targets])  # fmt: skip
-            shape = observability.shapes.get(order) or observability.keep(
-                order, router_shape(order)
-            )
-            self._spans += (shape[0], CHILD_HEAD(self._prefix, self._root ^ _ROUTER_ID, START_TAG,
-                                                 mark, END_TAG, time_ns()), shape[1])  # fmt: skip
+            self._routed = mark
+            self._routed_end = time_ns()
 
     def admitted(self, mark: int, refused: bool) -> None:
-        head, tail = _LIMITER[refused]
-        self._spans += (head, CHILD_HEAD(self._prefix, self._root ^ _LIMITER_ID, START_TAG, mark,
-                                         END_TAG, time_ns()), tail)  # fmt: skip
+        self._refused = refused
+        self._admitted = mark
+        self._admitted_end = time_ns()
 
     def attempt_started(self, target: Target, headers: dict[str, str]) -> None:
+        if self._span:  # an earlier attempt: its span is written now, the last at finish
+            if not self._span_end:
+                self.attempt_settled(None, None)
+            self._spans.append(self._attempt_span())
         self.attempts += 1
         self.target = target
-        span_id = self._o.bits(64) | 1
-        self._attempt = (span_id, time_ns(), target, self.attempts)
+        self._span = span_id = self._o.bits(64) | 1
+        self._span_start = time_ns()
+        self._span_end = 0
         headers[TRACEPARENT] = f"00-{self.trace.hex()}-{SPAN_ID(span_id).hex()}-01"
 
     def attempt_settled(self, ok: bool | None, error: BaseException | None) -> None:
         kind = None
         if error is not None:
             kind = self.error_kind = error_kind(error)
-        attempt = self._attempt
-        if attempt is None:
-            return
-        self._attempt = None
-        span_id, start, target, number = attempt
-        key = (self.route, target.deployment, number, ok, kind)
-        shape = self._o.shapes.get(key)
-        if shape is None:
-            shape = self._o.keep(key, self._attempt_shape(target, number, ok, kind))
-        self._spans += (shape[0], CHILD_HEAD(self._prefix, span_id, START_TAG, start, END_TAG,
-                                             time_ns()), shape[1])  # fmt: skip
+        if self._span and not self._span_end:  # the open attempt
+            self._span_end = time_ns()
+            self._ok = ok
+            self._kind = kind
 
     def finish(self, status: int) -> None:
         """The response is complete: write the log line, record the trace."""
         if self._o.access is not None:
             self.log(status)
-        if self._attempt is not None:  # a stream the client left mid-way
+        if self._span and not self._span_end:  # a stream the client left mid-way
             self.attempt_settled(None, None)
-        target, usage, parent = self.target, self.usage, self._parent
-        # The root's attributes but for the request id, tokens and cost: status, attempts
-        # and error kind take a few values, and so with the rest are one cached part.
+        target, usage, parent, root = self.target, self.usage, self._parent, self._root
+        # All of the trace but ids, times, the request id, tokens and cost: the root's
+        # attributes (status, attempts and error kind take a few values, and so with
+        # the rest are one cached part) and the shapes of its child spans.
         key = (self.route, self.path, self.model, self.key,
                target.deployment if target is not None else None, self.finish_reasons,
-               self.role, status, self.attempts, self.error_kind, parent is None)  # fmt: skip
-        shared = self._o.shapes.get(key) or self._o.keep(key, self._root_tail(status))
+               self.role, status, self.attempts, self.error_kind, parent is None,
+               self._order, self._refused, self._ok, self._kind)  # fmt: skip
+        shape = self._o.shapes.get(key) or self._o.keep(key, self._trace_shape(status))
+        shared, pack, runs = shape
+        prefix = CHILD_PREFIX(TRACE_TAG, self.trace, PARENT_TAG, root, SPAN_TAG)
+        if self._routed and self._admitted and self._span:  # the usual trace
+            first, second, third, last = runs
+            self._spans.append(pack(
+                first, prefix, root ^ _ROUTER_ID, START_TAG, self._routed, END_TAG,
+                self._routed_end,
+                second, prefix, root ^ _LIMITER_ID, START_TAG, self._admitted, END_TAG,
+                self._admitted_end,
+                third, prefix, self._span, START_TAG, self._span_start, END_TAG, self._span_end,
+                last))  # fmt: skip
+        else:
+            self._spans.append(pack(*self._children(runs, prefix)))
         request_id = self.request_id.encode()
         if len(request_id) < len(_REQUEST_IDS):
             tail = [b"", shared, _REQUEST_IDS[len(request_id)], request_id]
@@ -620,8 +643,46 @@ class TracedRequest(RequestObs):
                     cost = price.cost(usage)
             tail += (_TOKENS_IN[usage.prompt_tokens], _TOKENS_OUT[usage.completion_tokens],
                      _COST, DOUBLE(cost))  # fmt: skip
-        self._o.tracing.record(trace_spans(self.trace, self._root, parent, self.started,
-                                           time_ns(), tail, self._spans))  # fmt: skip
+        self._o.tracing.record(trace_spans(self.trace, root, parent, self.started, time_ns(),
+                                           tail, self._spans))  # fmt: skip
+
+    def _children(self, runs: tuple[bytes, ...], prefix: bytes) -> list[Any]:
+        """``children_pack``'s arguments for whichever child spans this trace has."""
+        spans = []
+        if self._order is not None:
+            spans.append((self._root ^ _ROUTER_ID, self._routed, self._routed_end))
+        if self._refused is not None:
+            spans.append((self._root ^ _LIMITER_ID, self._admitted, self._admitted_end))
+        if self.attempts:
+            spans.append((self._span, self._span_start, self._span_end))
+        args: list[Any] = [runs[0]]
+        for (span_id, start, end), run in zip(spans, runs[1:], strict=True):
+            args += (prefix, span_id, START_TAG, start, END_TAG, end, run)
+        return args
+
+    def _trace_shape(self, status: int) -> _TraceShape:
+        """The root's cached part (``_root_tail``) and its children's pack and runs."""
+        shapes = []
+        if self._order is not None:
+            shapes.append(router_shape(self._order))
+        if self._refused is not None:
+            shapes.append(_LIMITER[self._refused])
+        if self.attempts:
+            assert self.target is not None
+            shapes.append(self._attempt_shape(self.target, self.attempts, self._ok, self._kind))
+        return (self._root_tail(status), *children_pack(shapes))
+
+    def _attempt_span(self) -> bytes:
+        """The last attempt's span, whole (one that another attempt follows)."""
+        target = self.target
+        assert target is not None
+        key = (self.route, target.deployment, self.attempts, self._ok, self._kind)
+        head, tail = self._o.shapes.get(key) or self._o.keep(
+            key, self._attempt_shape(target, self.attempts, self._ok, self._kind)
+        )
+        prefix = CHILD_PREFIX(TRACE_TAG, self.trace, PARENT_TAG, self._root, SPAN_TAG)
+        return head + CHILD_HEAD(prefix, self._span, START_TAG, self._span_start, END_TAG,
+                                 self._span_end) + tail  # fmt: skip
 
     def _attempt_shape(
         self, target: Target, number: int, ok: bool | None, kind: int | None

@@ -36,7 +36,7 @@ import logging
 import os
 import ssl
 import struct
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -125,6 +125,24 @@ def child_shape(name: str, kind: int, values: Mapping[str, Any], error: str | No
     for every span of that name, kind, attributes and error."""
     tail = span_tail(name, kind, values, error) + FLAGS[False]
     return b"\x12" + _varint(CHILD_SIZE + len(tail)), tail
+
+
+def children_pack(
+    shapes: Sequence[tuple[bytes, bytes]],
+) -> tuple[Callable[..., bytes], tuple[bytes, ...]]:
+    """One ``pack`` that writes child spans of ``shapes`` (``child_shape``'s) together,
+    and the constant runs it takes between their ids and times: for shapes A and B,
+    ``pack(runs[0], prefix, a_id, START_TAG, a_start, END_TAG, a_end, runs[1], prefix,
+    b_id, START_TAG, b_start, END_TAG, b_end, runs[2])`` is ``A.head + CHILD_HEAD(...) +
+    A.tail + B.head + ... + B.tail``: one call where each span would make one, and a
+    tuple and a join (``trace_spans``) fewer. ``prefix`` is ``child_prefix``'s."""
+    runs = [b""]
+    for head, tail in shapes:
+        runs[-1] += head
+        runs.append(tail)
+    variable = "30sQBQBQ"
+    layout = variable.join(f"{len(run)}s" for run in runs)
+    return struct.Struct("<" + layout).pack, tuple(runs)
 
 
 def child_prefix(trace: bytes, root: int) -> bytes:

@@ -460,3 +460,67 @@ async def test_batches_leave_when_full_or_after_the_interval(
     # Full batches at once (each as many traces as reach BATCH_BYTES), the rest later.
     assert [sum(map(len, b)) for b in sent[2:]] == [1200, 1200, 400]
     tracing.shutdown()
+
+
+def test_each_child_span_keeps_its_own_ids_times_and_verdict(
+    tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    """Child spans are written together at ``finish`` from what each hook noted: a refused
+    request has a router and a refused limiter span and no attempt; a request whose
+    client left mid-stream has its open attempt closed as released; a fallback's first
+    attempt keeps its own id (the one its ``traceparent`` carried) and times."""
+    from llmkit.gateway import Gateway
+    from llmkit.observability import Observability
+    from llmkit.tracing import build_tracing
+
+    config = config_of(tmp_path, '[[models]]\nname = "m"\n[[models.deployments]]\n'
+                       'provider = "demo"\nmodel = "x"\n' + tracing_config(1.0))  # fmt: skip
+    observability = Observability(config, None, build_tracing(config.observability, exporter))
+    gateway = Gateway(config)
+    call = gateway.decode_chat(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    targets = gateway.resolve("m")
+    sent: dict[str, list[str]] = {}
+
+    def request(request_id: str, refused: bool, tries: int, settle_last: bool) -> None:
+        obs = observability.begin(0, "POST", CHAT, request_id, None)
+        assert obs is not None
+        obs.routed(call, targets, obs.mark())
+        obs.admitted(obs.mark(), refused)
+        for number in range(tries):
+            headers: dict[str, str] = {}
+            obs.attempt_started(targets[0], headers)
+            sent.setdefault(request_id, []).append(headers["traceparent"])
+            if number < tries - 1 or settle_last:
+                obs.attempt_settled(number == tries - 1, None)
+        obs.finish(429 if refused else 200)
+
+    request("r-refused", True, 0, True)
+    request("r-left", False, 1, False)
+    request("r-fell-back", False, 2, True)
+    observability.close()
+    spans = exporter.get_finished_spans()
+    roots = {(s.attributes or {})["llmkit.request_id"]: s for s in spans
+             if s.kind == SpanKind.SERVER}  # fmt: skip
+
+    def children(request_id: str) -> dict[str, list[ReadableSpan]]:
+        root = roots[request_id]
+        mine = [s for s in spans if s.context.trace_id == root.context.trace_id and s is not root]
+        assert all(s.parent is not None and s.parent.span_id == root.context.span_id
+                   for s in mine)  # fmt: skip
+        assert len({s.context.span_id for s in [root, *mine]}) == len(mine) + 1
+        for span in mine:
+            assert root.start_time <= span.start_time <= span.end_time <= root.end_time  # type: ignore[operator]
+        return by_name(tuple(mine))
+
+    refused = children("r-refused")
+    assert sorted(refused) == ["llmkit.limiter", "llmkit.router"]
+    assert (refused["llmkit.limiter"][0].attributes or {})["llmkit.limiter.refused"] is True
+    left = children("r-left")["chat x"]
+    assert [(s.attributes or {})["llmkit.outcome"] for s in left] == ["released"]
+    tries = sorted(children("r-fell-back")["chat x"], key=lambda s: s.start_time or 0)
+    assert [(s.attributes or {})["llmkit.attempt"] for s in tries] == [1, 2]
+    assert [(s.attributes or {})["llmkit.outcome"] for s in tries] == ["failed", "ok"]
+    assert (tries[0].end_time or 0) <= (tries[1].start_time or 0)
+    assert [format_traceparent(s.context.trace_id, s.context.span_id) for s in tries] == sent[
+        "r-fell-back"
+    ]
