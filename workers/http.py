@@ -52,7 +52,9 @@ JSON_TYPE = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 CLIENT_GONE = 499
 OTHER_ROUTE = observability.route_index("other")
-FORWARDED_HEADERS = (*PROPAGATED_HEADERS, DEDUP_HEADER)  # client headers the gateway reads
+# Client headers ``chat`` passes on (``traceparent`` is one, read by ``handle``).
+FORWARDED_HEADERS = (*[name for name in PROPAGATED_HEADERS if name != TRACEPARENT],
+                     DEDUP_HEADER)  # fmt: skip
 
 
 class HttpSurface:
@@ -118,15 +120,16 @@ class HttpSurface:
         observe = self._observe
         started = self._slot.enter()
         obs = None
+        # Read once, here: tracing continues it, and ``chat`` forwards it upstream.
+        traceparent = request.headers.get(TRACEPARENT)
         if observe.detailed:  # tracing or an access log: most requests stop at the count
-            traceparent = request.headers.get(TRACEPARENT)
             observe.countdown -= 1  # head sampling: this one is drawn when it goes below 0
             if traceparent is not None or observe.countdown < 0 or observe.logging:
                 obs = observe.begin(
                     route, request.method, request.path, request_id, traceparent, True
                 )
         status = 500
-        live = self._live[id(request)] = _InFlight(request_id, obs)
+        live = self._live[id(request)] = _InFlight(request_id, obs, traceparent)
         try:
             # The handler is awaited here, not through a helper coroutine: every
             # resumption of a request walks each coroutine frame between it and the loop.
@@ -172,6 +175,8 @@ class HttpSurface:
         call.obs = obs = live.obs
         call.profile = request.headers.get("x-llmkit-route-profile")
         call.headers["x-request-id"] = live.request_id
+        if live.traceparent is not None:
+            call.headers[TRACEPARENT] = live.traceparent
         headers = request.headers
         for name in FORWARDED_HEADERS:
             value = headers.get(name)
@@ -281,13 +286,15 @@ class HttpSurface:
 
 class _InFlight:
     """What the surface keeps of one request while it runs: its id, its recorder when
-    sampled or logged, and its call once decoded (metrics read the run from there)."""
+    sampled or logged, its caller's ``traceparent`` (read once, by ``handle``), and its
+    call once decoded (metrics read the run from there)."""
 
-    __slots__ = ("request_id", "obs", "call")
+    __slots__ = ("request_id", "obs", "traceparent", "call")
 
-    def __init__(self, request_id: str, obs: RequestObs | None) -> None:
+    def __init__(self, request_id: str, obs: RequestObs | None, traceparent: str | None) -> None:
         self.request_id = request_id
         self.obs = obs
+        self.traceparent = traceparent
         self.call: Call | None = None
 
 
