@@ -3,9 +3,10 @@ on two workloads, metric updates per second in one process, and a ``/metrics`` s
 over 1,000 series.
 
 Usage: ``python bench/observability_bench.py [--quick] [--instructions | --instructions-only]
-[--json PATH]`` (``--instructions-only``: the callgrind rows alone, e.g. one run per
-``PYTHONHASHSEED``, as a difference of ~2K instructions is only believable as the mean
-over seeds)
+[--layouts N] [--json PATH]`` (``--instructions-only``: the callgrind rows alone;
+``--layouts N``: those rows once per memory layout, N of them, and their mean and range,
+as a difference of ~1K instructions per request is only believable as a mean over
+layouts)
 
 CPU per request is the CPU time of the server's worker processes (every thread, from
 ``/proc/<pid>/task/<tid>/schedstat``: nanoseconds, so clock-tick resolution does not
@@ -43,10 +44,13 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -622,6 +626,71 @@ def instruction_rows(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+# The overheads ``--layouts`` averages: (workload row, the column it is read from).
+LAYOUT_ROWS = (
+    ("metrics only", "vs_off_pct"),
+    (UNSAMPLED, "vs_metrics_pct"),
+    ("metrics + 100% tracing", "vs_metrics_pct"),
+    ("metrics + 10% tracing, full-speed estimate", "vs_metrics_pct"),
+    (POST_CORRECTED, "vs_metrics_pct"),
+)
+
+
+def over_layouts(count: int, parallel: int = 2) -> dict[str, Any]:
+    """The callgrind rows once per memory layout (``PYTHONHASHSEED`` 0 to ``count`` - 1,
+    which ``_callgrind.counted_env`` turns into a layout), ``parallel`` runs at a time
+    (each is one process counting one worker; counts do not depend on load): per
+    workload and row, the overhead in each layout and their mean, min and max. A
+    difference of ~1K instructions per request moves with the layout by about as much,
+    so only a mean over layouts says which side of a target it is on."""
+
+    def one(seed: int) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="llmkit-layout-") as tmp:
+            out = Path(tmp, "counts.json")
+            subprocess.run(
+                [sys.executable, __file__, "--instructions-only", "--json", str(out)],
+                env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                check=True, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            counts: dict[str, Any] = json.loads(out.read_text())["instructions_per_request"]
+            return counts
+
+    with ThreadPoolExecutor(parallel) as pool:
+        runs = list(pool.map(one, range(count)))
+    return {"machine": machine(), "layouts": count, "overheads": layout_summary(runs)}
+
+
+def layout_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``over_layouts``' figures from each layout's ``instructions_per_request``."""
+    summary: dict[str, Any] = {}
+    for workload in runs[0]:
+        rows = summary[workload] = {}
+        for name, column in LAYOUT_ROWS:
+            values = [run[workload][name][column] for run in runs]
+            off = [run[workload]["off"]["instructions"] for run in runs]
+            rows[name] = {"column": column, "by_layout": values, "mean": statistics.mean(values),
+                          "min": min(values), "max": max(values),
+                          "off_instructions": statistics.mean(off)}  # fmt: skip
+    return summary
+
+
+def layout_report(results: dict[str, Any]) -> str:
+    lines = [
+        f"Machine: {results['machine']}; instructions per request (callgrind), "
+        f"{results['layouts']} memory layouts (PYTHONHASHSEED 0-{results['layouts'] - 1})",
+        "",
+        "| workload | configuration | vs | mean | min–max | by layout |",
+        "|---|---|---|---|---|---|",
+    ]
+    for workload, rows in results["overheads"].items():
+        for name, row in rows.items():
+            against = "off" if row["column"] == "vs_off_pct" else "metrics only"
+            each = " / ".join(f"{value:+.2f}" for value in row["by_layout"])
+            lines.append(f"| {workload} | {name} | {against} | {row['mean']:+.2f}% "
+                         f"| {row['min']:+.2f} – {row['max']:+.2f}% | {each} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -629,10 +698,16 @@ def main() -> None:
                         help="callgrind counts (default: in a full run)")  # fmt: skip
     parser.add_argument("--instructions-only", action="store_true",
                         help="the callgrind counts alone")  # fmt: skip
+    parser.add_argument("--layouts", type=int, metavar="N",
+                        help="callgrind overheads over N memory layouts")  # fmt: skip
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    results = run(args.quick, args.instructions, args.instructions_only)
-    print(report(results))
+    if args.layouts:
+        results = over_layouts(args.layouts)
+        print(layout_report(results))
+    else:
+        results = run(args.quick, args.instructions, args.instructions_only)
+        print(report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -211,3 +211,25 @@ def test_missing_module_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) 
     full = suite.run_suite(suite.select([]), True, progress=lambda _line: None)
     assert full["benchmarks"]["ghost"]["status"] == "unavailable"
     assert "ghost" in report.render(full)
+
+
+def test_observability_overheads_are_averaged_over_layouts() -> None:
+    """``--layouts``: each row's overhead per layout, its mean and range, in the report."""
+    from bench import observability_bench as obs
+
+    def layout(shift: float) -> dict[str, Any]:
+        rows = {name: {"instructions": 1000.0, "vs_off_pct": 0.25 + shift,
+                       "vs_metrics_pct": 0.75 + shift} for name, _ in obs.LAYOUT_ROWS}  # fmt: skip
+        rows["off"] = {"instructions": 1000.0 + 100 * shift, "vs_off_pct": 0.0,
+                       "vs_metrics_pct": -0.2}  # fmt: skip
+        return {"proxy": rows}
+
+    summary = obs.layout_summary([layout(0.0), layout(0.5), layout(-0.2)])
+    metrics = summary["proxy"]["metrics only"]
+    assert metrics["by_layout"] == pytest.approx([0.25, 0.75, 0.05])
+    assert metrics["mean"] == pytest.approx(0.35) and metrics["min"] == pytest.approx(0.05)
+    estimate = summary["proxy"]["metrics + 10% tracing, full-speed estimate"]
+    assert estimate["column"] == "vs_metrics_pct" and estimate["max"] == 1.25
+    text = obs.layout_report({"machine": "test", "layouts": 3, "overheads": summary})
+    row = "| proxy | metrics only | off | +0.35% | +0.05 – +0.75% | +0.25 / +0.75 / +0.05 |"
+    assert row in text
