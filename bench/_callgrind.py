@@ -17,12 +17,17 @@ uninstrumented speed; it is switched on before the warm-up. The worker runs in
 ``counted_env``'s layout: ``PYTHONHASHSEED=0`` unless the caller's environment sets
 another seed, and an environment padded by that seed.
 
+``CallgrindWorker(config, variants=[...])`` serves configs that differ in
+``[observability]`` from one process, switched between windows (``use``), so that they
+are compared in one memory layout.
+
 Usage, alone: ``python bench/_callgrind.py CONFIG.toml BODY_JSON [requests]`` (the demo
 provider needs no upstream).
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import re
@@ -34,8 +39,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 _TOTALS = re.compile(r"^(?:totals|summary):\s+(\d+)", re.MULTILINE)
@@ -75,7 +81,11 @@ class CallgrindWorker:
     """
 
     def __init__(
-        self, config: str, start_timeout_s: float = 300.0, program: list[str] | None = None
+        self,
+        config: str,
+        start_timeout_s: float = 300.0,
+        program: list[str] | None = None,
+        variants: Sequence[str] = (),
     ) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="llmkit-callgrind-")
         path = Path(self._dir.name)
@@ -83,7 +93,11 @@ class CallgrindWorker:
         self._port_file = path / "port"
         self._out = path / "callgrind.out"
         self._log = (path / "worker.log").open("w+")
+        self._switch = path / "variant"
         served = program or [__file__, "--serve", str(path / "llmkit.toml")]
+        for index, variant in enumerate(variants):
+            (path / f"variant{index}.toml").write_text(variant)
+            served += ["--variant", str(path / f"variant{index}.toml")]
         args = [
             "valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=no",
             "--dump-instr=no", "--dump-line=no", "--compress-strings=no",
@@ -112,6 +126,23 @@ class CallgrindWorker:
     def _control(self, *args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(self.proc.pid)], check=True,
                        capture_output=True, timeout=120)  # fmt: skip
+
+    def use(self, variant: int, timeout_s: float = 120.0) -> None:
+        """Serve with the observability of ``variants[variant]`` from now on (``serve``)."""
+        self._switch.write_text(str(variant))
+        acknowledged = Path(f"{self._switch}.ack")
+        acknowledged.unlink(missing_ok=True)
+        deadline = time.monotonic() + timeout_s
+        signalled = 0.0
+        while not (acknowledged.exists() and acknowledged.read_text() == str(variant)):
+            if time.monotonic() - signalled > 1.0:  # again: a booting worker ignores it
+                self.proc.send_signal(signal.SIGUSR1)
+                signalled = time.monotonic()
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self._log.seek(0)
+                raise RuntimeError(f"the worker did not switch to variant {variant}:\n"
+                                   f"{self._log.read()[-4000:]}")  # fmt: skip
+            time.sleep(0.05)
 
     def instructions(
         self, body: str, headers: Mapping[str, str], requests: int, connections: int
@@ -200,14 +231,22 @@ def worker_instructions(
     return statistics.median(counts) / requests
 
 
-def serve(config_path: str, port_file: str) -> int:
-    """The process valgrind runs: bind, create the segment, run one worker in place."""
+def serve(config_path: str, port_file: str, variants: Sequence[str] = ()) -> int:
+    """The process valgrind runs: bind, create the segment, run one worker in place.
+
+    ``variants``: configs whose ``[observability]`` the worker can switch to
+    (``CallgrindWorker.use``), so that configurations are compared in one process:
+    counts of the same code move by ~1K instructions per request between processes
+    (CPython's method cache collides by memory address, which differs with what each
+    process allocated), more than some differences being measured."""
     from llmkit.config import load_config, shm_name_for
     from llmkit.gateway import check_secrets
     from llmkit.state import SharedState
     from workers import supervisor, worker
 
     config = load_config(config_path)
+    if variants:
+        _switchable(variants, Path(port_file).with_name("variant"))
     check_secrets(config)
     tcp = supervisor._bind_tcp(config.server.host, 0)
     config = supervisor._with_port(config, tcp.getsockname()[1])
@@ -224,9 +263,40 @@ def serve(config_path: str, port_file: str) -> int:
         state.close()
 
 
+def _switchable(variants: Sequence[str], switch_file: Path) -> None:
+    """Let SIGUSR1 swap the worker's ``Observability`` for the one built from the variant
+    whose index ``switch_file`` holds (then written to ``<switch_file>.ack``). Every
+    variant's is built once the HTTP surface exists, before any request, so all windows
+    run in one layout. Bench code only: the worker's own code does not know of it."""
+    from llmkit.config import load_config
+    from llmkit.observability import Observability
+    from workers.http import HttpSurface
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the variants are built
+    boot = HttpSurface.__init__
+
+    def init(surface: HttpSurface, *args: Any, **kwargs: Any) -> None:
+        boot(surface, *args, **kwargs)
+        built = []
+        for path in variants:
+            observability = Observability.build(load_config(path), surface._metrics)
+            observability.count_served(surface._slot)
+            built.append(observability)
+
+        def switch() -> None:
+            index = int(switch_file.read_text())
+            surface._observe = built[index]
+            Path(f"{switch_file}.ack").write_text(str(index))
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, switch)
+
+    HttpSurface.__init__ = init  # type: ignore[method-assign]
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--serve"]:
-        sys.exit(serve(sys.argv[2], sys.argv[3]))
+        config_path, *variant_args, port_file = sys.argv[2:]
+        sys.exit(serve(config_path, port_file, variant_args[1::2]))  # "--variant PATH" pairs
     config = Path(sys.argv[1]).read_text()
     requests = int(sys.argv[3]) if len(sys.argv) > 3 else 300
     per_request = worker_instructions(config, sys.argv[2], requests=requests)

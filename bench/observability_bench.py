@@ -28,14 +28,17 @@ repetitions of each repetition's own ratio (the configurations of one repetition
 back to back), which cancels slow drifts of the machine's load.
 
 A full run (or ``--instructions``) adds the deterministic figure: instructions per
-request of one worker under valgrind's callgrind (``bench/_callgrind.py``), per workload
-and configuration, the same requests, the median of three windows; they repeat to
-~0.2% (how many requests each loop iteration serves varies with timing, and a traced
-run's OTLP POSTs, ~600K instructions each, fall in or out of a window), so a difference
-of 0.5% is real. The traced rows say how many traces the window sampled and how many POSTs
-it made: callgrind's worker runs ~50x slower, so its batches are far smaller than a
-worker's at full speed, and the row "full-speed estimate" gives 10% tracing without that
-distortion (``instructions_per_request``).
+request of one worker under valgrind's callgrind (``bench/_callgrind.py``), per workload,
+every configuration in the same process (the worker switches between them between
+windows: counts of the same code differ by ~1K instructions per request between two
+processes, as CPython's method cache collides by memory address), the same requests,
+the median of three windows per configuration; windows repeat to ~0.1% (how many
+requests each loop iteration serves varies with timing). The traced rows say how many
+traces the window sampled and how many POSTs it made: callgrind's worker runs ~50x
+slower, so its batches are far smaller than a worker's at full speed, and the row
+"full-speed estimate" gives 10% tracing without that distortion
+(``instructions_per_request``). The layout of one process still moves a figure a little;
+``--layouts N`` gives the mean over N of them.
 """
 
 from __future__ import annotations
@@ -229,17 +232,13 @@ def instructions_per_request(
     callgrind's pace, and so the machine's load (10 to 45 per 1,000 requests were seen),
     so a second estimate (``POST_CORRECTED``) takes the 100% row's POSTs out and charges
     each trace 1/``FULL_SPEED_BATCH`` of one POST, counted alone (``_one_post``)."""
-    counts: dict[str, dict[str, float]] = {}
     with otlp_sink() as sink:
         sections = observability_sections(sink)
         sections[UNSAMPLED] = (
             f'[observability]\ntrace_sample_rate = 1e-9\notlp_endpoint = "{sink}"\n'
         )
-        for name, section in sections.items():
-            if name == "off (control)":
-                continue  # deterministic: no noise floor to show
-            counts[name] = _window(workload, workload.config + section, requests, reps,
-                                   one_post=name == "metrics + 100% tracing")  # fmt: skip
+        del sections["off (control)"]  # one process: no noise floor between processes
+        counts = _windows(workload, sections, requests, reps)
     off = counts["off"]["instructions"]
     metrics = counts["metrics only"]["instructions"]
     unsampled = counts[UNSAMPLED]["instructions"] - metrics
@@ -260,26 +259,49 @@ def instructions_per_request(
     return counts
 
 
-def _window(
-    workload: Workload, config: str, requests: int, reps: int, one_post: bool = False
-) -> dict[str, float]:
-    """Instructions per request of one callgrind worker (median of ``reps`` windows), and
-    the traces of its windows and the POSTs made during them (0 untraced)."""
+def _windows(
+    workload: Workload, sections: dict[str, str], requests: int, reps: int
+) -> dict[str, dict[str, float]]:
+    """Instructions per request of each configuration (``sections``: name -> its
+    ``[observability]``), all in one callgrind worker that switches between them
+    (``CallgrindWorker.use``): ``reps`` rounds, a window per configuration each, in an
+    order that rotates; the median of each one's windows, the traces its windows
+    sampled and the POSTs made during them, and for the 100% row one POST's count
+    (``_one_post``). Traces from a warm-up or a window leave (``_drain``) before the
+    next window starts, so no configuration's POST falls in another's window."""
+    names = list(sections)
+    configs = [workload.config + sections[name] for name in names]
     warmup = {**workload.headers, "x-request-id": "obsbench-warmup"}
     window = {**workload.headers, "x-request-id": WINDOW_ID}
-    _Sink.window_traces = 0
-    posts, counts = 0, []
-    with _callgrind.CallgrindWorker(config) as worker:
-        _callgrind.send(worker.port, workload.body, warmup, 100, 4)
-        for _ in range(reps):
-            before = _Sink.received
-            counts.append(worker.instructions(workload.body, window, requests, 4) / requests)
-            posts += _Sink.received - before
-        post = _one_post(worker, workload) if one_post else 0  # every request sampled
-    # The worker flushed the rest of its traces on its way out.
-    traces = _Sink.window_traces
-    return {"instructions": statistics.median(counts), "traces": traces / reps,
-            "posts": posts / reps, "post_instructions": post}  # fmt: skip
+    counts: dict[str, list[float]] = {name: [] for name in names}
+    traces, posts = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+    with _callgrind.CallgrindWorker(configs[0], variants=configs) as worker:
+        for rep in range(reps):
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                traced = "otlp_endpoint" in sections[name]
+                worker.use(names.index(name))
+                _callgrind.send(worker.port, workload.body, warmup, 100, 4)
+                _drain(traced)
+                _Sink.window_traces, before = 0, _Sink.received
+                counts[name].append(worker.instructions(workload.body, window, requests, 4)
+                                    / requests)  # fmt: skip
+                posts[name] += _Sink.received - before
+                _drain(traced)
+                traces[name] += _Sink.window_traces
+        full = "metrics + 100% tracing"
+        worker.use(names.index(full))
+        post = _one_post(worker, workload)
+    return {name: {"instructions": statistics.median(counts[name]),
+                   "traces": traces[name] / reps, "posts": posts[name] / reps,
+                   "post_instructions": post if name == full else 0}
+            for name in names}  # fmt: skip
+
+
+def _drain(traced: bool) -> None:
+    """Wait until a traced configuration's queued traces have left (its export timer,
+    ``EXPORT_INTERVAL_S``, fires within this)."""
+    if traced:
+        time.sleep(2.5)
 
 
 def _one_post(worker: _callgrind.CallgrindWorker, workload: Workload) -> int:
