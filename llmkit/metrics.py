@@ -247,7 +247,7 @@ class Metrics:
         (``Atomics.record_finished``). Kept in ``plans`` when it has neither, so a
         request looks its plan up with one dict probe."""
         stats, key_stats = self.targets[target], self.keys[key]
-        plan = (
+        plan = self.atomics.plan(
             pack_plan(
                 ones=(key_stats, stats + ATTEMPTS, *ones) if attempted else (key_stats, *ones),
                 hists=(self._http_hist[route], self._duration[target]),

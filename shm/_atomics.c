@@ -859,8 +859,9 @@ typedef struct {
     int has_second;
 } Finished;
 
-/* A request plan: a 2-tuple (words: bytes, statuses: bytes), made once per kind of
- * request (llmkit.metrics.pack_plan), so recording converts no Python objects.
+/* A request plan's two bytes objects, words (llmkit.metrics.pack_plan) and statuses
+ * (status_table), made once per kind of request and turned into a RequestPlan by
+ * Atomics.plan (below), so recording converts and checks no Python objects.
  * Native-endian 8-byte words:
  *
  *   words     0 n_ones  1 n_hists  2 n_io  3 n_costs  4 n_bounds  5 n_bounds2 (each
@@ -892,15 +893,12 @@ typedef struct {
 } Plan;
 
 static int
-read_plan(PyObject *obj, Plan *plan)
+read_plan(PyObject *words, PyObject *statuses, Plan *plan)
 {
-    if (!PyTuple_CheckExact(obj) || PyTuple_GET_SIZE(obj) != 2 ||
-        !PyBytes_CheckExact(PyTuple_GET_ITEM(obj, 0)) ||
-        !PyBytes_CheckExact(PyTuple_GET_ITEM(obj, 1))) {
-        PyErr_SetString(PyExc_TypeError, "a plan is a (words, statuses) tuple of bytes");
+    if (!PyBytes_CheckExact(words) || !PyBytes_CheckExact(statuses)) {
+        PyErr_SetString(PyExc_TypeError, "plan() takes words and statuses, both bytes");
         return -1;
     }
-    PyObject *words = PyTuple_GET_ITEM(obj, 0), *statuses = PyTuple_GET_ITEM(obj, 1);
     Py_ssize_t size = PyBytes_GET_SIZE(words), n_statuses = PyBytes_GET_SIZE(statuses) / 16;
     const int64_t *w = (const int64_t *)PyBytes_AS_STRING(words);
     if (size < PLAN_HEAD * WORD_SIZE || n_statuses < 1 ||
@@ -978,77 +976,179 @@ plan_cells(AtomicsObject *self, const int64_t *offsets, int64_t n, Py_ssize_t wo
     return 0;
 }
 
-/* Every add of one finished request under `plan` (read_plan's), plus a 1 at each of the
- * n_extra offsets in extra; every offset is checked before any word changes. */
+/* A request plan checked once (Atomics.plan): read_plan's Plan, and every cell it names
+ * resolved to its address in the buffer of `owner`, the Atomics that made it, so that
+ * recording a request under it converts and checks no offset. The addresses stay valid
+ * while `owner` holds its export; each record checks that it does, and that the plan
+ * is its own. `words` and `statuses` are kept: Plan's bounds point into `words`. */
+typedef struct {
+    PyObject_HEAD
+    AtomicsObject *owner;
+    PyObject *words, *statuses;
+    Plan plan;
+    int64_t *ones[MAX_BATCH], *hists[MAX_BATCH], *io[MAX_BATCH], *costs[MAX_BATCH];
+    int64_t *second;     /* the time-to-first-token histogram */
+    int64_t **statuses_at; /* [s]: the word status s adds 1 to; [n + s]: its class word */
+} PlanObject;
+
+static void
+Plan_dealloc(PlanObject *self)
+{
+    PyMem_Free(self->statuses_at);
+    Py_XDECREF(self->words);
+    Py_XDECREF(self->statuses);
+    Py_XDECREF(self->owner);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject PlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shm._atomics.RequestPlan",
+    .tp_basicsize = sizeof(PlanObject),
+    .tp_dealloc = (destructor)Plan_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A request plan, its cells checked against one Atomics (Atomics.plan()).",
+};
+
+/* Resolves every cell of p->plan in self's buffer (each checked as word_at does). */
+static int
+resolve_plan(AtomicsObject *self, PlanObject *p)
+{
+    const Plan *plan = &p->plan;
+    const PlanHead *h = &plan->head;
+    if (plan_cells(self, plan->ones, h->n_ones, 1, p->ones) < 0 ||
+        plan_cells(self, plan->hists, h->n_hists, h->n_bounds + 2, p->hists) < 0 ||
+        plan_cells(self, plan->io, h->n_io, 1, p->io) < 0 ||
+        plan_cells(self, plan->costs, h->n_costs, 1, p->costs) < 0) {
+        return -1;
+    }
+    p->second = plan_cell(self, h->second_hist, h->n_bounds2 + 2);
+    if (p->second == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = plan->n_statuses;
+    p->statuses_at = PyMem_Malloc(2 * n * sizeof(int64_t *));
+    if (p->statuses_at == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t s = 0; s < n; s++) {
+        p->statuses_at[s] = plan_cell(self, plan->statuses[s], 1);
+        p->statuses_at[n + s] = p->statuses_at[s] == NULL
+                                    ? NULL
+                                    : plan_cell(self, h->class_base + plan->statuses[n + s], 1);
+        if (p->statuses_at[n + s] == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* plan(words, statuses): the RequestPlan of llmkit.metrics.pack_plan's words and
+ * status_table's statuses, every cell checked now (IndexError, ValueError). */
 static PyObject *
-record_plan(AtomicsObject *self, const Plan *plan, const Finished *f,
-            PyObject *const *extra, Py_ssize_t n_extra)
+Atomics_plan(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "plan() takes words and statuses");
+        return NULL;
+    }
+    if (!self->exported) {
+        PyErr_SetString(PyExc_ValueError, "operation on a released Atomics");
+        return NULL;
+    }
+    PlanObject *p = PyObject_New(PlanObject, &PlanType);
+    if (p == NULL) {
+        return NULL;
+    }
+    p->owner = NULL;
+    p->words = p->statuses = NULL;
+    p->statuses_at = NULL;
+    if (read_plan(args[0], args[1], &p->plan) < 0) {
+        Py_DECREF(p);
+        return NULL;
+    }
+    p->words = Py_NewRef(args[0]);
+    p->statuses = Py_NewRef(args[1]);
+    p->owner = (AtomicsObject *)Py_NewRef(self);
+    if (resolve_plan(self, p) < 0) {
+        Py_DECREF(p);
+        return NULL;
+    }
+    return (PyObject *)p;
+}
+
+/* obj as a plan that self may record under: one of its own, its buffer still held. */
+static PlanObject *
+own_plan(AtomicsObject *self, PyObject *obj)
 {
     if (!self->exported) {
         PyErr_SetString(PyExc_ValueError, "operation on a released Atomics");
         return NULL;
     }
+    if (!Py_IS_TYPE(obj, &PlanType)) {
+        PyErr_SetString(PyExc_TypeError, "a plan is what Atomics.plan() returns");
+        return NULL;
+    }
+    if (((PlanObject *)obj)->owner != self) {
+        PyErr_SetString(PyExc_ValueError, "the plan was made by another Atomics");
+        return NULL;
+    }
+    return (PlanObject *)obj;
+}
+
+/* Every add of one finished request under plan p (own_plan's), plus a 1 at each of the
+ * n_extra offsets in extra; every offset is checked before any word changes. */
+static PyObject *
+record_plan(AtomicsObject *self, const PlanObject *p, const Finished *f,
+            PyObject *const *extra, Py_ssize_t n_extra)
+{
     if (n_extra > MAX_BATCH) {
         PyErr_SetString(PyExc_TypeError, "record_request() takes too many extra words");
         return NULL;
     }
-    const PlanHead *h = &plan->head;
-    int64_t *one_cells[2 * MAX_BATCH + 2], *hist_cells[MAX_BATCH], *io_cells[MAX_BATCH];
-    int64_t *cost_cells[MAX_BATCH], *second_cell = NULL;
-    if (plan_cells(self, plan->ones, h->n_ones, 1, one_cells) < 0 ||
-        plan_cells(self, plan->hists, h->n_hists, h->n_bounds + 2, hist_cells) < 0 ||
-        plan_cells(self, plan->io, h->n_io, 1, io_cells) < 0 ||
-        plan_cells(self, plan->costs, h->n_costs, 1, cost_cells) < 0) {
-        return NULL;
-    }
-    Py_ssize_t n_ones = h->n_ones, last = plan->n_statuses - 1;
-    Py_ssize_t status = f->status < 0 ? 0 : (f->status > last ? last : (Py_ssize_t)f->status);
-    one_cells[n_ones] = plan_cell(self, plan->statuses[status], 1);
-    if (one_cells[n_ones++] == NULL) {
-        return NULL;
-    }
-    one_cells[n_ones] = plan_cell(self, h->class_base + plan->statuses[last + 1 + status], 1);
-    if (one_cells[n_ones++] == NULL) {
-        return NULL;
-    }
+    int64_t *extra_cells[MAX_BATCH];
     for (Py_ssize_t i = 0; i < n_extra; i++) {
         int64_t offset = as_i64(extra[i]);
         if (offset == -1 && PyErr_Occurred()) {
             return NULL;
         }
-        one_cells[n_ones] = plan_cell(self, offset, 1);
-        if (one_cells[n_ones++] == NULL) {
+        extra_cells[i] = plan_cell(self, offset, 1);
+        if (extra_cells[i] == NULL) {
             return NULL;
         }
     }
-    if (f->has_second) {
-        second_cell = plan_cell(self, h->second_hist, h->n_bounds2 + 2);
-        if (second_cell == NULL) {
-            return NULL;
-        }
+    const Plan *plan = &p->plan;
+    const PlanHead *h = &plan->head;
+    Py_ssize_t last = plan->n_statuses - 1;
+    Py_ssize_t status = f->status < 0 ? 0 : (f->status > last ? last : (Py_ssize_t)f->status);
+    for (int64_t i = 0; i < h->n_ones; i++) {
+        __atomic_fetch_add(p->ones[i], 1, __ATOMIC_SEQ_CST);
     }
-    for (Py_ssize_t i = 0; i < n_ones; i++) {
-        __atomic_fetch_add(one_cells[i], 1, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(p->statuses_at[status], 1, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(p->statuses_at[last + 1 + status], 1, __ATOMIC_SEQ_CST);
+    for (Py_ssize_t i = 0; i < n_extra; i++) {
+        __atomic_fetch_add(extra_cells[i], 1, __ATOMIC_SEQ_CST);
     }
     Py_ssize_t bucket = bucket_in(plan->bounds, h->n_bounds, f->value);
     for (int64_t i = 0; i < h->n_hists; i++) {
-        __atomic_fetch_add(hist_cells[i] + bucket, 1, __ATOMIC_SEQ_CST);
-        add_f64_at(hist_cells[i] + h->n_bounds + 1, f->value);
+        __atomic_fetch_add(p->hists[i] + bucket, 1, __ATOMIC_SEQ_CST);
+        add_f64_at(p->hists[i] + h->n_bounds + 1, f->value);
     }
     if (f->in_delta || f->out_delta) {
         for (int64_t i = 0; i < h->n_io; i++) {
-            __atomic_fetch_add(io_cells[i], i % 2 ? f->out_delta : f->in_delta, __ATOMIC_SEQ_CST);
+            __atomic_fetch_add(p->io[i], i % 2 ? f->out_delta : f->in_delta, __ATOMIC_SEQ_CST);
         }
     }
     if (f->cost != 0.0) {
         for (int64_t i = 0; i < h->n_costs; i++) {
-            add_f64_at(cost_cells[i], f->cost);
+            add_f64_at(p->costs[i], f->cost);
         }
     }
-    if (second_cell != NULL) {
+    if (f->has_second) {
         Py_ssize_t at = bucket_in(plan->bounds2, h->n_bounds2, f->second);
-        __atomic_fetch_add(second_cell + at, 1, __ATOMIC_SEQ_CST);
-        add_f64_at(second_cell + h->n_bounds2 + 1, f->second);
+        __atomic_fetch_add(p->second + at, 1, __ATOMIC_SEQ_CST);
+        add_f64_at(p->second + h->n_bounds2 + 1, f->second);
     }
     Py_RETURN_NONE;
 }
@@ -1077,11 +1177,11 @@ Atomics_record_request(AtomicsObject *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     Finished f = {status.i, in_delta.i, out_delta.i, value.f, cost.f, second.f, has_second};
-    Plan plan;
-    if (read_plan(args[0], &plan) < 0) {
+    const PlanObject *plan = own_plan(self, args[0]);
+    if (plan == NULL) {
         return NULL;
     }
-    return record_plan(self, &plan, &f, args + 7, nargs - 7);
+    return record_plan(self, plan, &f, args + 7, nargs - 7);
 }
 
 /* record_finished(plan, status, started_ns, first_ns, in_delta, out_delta, cached)
@@ -1110,11 +1210,11 @@ Atomics_record_finished(AtomicsObject *self, PyObject *const *args, Py_ssize_t n
         }
     }
     int64_t started = v[1], first = v[2], in_delta = v[3], out_delta = v[4];
-    Plan plan;
-    if (read_plan(args[0], &plan) < 0) {
+    const PlanObject *plan = own_plan(self, args[0]);
+    if (plan == NULL) {
         return NULL;
     }
-    const PlanHead *h = &plan.head;
+    const PlanHead *h = &plan->plan.head;
     struct timespec now;
     if (clock_gettime(CLOCK_MONOTONIC, &now) != 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -1135,7 +1235,7 @@ Atomics_record_finished(AtomicsObject *self, PyObject *const *args, Py_ssize_t n
         .second = first ? (double)(first - started) / 1e9 : 0.0,
         .has_second = first != 0,
     };
-    return record_plan(self, &plan, &f, NULL, 0);
+    return record_plan(self, plan, &f, NULL, 0);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1488,6 +1588,10 @@ static PyMethodDef Atomics_methods[] = {
     {"add_f64s", (PyCFunction)(void (*)(void))Atomics_add_f64s, METH_FASTCALL,
      "add_f64s($self, /, *offset_delta_pairs)\n--\n\n"
      "Atomically add each delta to the float64 at its offset (at most 32 pairs)."},
+    {"plan", (PyCFunction)(void (*)(void))Atomics_plan, METH_FASTCALL,
+     "plan($self, words, statuses, /)\n--\n\n"
+     "A RequestPlan: pack_plan's words and status_table's statuses, every cell checked\n"
+     "against this buffer once, for record_request and record_finished."},
     {"record_request", (PyCFunction)(void (*)(void))Atomics_record_request, METH_FASTCALL,
      "record_request($self, plan, status, value, in_delta, out_delta, cost, second, /,\n"
      "               *ones)\n--\n\n"
@@ -1551,7 +1655,10 @@ static PyTypeObject AtomicsType = {
 static int
 atomics_exec(PyObject *module)
 {
-    if (PyType_Ready(&AtomicsType) < 0) {
+    if (PyType_Ready(&AtomicsType) < 0 || PyType_Ready(&PlanType) < 0) {
+        return -1;
+    }
+    if (PyModule_AddObjectRef(module, "RequestPlan", (PyObject *)&PlanType) < 0) {
         return -1;
     }
     return PyModule_AddObjectRef(module, "Atomics", (PyObject *)&AtomicsType);

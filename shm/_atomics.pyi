@@ -16,9 +16,10 @@ from typing import final
 
 from typing_extensions import Buffer
 
-# (words, statuses): a packed request plan, see Plan in _atomics.c and
-# llmkit.metrics.pack_plan
-RequestPlan = tuple[bytes, bytes]
+@final
+class RequestPlan:
+    """A request plan (``llmkit.metrics.pack_plan``'s words, ``status_table``'s statuses;
+    Plan in ``_atomics.c``) whose cells one ``Atomics`` checked (``Atomics.plan``)."""
 
 @final
 class Atomics:
@@ -49,6 +50,7 @@ class Atomics:
     def add_i64s(self, *offset_delta_pairs: int) -> None: ...
     def add_f64s(self, *offset_delta_pairs: float) -> None: ...
     def observe(self, bounds: tuple[float, ...], value: float, /, *offsets: int) -> None: ...
+    def plan(self, words: bytes, statuses: bytes, /) -> RequestPlan: ...
     def record_request(
         self,
         plan: RequestPlan,

@@ -100,30 +100,39 @@ def test_a_bad_offset_changes_nothing() -> None:
     with pytest.raises(TypeError):
         a.add_ones(*range(0, 8 * 33, 8))  # more than a batch
     statuses = status_table([8] * 600, [0] * 600)
-    plan = (pack_plan((0,), (64,), (), (), SIZE, 16), statuses)
+    words = pack_plan((0,), (64,), (), (), 1024, 16)
     with pytest.raises(IndexError):  # the ttft cell is out of range
-        a.record_request(plan, 200, 0.1, 0, 0, 0.0, 0.5)
-    with pytest.raises(IndexError):
-        a.record_finished(plan, 200, 1, 2, 0, 0, 0)
-    with pytest.raises(TypeError, match="tuple of bytes"):
-        a.record_request(plan[:1], 200, 0.1, 0, 0, 0.0, None)  # type: ignore[arg-type]
+        a.plan(pack_plan((0,), (64,), (), (), SIZE, 16), statuses)
+    with pytest.raises(IndexError):  # a histogram that does not fit
+        a.plan(pack_plan((0,), (SIZE - 16,), (), (), 1024, 16), statuses)
+    with pytest.raises(TypeError, match="both bytes"):
+        a.plan(words, bytearray(statuses))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="malformed"):  # words cut short
-        a.record_request((plan[0][:-8], statuses), 200, 0.1, 0, 0, 0.0, None)
+        a.plan(words[:-8], statuses)
     with pytest.raises(ValueError, match="malformed"):  # no status table
-        a.record_request((plan[0], b""), 200, 0.1, 0, 0, 0.0, None)
+        a.plan(words, b"")
     with pytest.raises(IndexError):  # a status word out of range
-        a.record_request(
-            (plan[0], status_table([SIZE] * 600, [0] * 600)), 200, 0.1, 0, 0, 0.0, None
-        )
+        a.plan(words, status_table([SIZE] * 600, [0] * 600))
+    with pytest.raises(IndexError):  # a status class word out of range
+        a.plan(words, status_table([8] * 600, [SIZE] * 600))
+    plan = a.plan(words, statuses)
+    with pytest.raises(TypeError, match="Atomics.plan"):  # the parts are not a plan
+        a.record_request((words, statuses), 200, 0.1, 0, 0, 0.0, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="another Atomics"):  # checked against another buffer
+        Atomics(bytearray(SIZE)).record_finished(plan, 200, 1, 2, 0, 0, 0)
+    with pytest.raises(TypeError):  # not made from Python
+        type(plan)()  # type: ignore[call-arg]
     with pytest.raises(TypeError):  # a float where the clock reading goes
         a.record_finished(plan, 200, 1.0, 0, 0, 0, 0)  # type: ignore[arg-type]
+    with pytest.raises(IndexError):  # an extra word out of range: nothing is added
+        a.record_request(plan, 200, 0.1, 0, 0, 0.0, None, 8, SIZE)
     assert buffer == bytearray(SIZE)
 
 
 def test_a_released_atomics_records_nothing() -> None:
     buffer = bytearray(SIZE)
     a = Atomics(buffer)
-    plan = (pack_plan((0,), (64,), (), (), 1024, 16), status_table([8] * 600, [0] * 600))
+    plan = a.plan(pack_plan((0,), (64,), (), (), 1024, 16), status_table([8] * 600, [0] * 600))
     a.record_finished(plan, 200, 1, 0, 0, 0, 0)
     recorded = bytes(buffer)
     a.release()
@@ -142,7 +151,8 @@ def test_record_request_equals_the_adds_it_stands_for() -> None:
         fast, a, slow, b = twins()
         ones, hists, io, costs = (0, 8), (64, 64 + HIST), (512, 520, 528, 536), (544, 552)
         ttft_hist, base = 1024, 1800
-        plan = (pack_plan(ones, hists, io, costs, ttft_hist, base), status_table(statuses, classes))
+        plan = a.plan(pack_plan(ones, hists, io, costs, ttft_hist, base),
+                      status_table(statuses, classes))  # fmt: skip
         extra = [1552 + 8 * i for i in range(rng.randrange(4))]
         status = rng.choice([200, 429, 503, 599, 650, 0])
         seconds = rng.choice([0.0001, rng.uniform(0, 70)])
@@ -179,8 +189,8 @@ def test_record_finished_equals_record_request_with_python_arithmetic(price: Pri
                             tuple(8 * (i // 200) for i in range(600)))  # fmt: skip
     ones, hists, io, costs, ttft_hist, base = (0, 8), (64, 64 + HIST), (512, 520, 528, 536), \
         (544, 552), 1024, 1800  # fmt: skip
-    finished = (pack_plan(ones, hists, io, costs, ttft_hist, base, price), statuses)
-    plain = (pack_plan(ones, hists, io, costs, ttft_hist, base), statuses)
+    finished = pack_plan(ones, hists, io, costs, ttft_hist, base, price)
+    plain = pack_plan(ones, hists, io, costs, ttft_hist, base)
     sum_word = hists[0] + 8 * (len(DURATION_BOUNDS) + 1)  # shm.Histogram: buckets, +Inf, sum
     for _ in range(300):
         fast, a, slow, b = twins()
@@ -194,12 +204,14 @@ def test_record_finished_equals_record_request_with_python_arithmetic(price: Pri
         first = rng.choice([0, started + rng.randrange(1, 10**10)])
         status = rng.choice([200, 429, 503, 650])
         before = time.monotonic_ns()
-        a.record_finished(finished, status, started, first, tokens_in, tokens_out, cached)
+        a.record_finished(a.plan(finished, statuses), status, started, first, tokens_in,
+                          tokens_out, cached)  # fmt: skip
         after = time.monotonic_ns()
         seconds = a.load_f64(sum_word)  # the duration C read (added to a 0.0 sum)
         assert (before - started) / 1e9 <= seconds <= (after - started) / 1e9
         ttft = (first - started) / 1e9 if first else None
-        b.record_request(plain, status, seconds, tokens_in, tokens_out, price.cost(usage), ttft)
+        b.record_request(b.plan(plain, statuses), status, seconds, tokens_in, tokens_out,
+                         price.cost(usage), ttft)  # fmt: skip
         assert fast == slow
 
 
