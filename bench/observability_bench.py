@@ -658,13 +658,15 @@ LAYOUT_ROWS = (
 )
 
 
-def over_layouts(count: int, parallel: int = 2) -> dict[str, Any]:
+def over_layouts(count: int, parallel: int = 1) -> dict[str, Any]:
     """The callgrind rows once per memory layout (``PYTHONHASHSEED`` 0 to ``count`` - 1,
-    which ``_callgrind.counted_env`` turns into a layout), ``parallel`` runs at a time
-    (each is one process counting one worker; counts do not depend on load): per
-    workload and row, the overhead in each layout and their mean, min and max. A
+    which ``_callgrind.counted_env`` turns into a layout), ``parallel`` runs at a time:
+    per workload and row, the overhead in each layout and their mean, min and max. A
     difference of ~1K instructions per request moves with the layout by about as much,
-    so only a mean over layouts says which side of a target it is on."""
+    so only a mean over layouts says which side of a target it is on. One at a time by
+    default: on a loaded machine the proxied windows moved by ~2K instructions per
+    request (how many requests, and upstream answers, each loop iteration handles
+    follows timing), against ~0.3K on a quiet one."""
 
     def one(seed: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="llmkit-layout-") as tmp:
@@ -722,10 +724,12 @@ def main() -> None:
                         help="the callgrind counts alone")  # fmt: skip
     parser.add_argument("--layouts", type=int, metavar="N",
                         help="callgrind overheads over N memory layouts")  # fmt: skip
+    parser.add_argument("--parallel", type=int, default=1, metavar="P",
+                        help="--layouts: P runs at a time (default 1)")  # fmt: skip
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     if args.layouts:
-        results = over_layouts(args.layouts)
+        results = over_layouts(args.layouts, args.parallel)
         print(layout_report(results))
     else:
         results = run(args.quick, args.instructions, args.instructions_only)
