@@ -20,8 +20,8 @@ metrics add to a request.
 Tracing and the access log do need a recorder: the surface calls ``Observability.begin``,
 which returns a ``TracedRequest`` for a request that is sampled (a countdown, see
 ``llmkit.tracing``), a ``RequestObs`` for one only logged, and None for any other, so an
-unsampled request pays one ``is not None`` test per hook. A sampled request's spans are
-OTLP bytes as soon as each ends (``TracedRequest``).
+unsampled request pays one ``is not None`` test per hook. A sampled request's hooks note
+span ids and times, and ``finish`` writes its trace as OTLP bytes (``TracedRequest``).
 Hooks (who calls what): the HTTP surface ``begin`` / ``answered`` / ``finish``;
 ``Gateway._run`` ``mark`` + ``routed``; ``Run.admit`` ``mark`` + ``admitted``;
 ``Run._open`` ``attempt_started``; ``Attempt._settle`` ``attempt_settled``;
