@@ -91,19 +91,16 @@ from llmkit.metrics import (
 )
 from llmkit.otlp import (
     CHILD_HEAD,
-    CHILD_PREFIX,
     CLIENT,
     DOUBLE,
     END_TAG,
     FLAGS,
     INTERNAL,
-    PARENT_TAG,
     SERVER,
     SPAN_ID,
-    SPAN_TAG,
     START_TAG,
-    TRACE_TAG,
     IntAttribute,
+    child_prefix,
     child_shape,
     children_pack,
     double_prefix,
@@ -615,8 +612,9 @@ class TracedRequest(RequestObs):
                self._order, self._refused, self._ok, self._kind)  # fmt: skip
         shape = self._o.shapes.get(key) or self._o.keep(key, self._trace_shape(status))
         shared, pack, runs = shape
-        prefix = CHILD_PREFIX(TRACE_TAG, self.trace, PARENT_TAG, root, SPAN_TAG)
-        if self._routed and self._admitted and self._span:  # the usual trace
+        prefix = child_prefix(self.trace, root)
+        # The usual trace (router, limiter, an attempt): the arguments ``_children`` builds.
+        if self._order is not None and self._refused is not None and self.attempts:
             first, second, third, last = runs
             self._spans.append(pack(
                 first, prefix, root ^ _ROUTER_ID, START_TAG, self._routed, END_TAG,
@@ -680,7 +678,7 @@ class TracedRequest(RequestObs):
         head, tail = self._o.shapes.get(key) or self._o.keep(
             key, self._attempt_shape(target, self.attempts, self._ok, self._kind)
         )
-        prefix = CHILD_PREFIX(TRACE_TAG, self.trace, PARENT_TAG, self._root, SPAN_TAG)
+        prefix = child_prefix(self.trace, self._root)
         return head + CHILD_HEAD(prefix, self._span, START_TAG, self._span_start, END_TAG,
                                  self._span_end) + tail  # fmt: skip
 
