@@ -689,12 +689,12 @@ def layout_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for workload in runs[0]:
         rows = summary[workload] = {}
+        off = statistics.mean(run[workload]["off"]["instructions"] for run in runs)
         for name, column in LAYOUT_ROWS:
             values = [run[workload][name][column] for run in runs]
-            off = [run[workload]["off"]["instructions"] for run in runs]
             rows[name] = {"column": column, "by_layout": values, "mean": statistics.mean(values),
                           "min": min(values), "max": max(values),
-                          "off_instructions": statistics.mean(off)}  # fmt: skip
+                          "off_instructions": off}  # fmt: skip
     return summary
 
 

@@ -15,7 +15,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from llmkit.tracing import format_traceparent, parse_traceparent
+from llmkit.gateway import Gateway
+from llmkit.observability import Observability
+from llmkit.providers.base import Call, Target
+from llmkit.tracing import build_tracing, format_traceparent, parse_traceparent
 from tests.mocks.base import Fault
 from tests.mocks.openai import OpenAIMock
 from tests.test_observability import CHAT, chat, config_of, in_process
@@ -49,6 +52,19 @@ def fallback_alias(url: str) -> str:
         '[[models.deployments]]\nprovider = "demo"\nmodel = "y"\ninput_cost_per_mtok = 100.0\n'
         '[router]\nprofile = "cost"\nbackoff_base_s = 0.0\n'
     )
+
+
+def traced_demo(
+    tmp_path: Path, exporter: InMemorySpanExporter
+) -> tuple[Observability, Call, list[Target]]:
+    """Observability sampling every request into ``exporter``, and a chat call to alias
+    ``m`` (one demo deployment) with its targets: hooks driven by hand."""
+    config = config_of(tmp_path, '[[models]]\nname = "m"\n[[models.deployments]]\n'
+                       'provider = "demo"\nmodel = "x"\n' + tracing_config(1.0))  # fmt: skip
+    observability = Observability(config, None, build_tracing(config.observability, exporter))
+    gateway = Gateway(config)
+    call = gateway.decode_chat(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    return observability, call, gateway.resolve("m")
 
 
 def by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, list[ReadableSpan]]:
@@ -366,19 +382,11 @@ def test_the_root_span_carries_each_request_id_whole(
 ) -> None:
     """Request ids up to 104 bytes are written from a table by length, longer ones the
     long way (x-request-id is cut at 128); a failed request's root has error.type."""
-    from llmkit.gateway import Gateway
-    from llmkit.observability import Observability
-    from llmkit.tracing import build_tracing
     from llmkit.types import Usage
 
-    config = config_of(tmp_path, '[[models]]\nname = "m"\n[[models.deployments]]\n'
-                       'provider = "demo"\nmodel = "x"\n' + tracing_config(1.0))  # fmt: skip
-    observability = Observability(config, None, build_tracing(config.observability, exporter))
-    gateway = Gateway(config)
-    call = gateway.decode_chat(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    observability, call, targets = traced_demo(tmp_path, exporter)
     obs = observability.begin(0, "POST", CHAT, request_id, None)
     assert obs is not None and obs.trace is not None
-    targets = gateway.resolve("m")
     obs.routed(call, targets, obs.mark())
     obs.attempt_started(targets[0], {})
     obs.attempt_settled(True, None)
@@ -399,16 +407,8 @@ def test_the_root_span_of_a_failed_request_names_its_own_error_kind(
     """The root's status, attempts and error are cached with its shape: two requests
     alike but for why their upstream failed get each their own ``error.type``."""
     from llmkit.errors import BadUpstreamResponseError, UpstreamTimeoutError
-    from llmkit.gateway import Gateway
-    from llmkit.observability import Observability
-    from llmkit.tracing import build_tracing
 
-    config = config_of(tmp_path, '[[models]]\nname = "m"\n[[models.deployments]]\n'
-                       'provider = "demo"\nmodel = "x"\n' + tracing_config(1.0))  # fmt: skip
-    observability = Observability(config, None, build_tracing(config.observability, exporter))
-    gateway = Gateway(config)
-    call = gateway.decode_chat(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
-    targets = gateway.resolve("m")
+    observability, call, targets = traced_demo(tmp_path, exporter)
     failures = [("r-timeout", UpstreamTimeoutError("slow")),
                 ("r-bad", BadUpstreamResponseError("garbled"))]  # fmt: skip
     for request_id, error in failures:
@@ -469,16 +469,8 @@ def test_each_child_span_keeps_its_own_ids_times_and_verdict(
     request has a router and a refused limiter span and no attempt; a request whose
     client left mid-stream has its open attempt closed as released; a fallback's first
     attempt keeps its own id (the one its ``traceparent`` carried) and times."""
-    from llmkit.gateway import Gateway
-    from llmkit.observability import Observability
-    from llmkit.tracing import build_tracing
 
-    config = config_of(tmp_path, '[[models]]\nname = "m"\n[[models.deployments]]\n'
-                       'provider = "demo"\nmodel = "x"\n' + tracing_config(1.0))  # fmt: skip
-    observability = Observability(config, None, build_tracing(config.observability, exporter))
-    gateway = Gateway(config)
-    call = gateway.decode_chat(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
-    targets = gateway.resolve("m")
+    observability, call, targets = traced_demo(tmp_path, exporter)
     sent: dict[str, list[str]] = {}
 
     def request(request_id: str, refused: bool, tries: int, settle_last: bool) -> None:
