@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -63,11 +64,16 @@ def mock() -> Iterator[PacedMock]:
         yield upstream
 
 
-def gateway_for(mock: OpenAIMock, extra: str = "") -> Gateway:
-    path = f"/tmp/llmkit-mux-test-{id(mock)}.toml"
-    with open(path, "w") as f:
+def config_for(mock: OpenAIMock, extra: str = "") -> Config:
+    """A provider "local" at ``mock``, then ``extra``; read from a file removed once read."""
+    with tempfile.NamedTemporaryFile("w", prefix="llmkit-mux-test-", suffix=".toml") as f:
         f.write(f'[[providers]]\nname = "local"\nbase_url = "{mock.url}/v1"\n{extra}')
-    return Gateway(load_config(path))
+        f.flush()
+        return load_config(f.name)
+
+
+def gateway_for(mock: OpenAIMock, extra: str = "") -> Gateway:
+    return Gateway(config_for(mock, extra))
 
 
 def call(stream: bool = True, headers: dict[str, str] | None = None, **fields: Any) -> Call:
@@ -435,10 +441,7 @@ async def test_a_leader_that_stalls_between_reads_hands_off_to_a_follower(
 async def test_a_leader_refused_by_a_limit_is_not_counted_and_frees_its_claim(
     mock: PacedMock,
 ) -> None:
-    path = f"/tmp/llmkit-mux-test-refused-{id(mock)}.toml"
-    with open(path, "w") as f:
-        f.write(f'[limits]\nrpm = 1\n[[providers]]\nname = "local"\nbase_url = "{mock.url}/v1"\n')
-    config = load_config(path)
+    config = config_for(mock, "[limits]\nrpm = 1\n")
     name = f"/llmkit-test-mux-refused-{os.getpid()}"
     state = SharedState.create(name, config)
     try:
@@ -462,10 +465,7 @@ async def test_a_leader_refused_by_a_limit_is_not_counted_and_frees_its_claim(
 
 async def test_unshared_streams_with_shm_peers_leave_no_claim_behind(mock: PacedMock) -> None:
     """The path of most requests: lead, read inline, end; the shm slot is given back."""
-    path = f"/tmp/llmkit-mux-test-peers-{id(mock)}.toml"
-    with open(path, "w") as f:
-        f.write(f'[[providers]]\nname = "local"\nbase_url = "{mock.url}/v1"\n')
-    config = load_config(path)
+    config = config_for(mock)
     name = f"/llmkit-test-mux-{os.getpid()}"
     state = SharedState.create(name, config)
     plain = Gateway(msgspec.structs.replace(config, multiplexer=MultiplexerConfig(enabled=False)))
