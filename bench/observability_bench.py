@@ -27,9 +27,10 @@ columns before reading a percentage. The ``paired`` columns are the median over
 repetitions of each repetition's own ratio (the configurations of one repetition ran
 back to back), which cancels slow drifts of the machine's load.
 
-A full run (or ``--instructions``) adds the deterministic figure: instructions per
-request of one worker under valgrind's callgrind (``bench/_callgrind.py``), per workload,
-every configuration in the same process (the worker switches between them between
+When valgrind is installed (or with ``--instructions``), every run adds the
+deterministic figure (about a minute of a quick run): instructions per request of one
+worker under valgrind's callgrind (``bench/_callgrind.py``), per workload, every
+configuration in the same process (the worker switches between them between
 windows: counts of the same code differ by ~1K instructions per request between two
 processes, as CPython's method cache collides by memory address), the same requests,
 the median of three windows per configuration; windows repeat to ~0.1% (how many
@@ -504,10 +505,10 @@ def scrape_time(reps: int) -> dict[str, float]:
 
 def run(quick: bool, instructions: bool | None = None, only: bool = False) -> dict[str, Any]:
     """Every figure of this benchmark; ``quick`` for a short smoke run; ``instructions``
-    adds the callgrind counts (by default in a full run, when valgrind is installed);
-    ``only`` gives those counts alone."""
+    adds the callgrind counts (by default when valgrind is installed: the suite's table
+    reads its overheads from them); ``only`` gives those counts alone."""
     if instructions is None:
-        instructions = not quick or only
+        instructions = True
     seconds, reps, connections = (2.0, 2, 32) if quick else (6.0, 7, 32)
     os.environ[KEY_ENV] = "sk-upstream-bench"
     os.environ[MASTER_ENV] = MASTER_KEY
@@ -719,7 +720,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--instructions", action=argparse.BooleanOptionalAction,
-                        help="callgrind counts (default: in a full run)")  # fmt: skip
+                        help="callgrind counts (default: when valgrind is installed)")  # fmt: skip
     parser.add_argument("--instructions-only", action="store_true",
                         help="the callgrind counts alone")  # fmt: skip
     parser.add_argument("--layouts", type=int, metavar="N",
