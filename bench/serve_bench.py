@@ -8,15 +8,27 @@ request. Both servers run side by side and the repetitions alternate between the
 background load on this shared machine smears over both instead of skewing one. wrk
 runs on the same 2 cores with one thread: a 2-worker server competes with it for CPU,
 which understates the 2-worker figure.
+
+Two 2-worker servers: one where both workers accept from the supervisor's one listening
+socket (the default), one with ``server.reuse_port`` (a SO_REUSEPORT listener per
+worker). Half-way through each run the bench counts wrk's connections on each worker
+(``ss``): "busiest worker" is the largest share. With one shared socket, the worker that
+wakes first can accept a whole burst, and its share stays for the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
+import shutil
 import statistics
-from dataclasses import asdict
+import subprocess
+import threading
+from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from _harness import LLMKitServer, WrkResult, machine, median_and_range, wrk
 
@@ -25,6 +37,20 @@ WORKLOADS = {
     "stream (20 chunks)": '{"model":"demo/fast","messages":[{"role":"user","content":"hello"}],'
     '"max_tokens":18,"stream":true}',
 }
+
+
+# Server label -> (workers, config).
+SERVERS = {
+    "1": (1, ""),
+    "2": (2, ""),
+    "2, reuse_port": (2, "[server]\nreuse_port = true\n"),
+}
+
+
+@dataclass
+class Run:
+    wrk: WrkResult
+    busiest: float | None  # the busiest worker's share of wrk's connections (None: no ss)
 
 
 def main() -> None:
@@ -43,18 +69,45 @@ def main() -> None:
                        for w, d in results.items()}, out, indent=2)  # fmt: skip
 
 
-def measure(seconds: float, reps: int, connections: int) -> dict[str, dict[int, list[WrkResult]]]:
-    results: dict[str, dict[int, list[WrkResult]]] = {w: {1: [], 2: []} for w in WORKLOADS}
-    with LLMKitServer(workers=1) as one, LLMKitServer(workers=2) as two:
-        servers = {1: one, 2: two}
+def measure(seconds: float, reps: int, connections: int) -> dict[str, dict[str, list[Run]]]:
+    results: dict[str, dict[str, list[Run]]] = {w: {k: [] for k in SERVERS} for w in WORKLOADS}
+    with contextlib.ExitStack() as stack:
+        servers = {label: stack.enter_context(LLMKitServer(workers, config))
+                   for label, (workers, config) in SERVERS.items()}  # fmt: skip
         for name, body in WORKLOADS.items():
-            wrk(one.url + "/v1/chat/completions", body, 1, connections)  # warm up
-            wrk(two.url + "/v1/chat/completions", body, 1, connections)
+            for server in servers.values():  # warm up
+                wrk(server.url + "/v1/chat/completions", body, 1, connections)
             for _ in range(reps):
-                for workers, server in servers.items():
-                    url = server.url + "/v1/chat/completions"
-                    results[name][workers].append(wrk(url, body, seconds, connections))
+                for label, server in servers.items():
+                    results[name][label].append(one_run(server.url, body, seconds, connections))
     return results
+
+
+def one_run(url: str, body: str, seconds: float, connections: int) -> Run:
+    """One wrk run, and the connections per worker half-way through it."""
+    shares: list[float] = []
+    port = urlsplit(url).port
+    assert port is not None
+    timer = threading.Timer(seconds / 2, lambda: shares.extend(busiest_share(port)))
+    timer.start()
+    try:
+        result = wrk(url + "/v1/chat/completions", body, seconds, connections)
+    finally:
+        timer.cancel()
+    return Run(result, shares[0] if shares else None)
+
+
+def busiest_share(port: int) -> list[float]:
+    """[the largest share of the established connections to ``port`` that one process
+    holds], from ``ss``; [] when ``ss`` is not installed or sees none."""
+    if shutil.which("ss") is None:
+        return []
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=False).stdout  # fmt: skip
+    pids = re.findall(r"pid=(\d+)", out)
+    if not pids:
+        return []
+    return [max(pids.count(pid) for pid in set(pids)) / len(pids)]
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -62,33 +115,19 @@ def run(quick: bool) -> dict[str, Any]:
     seconds, reps, connections = (2, 1, 64) if quick else (5, 3, 64)
     results = measure(seconds, reps, connections)
     rows, metrics, series = [], [], {}
-    for name, by_workers in results.items():
-        for workers, runs in by_workers.items():
-            rps = statistics.median(r.requests_per_s for r in runs)
-            rows.append(
-                [
-                    name,
-                    workers,
-                    rps,
-                    median_and_range([r.requests_per_s for r in runs]),
-                    statistics.median(r.p50_ms for r in runs),
-                    statistics.median(r.p99_ms for r in runs),
-                    sum(r.errors for r in runs),
-                ]
-            )
-            metrics.append(
-                {
-                    "name": f"{name}.{workers}w.rps",
-                    "value": rps,
-                    "unit": "req/s",
-                    "better": "higher",
-                }
-            )
-            series.setdefault(name, []).append([workers, rps])
+    for name, by_server in results.items():
+        for label, runs in by_server.items():
+            rps = statistics.median(r.wrk.requests_per_s for r in runs)
+            rows.append([name, label, rps, *cells(runs)])
+            metrics.append({"name": f"{name}.{metric_key(label)}.rps", "value": rps,
+                            "unit": "req/s", "better": "higher"})  # fmt: skip
+            if label != "2, reuse_port":
+                series.setdefault(name, []).append([SERVERS[label][0], rps])
     return {
         "title": "demo provider (answered inside the worker) under wrk, 1 vs 2 workers",
         "tables": [{"columns": ["workload", "workers", "req/s", "median (min–max)", "p50 ms",
-                                "p99 ms", "errors"], "rows": rows}],
+                                "p99 ms", "busiest worker's connections", "errors"],
+                    "rows": rows}],
         "metrics": metrics,
         "plots": [{"file": "serve_workers.png", "kind": "lines", "title":
                    "Demo provider: req/s vs workers", "xlabel": "workers",
@@ -98,26 +137,42 @@ def run(quick: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def report(results: dict[str, dict[int, list[WrkResult]]], args: argparse.Namespace) -> str:
+def metric_key(label: str) -> str:
+    """``1w``, ``2w``, ``2w_reuse_port``: the suite's metric names before reuse_port."""
+    workers, _, option = label.partition(", ")
+    return f"{workers}w" + (f"_{option}" if option else "")
+
+
+def cells(runs: list[Run]) -> list[Any]:
+    """median (min–max) req/s, p50 and p99 ms, the busiest worker's share, errors."""
+    shares = [r.busiest for r in runs if r.busiest is not None]
+    busiest = (f"{statistics.median(shares):.0%} ({min(shares):.0%}–{max(shares):.0%})"
+               if shares else "–")  # fmt: skip
+    return [median_and_range([r.wrk.requests_per_s for r in runs]),
+            statistics.median(r.wrk.p50_ms for r in runs),
+            statistics.median(r.wrk.p99_ms for r in runs), busiest,
+            sum(r.wrk.errors for r in runs)]  # fmt: skip
+
+
+def report(results: dict[str, dict[str, list[Run]]], args: argparse.Namespace) -> str:
     lines = [
         f"Machine: {machine()}",
         f"wrk -t1 -c{args.connections} -d{args.seconds:g}s, {args.reps} repetitions, "
         "median (min–max)",
         "",
-        "| workload | workers | requests/s | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|",
+        "| workload | workers | requests/s | p50 ms | p99 ms | busiest worker's connections "
+        "| errors |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, by_workers in results.items():
-        for workers, runs in by_workers.items():
-            lines.append(
-                f"| {name} | {workers} | {median_and_range([r.requests_per_s for r in runs])} "
-                f"| {statistics.median(r.p50_ms for r in runs):.2f} "
-                f"| {statistics.median(r.p99_ms for r in runs):.2f} "
-                f"| {sum(r.errors for r in runs)} |"
-            )
-        one = statistics.median(r.requests_per_s for r in by_workers[1])
-        two = statistics.median(r.requests_per_s for r in by_workers[2])
-        lines.append(f"| {name} | 2 vs 1 | **{two / one:.2f}×** | | | |")
+    for name, by_server in results.items():
+        for label, runs in by_server.items():
+            rps, p50, p99, busiest, errors = cells(runs)
+            lines.append(f"| {name} | {label} | {rps} | {p50:.2f} | {p99:.2f} | {busiest} "
+                         f"| {errors} |")  # fmt: skip
+        one = statistics.median(r.wrk.requests_per_s for r in by_server["1"])
+        for label in ("2", "2, reuse_port"):
+            two = statistics.median(r.wrk.requests_per_s for r in by_server[label])
+            lines.append(f"| {name} | {label} vs 1 | **{two / one:.2f}×** | | | | |")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import threading
 import time
@@ -177,6 +178,70 @@ def test_sigkill_worker_is_replaced_and_state_survives(server: Server) -> None:
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'llmkit_http_requests_total{route="chat",status="200"} 10.0' in metrics
     assert "llmkit_worker_restarts_total 1.0" in metrics
+
+
+def health_pids_of_a_burst(server: Server, connections: int) -> list[int]:
+    """Open ``connections`` at once, then ask /health on each: which worker took each."""
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
+             for _ in range(connections)]  # fmt: skip
+    try:
+        for sock in socks:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        pids = []
+        for sock in socks:
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            pids.append(json.loads(body)["pid"])
+        return pids
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def listeners(pid: int, port: int) -> int:
+    """How many TCP sockets listening on ``port`` process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    listening = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port, state, inode = int(fields[1].split(":")[1], 16), fields[3], fields[9]
+        listening += local_port == port and state == "0A" and inode in inodes
+    return listening
+
+
+def test_reuse_port_gives_each_worker_its_own_listener(start_server: StartServer) -> None:
+    """server.reuse_port: the supervisor only holds the port, each worker listens on its
+    own socket, a burst of connections reaches both workers (the kernel hashes each to
+    one listener: all 32 on one would be a 1 in 2**31 event), and a killed worker's
+    replacement binds its own again."""
+    server: Server = start_server("[server]\nreuse_port = true\n")
+    pids = server.wait_workers(2)
+    assert listeners(server.proc.pid, server.port) == 0
+    assert all(listeners(pid, server.port) == 1 for pid in pids)
+    assert set(health_pids_of_a_burst(server, 32)) == pids
+
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    new = server.wait_workers(2, exclude={victim}, timeout=10)
+    assert all(listeners(pid, server.port) == 1 for pid in new)
+    assert set(health_pids_of_a_burst(server, 32)) == new
+    assert chat(server).status_code == 200
+
+
+def test_by_default_workers_accept_from_the_supervisors_socket(server: Server) -> None:
+    """Without reuse_port, the one listening socket is the supervisor's, shared by the
+    workers (a stalled worker leaves no connection waiting on a socket of its own)."""
+    pids = server.wait_workers(2)
+    assert listeners(server.proc.pid, server.port) == 1
+    assert all(listeners(pid, server.port) == 1 for pid in pids)  # the same, inherited
+    assert set(health_pids_of_a_burst(server, 8)) <= pids
 
 
 def test_sigterm_drains_stream_and_cleans_up(start_server: StartServer) -> None:

@@ -339,7 +339,7 @@ class Supervisor:
 
     def _bind(self) -> None:
         server = self.config.server
-        self._tcp: socket.socket = _bind_tcp(server.host, server.port)
+        self._tcp: socket.socket = _bind_tcp(server.host, server.port, server.reuse_port)
         self.config = _with_port(self.config, self._tcp.getsockname()[1])
         self._uds: socket.socket | None = _bind_uds(server.uds) if server.uds else None
         self._shm_name = shm_name_for(self.config, self.config_path)
@@ -365,16 +365,22 @@ def _with_port(config: Config, port: int) -> Config:
     return msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, port=port))
 
 
-def _bind_tcp(host: str, port: int) -> socket.socket:
+def _bind_tcp(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """The TCP listener the workers inherit; with ``reuse_port``, a socket that only holds
+    the address (bound, never listening: no connection waits in it), which each worker
+    binds again with SO_REUSEPORT for a listener of its own (``workers.worker``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    sock.listen(2048)
+    if not reuse_port:
+        sock.listen(2048)
     sock.setblocking(False)
     return sock
 

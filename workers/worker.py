@@ -127,7 +127,8 @@ class Worker:
         )
         runner = web.ServerRunner(handler, shutdown_timeout=server.drain_timeout_s)
         await runner.setup()
-        await web.SockSite(runner, self._spec.tcp, backlog=2048).start()
+        tcp = own_listener(self._spec.tcp) if server.reuse_port else self._spec.tcp
+        await web.SockSite(runner, tcp, backlog=2048).start()
         if self._spec.uds is not None:
             await self._frames.start(self._spec.uds)
         if self._gateway.multiplexer is not None:
@@ -138,6 +139,24 @@ class Worker:
         while True:
             self._slot.beat(time.monotonic_ns())
             await asyncio.sleep(HEARTBEAT_S)
+
+
+def own_listener(held: socket.socket) -> socket.socket:
+    """This worker's listening socket on the address the supervisor holds (``held``, bound
+    with SO_REUSEPORT): the kernel hashes each new connection to one of the workers'
+    listeners, so a burst of connections spreads over the workers instead of going to
+    whichever accepts first. Connections queued in it when the worker dies are reset."""
+    sock = socket.socket(held.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(held.getsockname())
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def main(spec: WorkerSpec) -> None:
