@@ -248,7 +248,7 @@ def serve(config_path: str, port_file: str, variants: Sequence[str] = ()) -> int
     if variants:
         _switchable(variants, Path(port_file).with_name("variant"))
     check_secrets(config)
-    tcp = supervisor._bind_tcp(config.server.host, 0)
+    tcp = supervisor._bind_tcp(config.server.host, 0, config.server.reuse_port)
     config = supervisor._with_port(config, tcp.getsockname()[1])
     name = shm_name_for(config, config_path)
     state = SharedState.create(name, config)
