@@ -116,12 +116,20 @@ class ShmCollector(Collector):
         in_flight = GaugeMetricFamily(
             "llmkit_worker_in_flight", "Requests in flight, by worker slot.", labels=("slot",)
         )
+        connections = GaugeMetricFamily(
+            "llmkit_worker_connections",
+            "HTTP connections held open, by worker slot (as of the worker's last count: "
+            "at each accept and every 250 ms).",
+            labels=("slot",),
+        )
         alive = 0
         for i, slot in enumerate(self._m.workers):
             if slot.pid:
                 alive += 1
                 in_flight.add_metric((str(i),), slot.in_flight)
+                connections.add_metric((str(i),), slot.connections)
         yield in_flight
+        yield connections
         yield GaugeMetricFamily("llmkit_workers", "Worker processes alive.", value=alive)
         yield GaugeMetricFamily(
             "llmkit_shm_segment_bytes", "Size of the shared-memory segment.",

@@ -112,9 +112,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     drain_timeout_s: _PosFloat = 30.0
     heartbeat_timeout_s: _PosFloat = 10.0
     # On: each worker listens on its own socket bound with SO_REUSEPORT, and the kernel
-    # spreads new connections over them by address hash. Off: one socket every worker
-    # accepts from, where one worker may take a whole burst of connections, but a stalled
-    # or dying worker strands none that wait to be accepted (README, "Configuration").
+    # spreads new connections over them by address hash. Off: one socket all workers
+    # accept from, sharing bursts out by their connection counts (workers.accept), where
+    # a stalled or dying worker strands no connection (README, "Configuration").
     reuse_port: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -246,8 +246,9 @@ class WorkerSlot(Cell):
     ``+0 int64 pid`` (0 = free), ``+8 int64 heartbeat`` (CLOCK_MONOTONIC ns of the last
     beat), ``+16 int64 entered`` (requests started), ``+24 int64 state`` (see ``FREE``
     ...), ``+32 int64 started_ns``, ``+40 int64 incarnation`` (bumped on every
-    assignment), ``+48 int64 served`` (requests finished, all incarnations), ``+56``
-    reserved.
+    assignment), ``+48 int64 served`` (requests finished, all incarnations), ``+56 int64
+    connections`` (HTTP connections the worker holds open, as it last said: the other
+    workers read it to share a burst of new connections, ``workers.accept``).
 
     Requests in flight are ``entered - served``: a request adds 1 to each, once as it
     enters and once as it leaves, so leaving is one add that the metrics can make in
@@ -273,6 +274,7 @@ class WorkerSlot(Cell):
         """
         self._a.store_i64(self._off + 24, self.BOOTING)
         self._a.store_i64(self._off + 16, self.served)
+        self._a.store_i64(self._off + 56, 0)
         self._a.store_i64(self._off + 8, now_ns)
         self._a.store_i64(self._off + 32, now_ns)
         self._a.add_i64(self._off + 40, 1)
@@ -286,8 +288,13 @@ class WorkerSlot(Cell):
         lost = self.in_flight
         self._a.store_i64(self._off + 16, self.served)
         self._a.store_i64(self._off + 24, self.FREE)
+        self._a.store_i64(self._off + 56, 0)
         self._a.store_i64(self._off, 0)
         return lost
+
+    def set_connections(self, count: int) -> None:
+        """Owner: how many HTTP connections it holds open (a plain store: one writer)."""
+        self._a.store_i64(self._off + 56, count)
 
     def beat(self, now_ns: int) -> None:
         self._a.store_i64(self._off + 8, now_ns)
@@ -332,3 +339,7 @@ class WorkerSlot(Cell):
     @property
     def served(self) -> int:
         return self._a.load_i64(self._off + 48)
+
+    @property
+    def connections(self) -> int:
+        return self._a.load_i64(self._off + 56)

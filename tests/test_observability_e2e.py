@@ -95,7 +95,9 @@ def strip_scrapes(samples: dict[Any, float]) -> dict[Any, float]:
     return {
         key: value for key, value in samples.items()
         if "metrics" not in dict(key[1]).values()
-        and not key[0].startswith(("llmkit_worker_in_flight", "llmkit_workers"))
+        and not key[0].startswith(
+            ("llmkit_worker_in_flight", "llmkit_worker_connections", "llmkit_workers")
+        )
         and not key[0].endswith("_created")
     }  # fmt: skip
 

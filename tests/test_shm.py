@@ -205,6 +205,19 @@ def test_worker_slot_lifecycle() -> None:
     assert (slot.in_flight, slot.served, slot.incarnation) == (1, 2, 2)
 
 
+def test_worker_slot_connections_are_its_owners_and_start_at_zero() -> None:
+    atomics, _ = cells()
+    slot = WorkerSlot(atomics, 0)
+    slot.reserve(1)
+    slot.set_connections(7)
+    assert slot.connections == 7
+    slot.clear()
+    assert slot.connections == 0
+    slot.set_connections(3)
+    slot.reserve(2)  # a new incarnation holds none yet
+    assert slot.connections == 0
+
+
 def test_read_header_refuses_short_buffer() -> None:
     with pytest.raises(SegmentError, match="smaller than its header"):
         read_header(mmap.mmap(-1, 64))

@@ -344,10 +344,21 @@ def _protocol_error(exc: BaseException | None) -> LLMKitError:
 
 
 class GatewayServer(web.Server):
-    """``web.Server`` whose connections answer protocol errors with JSON bodies."""
+    """``web.Server`` whose connections answer protocol errors with JSON bodies, and
+    that counts the connections it holds open (``workers.accept`` shares them out)."""
+
+    open_connections = 0
 
     def __call__(self) -> RequestHandler:
         return _ProtocolErrors(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open_connections += 1
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self.open_connections -= 1
 
 
 def error_response(exc: LLMKitError) -> web.Response:

@@ -30,6 +30,7 @@ from llmkit.gateway import Gateway
 from llmkit.observability import Observability
 from llmkit.state import SharedState
 from shm import WorkerSlot
+from workers.accept import SharedSite
 from workers.http import HttpSurface
 from workers.uds import FrameServer
 
@@ -127,8 +128,12 @@ class Worker:
         )
         runner = web.ServerRunner(handler, shutdown_timeout=server.drain_timeout_s)
         await runner.setup()
-        tcp = own_listener(self._spec.tcp) if server.reuse_port else self._spec.tcp
-        await web.SockSite(runner, tcp, backlog=2048).start()
+        if server.reuse_port:
+            await web.SockSite(runner, own_listener(self._spec.tcp), backlog=2048).start()
+        else:
+            workers = self._state.metrics.workers
+            peers = [slot for i, slot in enumerate(workers) if i != self._spec.slot]
+            await SharedSite(runner, self._spec.tcp, self._slot, peers).start()
         if self._spec.uds is not None:
             await self._frames.start(self._spec.uds)
         if self._gateway.multiplexer is not None:
