@@ -53,7 +53,8 @@ class SharedSite(web.BaseSite):
     """An aiohttp site over a listening socket that ``peers`` (the other workers' slots)
     accept from too; ``slot`` is this worker's, where its connection count goes."""
 
-    __slots__ = ("_sock", "_slot", "_peers", "_handing", "_deferred", "_resuming", "_publishing")
+    __slots__ = ("_sock", "_slot", "_peers", "_handing", "_deferred", "_resuming", "_publishing",
+                 "_hand_overs")  # fmt: skip
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class SharedSite(web.BaseSite):
         self._slot = slot
         self._peers = peers
         self._handing = 0  # accepted, not yet made a connection by aiohttp
+        self._hand_overs: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
         self._deferred = False  # stepped back for the connection now waiting
         self._resuming: asyncio.TimerHandle | None = None  # the step back's end
         self._publishing: asyncio.TimerHandle | None = None
@@ -113,7 +115,9 @@ class SharedSite(web.BaseSite):
         conn.setblocking(False)
         self._handing += 1
         self._slot.set_connections(self.open_connections())
-        asyncio.get_running_loop().create_task(self._hand_over(conn))
+        task = asyncio.get_running_loop().create_task(self._hand_over(conn))
+        self._hand_overs.add(task)
+        task.add_done_callback(self._hand_overs.discard)
 
     async def _hand_over(self, conn: socket.socket) -> None:
         factory = self._runner.server
