@@ -12,8 +12,9 @@ which understates the 2-worker figure.
 Two 2-worker servers: one where both workers accept from the supervisor's one listening
 socket (the default), one with ``server.reuse_port`` (a SO_REUSEPORT listener per
 worker). Half-way through each run the bench counts wrk's connections on each worker
-(``ss``): "busiest worker" is the largest share. With one shared socket, the worker that
-wakes first can accept a whole burst, and its share stays for the run.
+(``ss``): "busiest worker" is the largest share, which stays for the run. (Before the
+shared socket's accept looked at the other workers, ``workers.accept``, the worker that
+woke first could take a whole burst.)
 """
 
 from __future__ import annotations

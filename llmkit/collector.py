@@ -118,8 +118,8 @@ class ShmCollector(Collector):
         )
         connections = GaugeMetricFamily(
             "llmkit_worker_connections",
-            "HTTP connections held open, by worker slot (as of the worker's last count: "
-            "at each accept and every 250 ms).",
+            "HTTP connections held open, by worker slot (as of the worker's last count: at "
+            "each accept on the shared socket and every heartbeat).",
             labels=("slot",),
         )
         alive = 0

@@ -236,18 +236,23 @@ def test_reuse_port_gives_each_worker_its_own_listener(start_server: StartServer
     assert chat(server).status_code == 200
 
 
-def test_by_default_workers_share_the_supervisors_socket_and_count_connections(
-    start_server: StartServer,
-) -> None:
+def test_by_default_workers_share_the_supervisors_socket(start_server: StartServer) -> None:
     """Without reuse_port, the one listening socket is the supervisor's, shared by the
-    workers (a stalled worker strands no connection on a socket of its own), and each
-    worker keeps its open connections in its slot, which the others read to share out
-    a burst (``workers.accept``; the split is measured in bench/serve_bench.py, as it
-    depends on timing a loaded machine does not keep)."""
+    workers (a stalled worker strands no connection on a socket of its own). How they
+    share out a burst (``workers.accept``) is measured in bench/serve_bench.py: the
+    split depends on timing a loaded machine does not keep."""
     server: Server = start_server(workers=1)
     (pid,) = server.wait_workers(1)
     assert listeners(server.proc.pid, server.port) == 1
     assert listeners(pid, server.port) == 1  # the same socket, inherited
+
+
+@pytest.mark.parametrize("config", ["", "[server]\nreuse_port = true\n"])
+def test_each_worker_counts_its_open_connections(start_server: StartServer, config: str) -> None:
+    """``llmkit_worker_connections`` (the count the shared socket's accept compares)
+    follows connections as they open and close, however the worker accepts them."""
+    server: Server = start_server(config, workers=1)
+    server.wait_workers(1)
     socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(5)]
     # /metrics comes over one more connection: the worker's sixth.
     assert wait_for(lambda: worker_connections(server) == 6), worker_connections(server)

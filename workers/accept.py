@@ -8,7 +8,8 @@ runs of ``bench/serve_bench.py``, and the other sat idle for as long as they liv
 
 ``SharedSite`` accepts one connection per turn of its loop, and before each it reads
 how many connections the other serving workers hold (their shm slots, ``WorkerSlot.
-connections``, which each worker keeps current). A worker that holds more than
+connections``: each worker writes its count there as it accepts, and with every
+heartbeat, as connections close). A worker that holds more than
 ``SLACK`` above the fewest steps back once for ``DEFER_S``, which lets a peer that is
 slower to wake take the connection; if none has by then, it accepts anyway. So nothing
 is stranded: a connection waits in the shared queue only until some worker takes it,
@@ -42,7 +43,6 @@ log = logging.getLogger("llmkit.worker")
 SLACK = 4  # connections a worker may hold above the fewest before it steps back
 DEFER_S = 0.001  # how long it steps back: a sleeping peer's loop wakes well within it
 STALE_NS = 1_000_000_000  # a peer silent this long (4 heartbeats) is not waited for
-PUBLISH_S = 0.25  # how often the count is refreshed while no connection arrives
 # accept() failures that mean "out of a resource for now", not "this connection failed":
 # back off instead of spinning on a socket that stays readable.
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -51,10 +51,9 @@ EXHAUSTED_BACKOFF_S = 0.1
 
 class SharedSite(web.BaseSite):
     """An aiohttp site over a listening socket that ``peers`` (the other workers' slots)
-    accept from too; ``slot`` is this worker's, where its connection count goes."""
+    accept from too; ``slot`` is this worker's, where its count goes as it accepts."""
 
-    __slots__ = ("_sock", "_slot", "_peers", "_handing", "_deferred", "_resuming", "_publishing",
-                 "_hand_overs")  # fmt: skip
+    __slots__ = ("_sock", "_slot", "_peers", "_hand_overs", "_deferred", "_resuming")
 
     def __init__(
         self,
@@ -67,11 +66,10 @@ class SharedSite(web.BaseSite):
         self._sock = sock
         self._slot = slot
         self._peers = peers
-        self._handing = 0  # accepted, not yet made a connection by aiohttp
-        self._hand_overs: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
+        # Accepted, not yet a connection of aiohttp's (and kept: the loop holds tasks weakly).
+        self._hand_overs: set[asyncio.Task[None]] = set()
         self._deferred = False  # stepped back for the connection now waiting
         self._resuming: asyncio.TimerHandle | None = None  # the step back's end
-        self._publishing: asyncio.TimerHandle | None = None
 
     @property
     def name(self) -> str:
@@ -81,21 +79,19 @@ class SharedSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._readable)
-        self._publish()
 
     async def stop(self) -> None:
         """Stop accepting: connections accepted are the runner's to drain; those still
         waiting stay in the socket for the other workers."""
         asyncio.get_running_loop().remove_reader(self._sock.fileno())
-        for timer in (self._resuming, self._publishing):
-            if timer is not None:
-                timer.cancel()
+        if self._resuming is not None:
+            self._resuming.cancel()
         await super().stop()
 
     def open_connections(self) -> int:
         server = self._runner.server
         assert isinstance(server, GatewayServer)
-        return self._handing + server.open_connections
+        return len(self._hand_overs) + server.open_connections
 
     def _readable(self) -> None:
         """A connection waits (level-triggered: called again next turn while any do)."""
@@ -113,11 +109,10 @@ class SharedSite(web.BaseSite):
                 self._step_back(EXHAUSTED_BACKOFF_S, deferred=False)
             return  # ECONNABORTED and the like: that client is gone, the next waits
         conn.setblocking(False)
-        self._handing += 1
-        self._slot.set_connections(self.open_connections())
         task = asyncio.get_running_loop().create_task(self._hand_over(conn))
         self._hand_overs.add(task)
         task.add_done_callback(self._hand_overs.discard)
+        self._slot.set_connections(self.open_connections())
 
     async def _hand_over(self, conn: socket.socket) -> None:
         factory = self._runner.server
@@ -126,8 +121,6 @@ class SharedSite(web.BaseSite):
             await asyncio.get_running_loop().connect_accepted_socket(factory, conn)
         except OSError:
             conn.close()  # reset before it could be served
-        finally:
-            self._handing -= 1
 
     def _over_share(self) -> bool:
         return over_share(self.open_connections(), self._peers, time.monotonic_ns())
@@ -140,11 +133,6 @@ class SharedSite(web.BaseSite):
 
     def _resume(self) -> None:
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._readable)
-
-    def _publish(self) -> None:
-        """Refresh the count every ``PUBLISH_S``: connections close between arrivals."""
-        self._slot.set_connections(self.open_connections())
-        self._publishing = asyncio.get_running_loop().call_later(PUBLISH_S, self._publish)
 
 
 def over_share(held: int, peers: Sequence[WorkerSlot], now_ns: int) -> bool:

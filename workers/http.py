@@ -82,7 +82,7 @@ class HttpSurface:
         # request mapping, whose Python-level item access raises and catches on a miss.
         self._live: dict[int, _InFlight] = {}
 
-    def server(self, **kwargs: object) -> web.Server:
+    def server(self, **kwargs: object) -> GatewayServer:
         """The low-level aiohttp server; ``kwargs`` go to its protocol (size limits ...)."""
         max_body, loop = self._max_body, asyncio.get_running_loop()
 
@@ -345,7 +345,8 @@ def _protocol_error(exc: BaseException | None) -> LLMKitError:
 
 class GatewayServer(web.Server):
     """``web.Server`` whose connections answer protocol errors with JSON bodies, and
-    that counts the connections it holds open (``workers.accept`` shares them out)."""
+    that counts the connections it holds open (the worker puts the count in its slot:
+    ``llmkit_worker_connections``, and ``workers.accept`` shares a burst out by it)."""
 
     open_connections = 0
 

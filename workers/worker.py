@@ -31,7 +31,7 @@ from llmkit.observability import Observability
 from llmkit.state import SharedState
 from shm import WorkerSlot
 from workers.accept import SharedSite
-from workers.http import HttpSurface
+from workers.http import GatewayServer, HttpSurface
 from workers.uds import FrameServer
 
 log = logging.getLogger("llmkit.worker")
@@ -92,6 +92,7 @@ class Worker:
         self._slot: WorkerSlot = state.metrics.workers[spec.slot]
         self._stop = asyncio.Event()
         self._frames = FrameServer(gateway, self._slot, observability)
+        self._http: GatewayServer | None = None  # once started: its open connections
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -126,6 +127,7 @@ class Worker:
             max_line_size=server.max_header_bytes,
             max_field_size=server.max_header_bytes,
         )
+        self._http = handler
         runner = web.ServerRunner(handler, shutdown_timeout=server.drain_timeout_s)
         await runner.setup()
         if server.reuse_port:
@@ -141,8 +143,11 @@ class Worker:
         return runner
 
     async def _heartbeat(self) -> None:
+        """Every ``HEARTBEAT_S``: the beat, and the connections open (closes lower it)."""
         while True:
             self._slot.beat(time.monotonic_ns())
+            if self._http is not None:
+                self._slot.set_connections(self._http.open_connections)
             await asyncio.sleep(HEARTBEAT_S)
 
 
