@@ -55,7 +55,8 @@ _SAMPLED, _HAS_REMOTE, _IS_REMOTE = 0x01, 0x100, 0x200
 # 16 bytes, a span id an int written little-endian (``tracing``).
 TRACE_TAG = b"\x0a\x10"  # field 1, 16 bytes
 CHILD_PREFIX = struct.Struct("<2s16s2sQ2s").pack
-CHILD_HEAD = struct.Struct("<30sQBQBQ").pack
+_CHILD_LAYOUT = "30sQBQBQ"  # CHILD_HEAD's fields, which children_pack repeats per span
+CHILD_HEAD = struct.Struct("<" + _CHILD_LAYOUT).pack
 _ROOT_HEAD = struct.Struct("<2s16s2sQBQBQ").pack
 _REMOTE_ROOT_HEAD = struct.Struct("<2s16s2sQ2s8sBQBQ").pack
 SPAN_ID = struct.Struct("<Q").pack  # a span id's bytes, as every field holds them
@@ -140,8 +141,7 @@ def children_pack(
     for head, tail in shapes:
         runs[-1] += head
         runs.append(tail)
-    variable = "30sQBQBQ"
-    layout = variable.join(f"{len(run)}s" for run in runs)
+    layout = _CHILD_LAYOUT.join(f"{len(run)}s" for run in runs)
     return struct.Struct("<" + layout).pack, tuple(runs)
 
 
