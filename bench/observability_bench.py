@@ -503,12 +503,10 @@ def scrape_time(reps: int) -> dict[str, float]:
         state.close()
 
 
-def run(quick: bool, instructions: bool | None = None, only: bool = False) -> dict[str, Any]:
+def run(quick: bool, instructions: bool = True, only: bool = False) -> dict[str, Any]:
     """Every figure of this benchmark; ``quick`` for a short smoke run; ``instructions``
     adds the callgrind counts (by default when valgrind is installed: the suite's table
     reads its overheads from them); ``only`` gives those counts alone."""
-    if instructions is None:
-        instructions = True
     seconds, reps, connections = (2.0, 2, 32) if quick else (6.0, 7, 32)
     os.environ[KEY_ENV] = "sk-upstream-bench"
     os.environ[MASTER_ENV] = MASTER_KEY
@@ -733,7 +731,7 @@ def main() -> None:
         results = over_layouts(args.layouts, args.parallel)
         print(layout_report(results))
     else:
-        results = run(args.quick, args.instructions, args.instructions_only)
+        results = run(args.quick, args.instructions is not False, args.instructions_only)
         print(report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
